@@ -1,0 +1,205 @@
+"""Aggregate whole PEFT adapters: check the clients agree, batch modules of equal shape, run a method,
+assemble the global adapter, and report error, error floor and what crossed the wire."""
+
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+from florana.aggregation.base import Method, client_weights
+from florana.aggregation.factors import ClientFactors
+from florana.aggregation.registry import get_method
+from florana.errors import FloranaError
+from florana.lora.adapter import LoraAdapter, LoraModule, has_non_finite, with_ranks
+
+
+@dataclass
+class Report:
+    """What one aggregation did: errors relative to ‖ΔW*‖_F (overall and per module) and the wire cost."""
+
+    method: str
+    weights: list[float]
+    relative_error: float
+    error_floor: float
+    modules: dict[str, dict] = field(default_factory=dict)
+    values_up_per_client: list[int] = field(default_factory=list)
+    values_down_per_client: list[int] = field(default_factory=list)
+    bytes_up_per_client: list[int] = field(default_factory=list)
+    bytes_down_per_client: list[int] = field(default_factory=list)
+
+    def to_json(self) -> dict:
+        out = dict(self.__dict__)
+        out["bytes_up_total"] = sum(self.bytes_up_per_client)
+        out["bytes_down_total"] = sum(self.bytes_down_per_client)
+        return out
+
+
+@dataclass
+class Aggregation:
+    """The global adapter, the dense base-weight updates some methods need (fedex; keyed by module path,
+    in the base weight's own layout), and the report."""
+
+    adapter: LoraAdapter
+    base_update: dict[str, Tensor]
+    report: Report
+
+
+def check_clients(adapters: Sequence[LoraAdapter], labels: Sequence[str], method: Method) -> None:
+    """Refuse clients that cannot be aggregated, naming the client and module at fault."""
+    if not adapters:
+        raise FloranaError("aggregation needs at least one client adapter")
+    ref, ref_label = adapters[0], labels[0]
+    for key in ("base_model_name_or_path", "fan_in_fan_out", "use_rslora"):
+        for a, label in zip(adapters, labels):
+            if a.config.get(key) != ref.config.get(key):
+                raise FloranaError(f"{label}: {key}={a.config.get(key)!r} differs from {ref_label}'s "
+                                   f"{ref.config.get(key)!r}")
+    targets = _target_set(ref.config)
+    for a, label in zip(adapters, labels):
+        if _target_set(a.config) != targets:
+            raise FloranaError(f"{label}: target_modules {a.config.get('target_modules')!r} differ from "
+                               f"{ref_label}'s {ref.config.get('target_modules')!r}")
+        for kind, mine, theirs in (("module", a.modules, ref.modules), ("tensor", a.extra, ref.extra)):
+            missing, surplus = sorted(set(theirs) - set(mine)), sorted(set(mine) - set(theirs))
+            if missing or surplus:
+                what = f"lacks {kind} {missing[0]}" if missing else f"has {kind} {surplus[0]} that {ref_label} lacks"
+                raise FloranaError(f"{label}: {what}")
+        for name, m in a.modules.items():
+            r0 = ref.modules[name]
+            if m.shape != r0.shape or m.embedding != r0.embedding:
+                raise FloranaError(f"{label}: module {name}: shape {m.shape} differs from {ref_label}'s {r0.shape}")
+            if m.rank != r0.rank and not method.mixed_ranks:
+                raise FloranaError(f"{label}: module {name}: rank {m.rank} differs from {ref_label}'s {r0.rank}; "
+                                   f"{method.name} needs equal ranks (flora, fedex and svd accept mixed ranks)")
+            for factor, t in (("lora_A", m.A), ("lora_B", m.B)):
+                if has_non_finite(t):
+                    raise FloranaError(f"{label}: module {name}: {factor} holds NaN or Inf")
+            if not method.trains_A and not torch.allclose(m.A.float(), r0.A.float(), rtol=1e-5, atol=1e-7):
+                raise FloranaError(f"{label}: module {name}: lora_A differs from {ref_label}'s; {method.name} "
+                                   "needs every client to keep the shared frozen A")
+        for key, t in a.extra.items():
+            if t.shape != ref.extra[key].shape:
+                raise FloranaError(f"{label}: tensor {key}: shape {tuple(t.shape)} differs from {ref_label}'s")
+            if t.is_floating_point() and has_non_finite(t):
+                raise FloranaError(f"{label}: tensor {key} holds NaN or Inf")
+
+
+def _target_set(config: dict):
+    t = config.get("target_modules")
+    return frozenset(t) if isinstance(t, list) else t
+
+
+def aggregate_adapters(adapters: Sequence[LoraAdapter], method: str | Method,
+                       weights: Sequence[float] | Tensor | None = None,
+                       labels: Sequence[str] | None = None) -> Aggregation:
+    """Aggregate client adapters with `method`; `labels` name the clients in errors (default client0, …)."""
+    method = get_method(method) if isinstance(method, str) else method
+    labels = list(labels) if labels is not None else [f"client{u}" for u in range(len(adapters))]
+    check_clients(adapters, labels, method)
+    w = client_weights(weights, len(adapters))
+    ref = adapters[0]
+
+    groups: dict[tuple, list[str]] = defaultdict(list)
+    for name, m in ref.modules.items():
+        ranks = tuple(a.modules[name].rank for a in adapters)
+        scales = tuple(a.scaling(name) for a in adapters)
+        groups[(m.shape, ranks, scales)].append(name)
+
+    out_modules: dict[str, LoraModule] = {}
+    out_ranks: dict[str, int] = {}
+    out_scales: dict[str, float] = {}
+    base_update: dict[str, Tensor] = {}
+    module_reports: dict[str, dict] = {}
+    err_sq = target_sq = floor_sq = 0.0
+    up = [0] * len(adapters)
+    down = [0] * len(adapters)
+    bytes_up = [0] * len(adapters)
+    bytes_down = [0] * len(adapters)
+    transposed = bool(ref.config.get("fan_in_fan_out"))
+
+    for ((d, k), ranks, scales), names in groups.items():
+        dtype = ref.modules[names[0]].B.dtype
+        work = torch.float64 if dtype == torch.float64 else torch.float32
+        clients = ClientFactors(
+            B=torch.stack([torch.cat([a.modules[n].B for a in adapters], dim=1) for n in names]).to(work),
+            A=torch.stack([torch.cat([a.modules[n].A for a in adapters], dim=0) for n in names]).to(work),
+            ranks=ranks, scales=scales, weights=w,
+        )
+        scale = scales[0]
+        r_out = method.out_rank(ranks)
+        est = method.estimate(clients, scale)
+        B_hat = (clients.B @ est.coef_B.to(work)).to(dtype)
+        A_hat = (est.coef_A.to(work) @ clients.A).to(dtype)
+        e_sq = clients.error_sq(est.coef_B, est.coef_A, scale)
+        t_sq = clients.target_norm_sq
+        f_sq = clients.floor_sq(max(ranks))
+        if est.dense_residual:
+            N = torch.diag(clients.column_weights) - scale * (est.coef_B @ est.coef_A)
+            residual = (clients.B @ N.to(work)) @ clients.A
+        for i, name in enumerate(names):
+            emb = ref.modules[name].embedding
+            out_modules[name] = LoraModule(A=A_hat[i].contiguous(), B=B_hat[i].contiguous(), embedding=emb)
+            out_ranks[name], out_scales[name] = r_out, scale
+            lowrank = _relative(e_sq[i].item(), t_sq[i].item())
+            module_reports[name] = {
+                "relative_error": 0.0 if est.dense_residual else lowrank,
+                "error_floor": _relative(f_sq[i].item(), t_sq[i].item()),
+            }
+            if est.dense_residual:
+                module_reports[name]["lowrank_error"] = lowrank
+                base_update[name] = (residual[i].mT if (emb or transposed) else residual[i]).to(dtype).contiguous()
+            for key, value in est.info.items():
+                if isinstance(value, Tensor):
+                    module_reports[name][key] = value[i].tolist()
+                else:
+                    module_reports[name][key] = value
+        if not est.dense_residual:
+            err_sq += e_sq.sum().item()
+        target_sq += t_sq.sum().item()
+        floor_sq += f_sq.sum().item()
+        size = torch.empty((), dtype=dtype).element_size()
+        for u, r in enumerate(ranks):
+            cost = method.wire(r, r_out, d, k)
+            up[u] += cost.up * len(names)
+            down[u] += cost.down * len(names)
+            bytes_up[u] += cost.up * len(names) * adapters[u].modules[names[0]].B.element_size()
+            bytes_down[u] += cost.down * len(names) * size
+
+    extra: dict[str, Tensor] = {}
+    for key, t in ref.extra.items():
+        if t.is_floating_point():
+            acc = sum(w[u].item() * a.extra[key].to(torch.float64) for u, a in enumerate(adapters))
+            extra[key] = acc.to(t.dtype)
+        else:
+            extra[key] = t.clone()
+        for u, a in enumerate(adapters):
+            up[u] += t.numel()
+            down[u] += t.numel()
+            bytes_up[u] += t.numel() * a.extra[key].element_size()
+            bytes_down[u] += t.numel() * t.element_size()
+
+    config = dict(ref.config)
+    if any(out_ranks[n] != ref.modules[n].rank for n in out_ranks):
+        config = with_ranks(ref.config, out_ranks, out_scales)
+    report = Report(
+        method=method.name,
+        weights=w.tolist(),
+        relative_error=_relative(err_sq, target_sq),
+        error_floor=_relative(floor_sq, target_sq),
+        modules=module_reports,
+        values_up_per_client=up, values_down_per_client=down,
+        bytes_up_per_client=bytes_up, bytes_down_per_client=bytes_down,
+    )
+    return Aggregation(LoraAdapter(config=config, modules=out_modules, extra=extra), base_update, report)
+
+
+def _relative(err_sq: float, target_sq: float) -> float:
+    """sqrt(err²/target²); 0 when both vanish (e.g. every B still at its zero init)."""
+    if target_sq <= 0:
+        return 0.0 if err_sq <= 0 else math.inf
+    return math.sqrt(max(err_sq, 0.0) / target_sq)

@@ -1,0 +1,97 @@
+"""The common interface of the aggregators: a method turns ClientFactors into an Estimate, a pure function.
+
+Every method's global factors are linear combinations of the clients' own:
+B̂ = B·coef_B and Â = coef_A·A, with B̂ already divided by the output scaling. This one form lets a single
+piece of code apply any method, measure its exact error in factor space and count what it sends.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+from florana.aggregation.factors import ClientFactors
+from florana.aggregation.linalg import block_coefficients
+from florana.errors import FloranaError
+
+
+@dataclass(frozen=True)
+class Estimate:
+    """A method's answer for one group of modules.
+
+    coef_B (M, R, r_out), coef_A (M, r_out, R): the global factors as combinations of the clients' factors.
+    dense_residual: the method also adds ΔW* − scale·B̂Â to the base weights (fedex).
+    info: per-method diagnostics for the report (florana's P, Q and iterations), JSON-friendly once listed.
+    """
+
+    coef_B: Tensor
+    coef_A: Tensor
+    dense_residual: bool = False
+    info: dict = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Wire:
+    """Values one client sends up and receives down for one module in one round."""
+
+    up: int
+    down: int
+
+
+@dataclass(frozen=True)
+class Method:
+    """A federated-LoRA aggregator and the training semantics that go with it.
+
+    name: registry key. paper: citation. estimate(clients, scale) -> Estimate, where scale is the
+    output adapter's LoRA scaling. out_rank(ranks) -> the global adapter's rank. wire(r_u, r_out, d, k) -> Wire.
+    mixed_ranks: accepts clients of different ranks. exact: the update it applies equals ΔW* (given its
+    preconditions). trains_A / personal_B / merges: how clients train under it (ffa freezes A; fedsa keeps
+    each client's B; flora merges the product into the base and restarts LoRA each round).
+    """
+
+    name: str
+    paper: str
+    estimate: Callable[[ClientFactors, float], Estimate]
+    wire: Callable[[int, int, int, int], Wire]
+    out_rank: Callable[[Sequence[int]], int] = max
+    mixed_ranks: bool = False
+    exact: bool = False
+    trains_A: bool = True
+    personal_B: bool = False
+    merges: bool = False
+
+
+def full_wire(r: int, r_out: int, d: int, k: int) -> Wire:
+    """Both factors up and both down: FedIT's cost, which FLoRA-NA and svd keep."""
+    return Wire(up=r * (d + k), down=r_out * (d + k))
+
+
+def weighted_mean_coefficients(clients: ClientFactors, scale: float, r_out: int) -> tuple[Tensor, Tensor]:
+    """FedIT's combination: B̂ = Σ w_u s_u B_u / scale, Â = Σ w_u A_u (smaller ranks zero-padded to r_out)."""
+    M = clients.B.shape[0]
+    w = clients.weights.to(torch.float64).expand(M, -1)
+    s = torch.tensor(clients.scales, dtype=torch.float64)
+    coef_B = block_coefficients(clients.ranks, w * s / scale, r_out)
+    coef_A = block_coefficients(clients.ranks, w, r_out).mT
+    return coef_B, coef_A
+
+
+def client_weights(weights: Sequence[float] | Tensor | None, num_clients: int) -> Tensor:
+    """Validated aggregation weights (float64, sum 1): uniform when None, else non-negative finite ones."""
+    if num_clients < 1:
+        raise FloranaError("aggregation needs at least one client")
+    if weights is None:
+        return torch.full((num_clients,), 1.0 / num_clients, dtype=torch.float64)
+    w = torch.as_tensor(weights, dtype=torch.float64).flatten()
+    if w.numel() != num_clients:
+        raise FloranaError(f"got {w.numel()} client weights for {num_clients} clients")
+    bad = [i for i, x in enumerate(w.tolist()) if not math.isfinite(x) or x < 0]
+    if bad:
+        raise FloranaError(f"client weights must be finite and >= 0; client {bad[0]} has {w[bad[0]].item()}")
+    if w.sum() <= 0:
+        raise FloranaError("client weights are all zero")
+    return w / w.sum()

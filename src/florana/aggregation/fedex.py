@@ -1,0 +1,21 @@
+"""FedEx-LoRA: FedIT's factors plus the dense residual ΔW* − s·B̂Â added to every client's frozen base weight.
+
+Singhal et al., "FedEx-LoRA: Exact Aggregation for Federated and Efficient Fine-Tuning of Foundation
+Models", ACL 2025, https://arxiv.org/abs/2410.09432. Exact, at the price of a dense d×k download per module.
+Clients of different ranks are zero-padded to the largest rank; the residual makes that exact too.
+"""
+
+from florana.aggregation.base import Estimate, Method, Wire, weighted_mean_coefficients
+from florana.aggregation.factors import ClientFactors
+
+
+def estimate(clients: ClientFactors, scale: float) -> Estimate:
+    return Estimate(*weighted_mean_coefficients(clients, scale, max(clients.ranks)), dense_residual=True)
+
+
+def wire(r: int, r_out: int, d: int, k: int) -> Wire:
+    return Wire(up=r * (d + k), down=r_out * (d + k) + d * k)
+
+
+METHOD = Method(name="fedex", paper="arXiv:2410.09432", estimate=estimate, wire=wire, mixed_ranks=True,
+                exact=True)

@@ -1,0 +1,16 @@
+"""FedIT: average A and B separately.
+
+Zhang et al., "Towards Building the Federated GPT: Federated Instruction Tuning", ICASSP 2024,
+https://arxiv.org/abs/2305.05644. Inexact: mean(B)·mean(A) ≠ mean(B·A).
+"""
+
+from florana.aggregation.base import Estimate, Method, full_wire, weighted_mean_coefficients
+from florana.aggregation.factors import ClientFactors
+
+
+def estimate(clients: ClientFactors, scale: float) -> Estimate:
+    """B̂ = Σ w_u s_u B_u / scale, Â = Σ w_u A_u."""
+    return Estimate(*weighted_mean_coefficients(clients, scale, clients.uniform_rank))
+
+
+METHOD = Method(name="fedit", paper="arXiv:2305.05644", estimate=estimate, wire=full_wire)

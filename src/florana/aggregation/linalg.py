@@ -1,0 +1,63 @@
+"""Factor-space linear algebra: everything about Σ_u w_u s_u B_u A_u without ever forming a d×k matrix.
+
+All functions are pure and batched over a leading module axis M. Small matrices (R×R, R = Σ_u r_u) are
+float64; the big factors stay in their own dtype and are only read through Grams and thin matmuls.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+# Grams are accumulated in float64 so that errors of near-exact estimates are not lost to cancellation;
+# this many modules are converted at a time to bound the extra memory.
+GRAM_CHUNK_ELEMENTS = 1 << 24
+
+
+def gram(X: Tensor, *, rows: bool) -> Tensor:
+    """float64 Gram of a batch (M, n, p): XᵀX (p×p) when rows is False, X Xᵀ (n×n) when rows is True."""
+    M = X.shape[0]
+    per_module = X.shape[1] * X.shape[2]
+    step = max(1, GRAM_CHUNK_ELEMENTS // max(per_module, 1))
+    size = X.shape[1] if rows else X.shape[2]
+    out = torch.empty(M, size, size, dtype=torch.float64)
+    for i in range(0, M, step):
+        x = X[i : i + step].to(torch.float64)
+        out[i : i + step] = x @ x.mT if rows else x.mT @ x
+    return out
+
+
+def quad_norm_sq(gram_left: Tensor, N: Tensor, gram_right: Tensor) -> Tensor:
+    """‖L N R‖_F² from G_L = LᵀL and G_R = R Rᵀ: tr(Nᵀ G_L N G_R), per module (M,)."""
+    return ((gram_left @ N) * (N @ gram_right)).sum(dim=(-2, -1))
+
+
+def sqrt_factor(G: Tensor, rel_tol: float = 1e-13) -> tuple[Tensor, Tensor]:
+    """For a PSD Gram G = VΛVᵀ: S = Λ^½Vᵀ (so G = SᵀS) and S⁺ᵀ = VΛ^-½ on the numerically nonzero part.
+
+    S⁺ᵀ maps the factor to an orthonormal basis (Q = X·S⁺ᵀ); eigenvalues below rel_tol·λ_max count as zero,
+    which keeps rank-deficient inputs (identical clients, a shared A) well defined.
+    """
+    lam, V = torch.linalg.eigh(G)
+    keep = lam > rel_tol * lam.amax(dim=-1, keepdim=True).clamp_min(torch.finfo(G.dtype).tiny)
+    root = torch.where(keep, lam.clamp_min(0).sqrt(), torch.zeros_like(lam))
+    inv_root = torch.where(keep, 1.0 / root.where(keep, torch.ones_like(root)), torch.zeros_like(lam))
+    return root.unsqueeze(-1) * V.mT, V * inv_root.unsqueeze(-2)
+
+
+def block_coefficients(ranks: tuple[int, ...], coef: Tensor, r_out: int) -> Tensor:
+    """(M, R, r_out) matrix whose u-th row block is coef[:, u]·[I_{r_u} 0]: B @ it is Σ_u coef_u B_u
+    (smaller ranks zero-padded to r_out). `coef` is (M, U)."""
+    M = coef.shape[0]
+    out = torch.zeros(M, sum(ranks), r_out, dtype=torch.float64)
+    start = 0
+    for u, r in enumerate(ranks):
+        idx = torch.arange(r)
+        out[:, start + idx, idx] = coef[:, u : u + 1].to(torch.float64)
+        start += r
+    return out
+
+
+def tail_energy(sigma: Tensor, r: int) -> Tensor:
+    """Σ_{i>r} σ_i² per module: the squared Eckart–Young error of the best rank-r approximation."""
+    return (sigma[..., r:] ** 2).sum(dim=-1)
