@@ -1,0 +1,155 @@
+"""Adapters saved by PEFT itself → `florana aggregate` → PeftModel.from_pretrained gives the expected weights."""
+
+import json
+
+import pytest
+import torch
+from peft import LoraConfig, PeftModel, get_peft_model
+from safetensors.torch import load_file, save_file
+from transformers import BertConfig, BertForSequenceClassification
+from typer.testing import CliRunner
+
+from florana.cli import app
+
+TARGETS = ["query", "value"]
+LAYER = "bert.encoder.layer.{i}.attention.self.{m}"
+
+
+def tiny_model(seed=0):
+    torch.manual_seed(seed)
+    cfg = BertConfig(vocab_size=64, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
+                     intermediate_size=24, num_labels=2)
+    return BertForSequenceClassification(cfg).eval()
+
+
+@pytest.fixture(scope="module")
+def clients(tmp_path_factory):
+    """Three clients' adapters, each trained-looking (random factors), saved by PEFT."""
+    root = tmp_path_factory.mktemp("peft")
+    dirs = []
+    for u in range(3):
+        torch.manual_seed(100 + u)
+        model = get_peft_model(tiny_model(), LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS,
+                                                        task_type="SEQ_CLS", init_lora_weights=False))
+        with torch.no_grad():
+            for p in model.parameters():
+                if p.requires_grad:
+                    p.add_(0.1 * torch.randn_like(p))
+        model.save_pretrained(root / f"client{u}")
+        dirs.append(root / f"client{u}")
+    return dirs
+
+
+def client_factors(d):
+    return load_file(d / "adapter_model.safetensors")
+
+
+def expected_delta(dirs, i, m, weights):
+    total = 0
+    for w, d in zip(weights, dirs):
+        t = client_factors(d)
+        key = f"base_model.model.{LAYER.format(i=i, m=m)}"
+        total = total + w * 2.0 * t[key + ".lora_B.weight"] @ t[key + ".lora_A.weight"]
+    return total
+
+
+def merged_weights(out_dir):
+    base = tiny_model()
+    update = out_dir / "base_update.safetensors"
+    if update.exists():
+        with torch.no_grad():
+            for key, delta in load_file(update).items():
+                base.get_parameter(key).add_(delta)
+    model = PeftModel.from_pretrained(base, out_dir).merge_and_unload()
+    return dict(model.named_parameters())
+
+
+@pytest.mark.parametrize("method", ["fedit", "florana", "svd", "flora", "fedex"])
+def test_peft_loads_the_aggregate(clients, tmp_path, method):
+    out = tmp_path / "global"
+    report = tmp_path / "report.json"
+    res = CliRunner().invoke(app, ["aggregate", *map(str, clients), "--method", method, "--out", str(out),
+                                   "--weights", "1,2,1", "--report", str(report)])
+    assert res.exit_code == 0, res.output
+    rep = json.loads(report.read_text())
+    for key in ("method", "relative_error", "error_floor", "modules", "bytes_up_per_client",
+                "bytes_down_per_client"):
+        assert key in rep
+    assert len(rep["modules"]) == 4
+    base = dict(tiny_model().named_parameters())
+    merged = merged_weights(out)
+    w = [0.25, 0.5, 0.25]
+    for i in range(2):
+        for m in TARGETS:
+            key = LAYER.format(i=i, m=m) + ".weight"
+            delta = merged[key].detach() - base[key].detach()
+            ideal = expected_delta(clients, i, m, w)
+            err = ((delta - ideal).norm() / ideal.norm()).item()
+            assert err == pytest.approx(rep["modules"][f"base_model.model.{LAYER.format(i=i, m=m)}"]
+                                        ["relative_error"], abs=1e-4)
+            if method in ("flora", "fedex"):
+                assert err < 1e-5
+    # the classification head (modules_to_save) is the weighted mean of the clients'
+    heads = [client_factors(d)["base_model.model.classifier.weight"] for d in clients]
+    torch.testing.assert_close(merged["classifier.weight"].detach(), sum(wu * h for wu, h in zip(w, heads)))
+    cfg = json.loads((out / "adapter_config.json").read_text())
+    assert cfg["r"] == (12 if method == "flora" else 4)
+
+
+def test_bad_inputs_name_the_culprit_and_write_nothing(clients, tmp_path):
+    runner = CliRunner()
+    out = tmp_path / "out"
+
+    def run(*dirs, method="florana"):
+        res = runner.invoke(app, ["aggregate", *map(str, dirs), "--method", method, "--out", str(out)])
+        assert res.exit_code == 2, res.output
+        assert not out.exists()
+        return res.output
+
+    bad = tmp_path / "bad"
+    import shutil
+
+    def variant(name, mutate_config=None, mutate_tensors=None):
+        d = tmp_path / name
+        shutil.copytree(clients[1], d)
+        if mutate_config:
+            cfg = json.loads((d / "adapter_config.json").read_text())
+            mutate_config(cfg)
+            (d / "adapter_config.json").write_text(json.dumps(cfg))
+        if mutate_tensors:
+            t = load_file(d / "adapter_model.safetensors")
+            mutate_tensors(t)
+            save_file(t, d / "adapter_model.safetensors")
+        return d
+
+    q0 = "base_model.model.bert.encoder.layer.0.attention.self.query"
+    d = variant("nan", mutate_tensors=lambda t: t[q0 + ".lora_A.weight"].__setitem__((0, 0), float("nan")))
+    assert f"{d}: module {q0}: lora_A holds NaN" in run(clients[0], d)
+    d = variant("missing", mutate_tensors=lambda t: (t.pop(q0 + ".lora_A.weight"), t.pop(q0 + ".lora_B.weight")))
+    assert f"{d}: lacks module {q0}" in run(clients[0], d)
+    d = variant("shape", mutate_tensors=lambda t: t.__setitem__(q0 + ".lora_B.weight", torch.zeros(8, 4)))
+    assert f"{d}: module {q0}: shape" in run(clients[0], d)
+    d = variant("rank", mutate_tensors=lambda t: (t.__setitem__(q0 + ".lora_B.weight", torch.zeros(16, 2)),
+                                                   t.__setitem__(q0 + ".lora_A.weight", torch.zeros(2, 16))))
+    assert f"{d}: module {q0}: rank 2 differs" in run(clients[0], d)
+    d = variant("targets", mutate_config=lambda c: c.__setitem__("target_modules", ["query", "key"]))
+    assert f"{d}: target_modules" in run(clients[0], d)
+    d = variant("basemodel", mutate_config=lambda c: c.__setitem__("base_model_name_or_path", "other/model"))
+    assert f"{d}: base_model_name_or_path='other/model' differs" in run(clients[0], d)
+    d = variant("corrupt")
+    (d / "adapter_model.safetensors").write_bytes(b"\x00garbage")
+    assert f"{d / 'adapter_model.safetensors'}: unreadable safetensors file" in run(clients[0], d)
+    d = variant("badjson")
+    (d / "adapter_config.json").write_text("{not json")
+    assert "adapter_config.json: not valid JSON" in run(clients[0], d)
+    bad.mkdir()
+    (bad / "model.bin").write_bytes(b"pickle?")
+    assert f"{bad}: not a PEFT adapter directory" in run(clients[0], bad)
+    assert "not a directory" in run(clients[0], tmp_path / "nope")
+    res = runner.invoke(app, ["aggregate", "--out", str(out)])
+    assert res.exit_code != 0 and not out.exists()
+    # a failed run leaves an existing output untouched
+    out.mkdir()
+    (out / "keep").write_text("x")
+    res = runner.invoke(app, ["aggregate", str(clients[0]), str(tmp_path / "nan"), "--out", str(out)])
+    assert res.exit_code == 2 and (out / "keep").read_text() == "x"
