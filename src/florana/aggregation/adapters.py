@@ -76,9 +76,6 @@ def check_clients(adapters: Sequence[LoraAdapter], labels: Sequence[str], method
             if m.rank != r0.rank and not method.mixed_ranks:
                 raise FloranaError(f"{label}: module {name}: rank {m.rank} differs from {ref_label}'s {r0.rank}; "
                                    f"{method.name} needs equal ranks (flora, fedex and svd accept mixed ranks)")
-            for factor, t in (("lora_A", m.A), ("lora_B", m.B)):
-                if has_non_finite(t):
-                    raise FloranaError(f"{label}: module {name}: {factor} holds NaN or Inf")
             if not method.trains_A and not torch.allclose(m.A.float(), r0.A.float(), rtol=1e-5, atol=1e-7):
                 raise FloranaError(f"{label}: module {name}: lora_A differs from {ref_label}'s; {method.name} "
                                    "needs every client to keep the shared frozen A")
@@ -125,11 +122,10 @@ def aggregate_adapters(adapters: Sequence[LoraAdapter], method: str | Method,
     for ((d, k), ranks, scales), names in groups.items():
         dtype = ref.modules[names[0]].B.dtype
         work = torch.float64 if dtype == torch.float64 else torch.float32
-        clients = ClientFactors(
-            B=torch.stack([torch.cat([a.modules[n].B for a in adapters], dim=1) for n in names]).to(work),
-            A=torch.stack([torch.cat([a.modules[n].A for a in adapters], dim=0) for n in names]).to(work),
-            ranks=ranks, scales=scales, weights=w,
-        )
+        B_cat, A_cat = _concatenate(adapters, names, "B", work), _concatenate(adapters, names, "A", work)
+        if has_non_finite(B_cat.sum()) or has_non_finite(A_cat.sum()):  # one cheap pass; name the culprit if any
+            _require_finite(adapters, labels, names)
+        clients = ClientFactors(B=B_cat, A=A_cat, ranks=ranks, scales=scales, weights=w)
         scale = scales[0]
         r_out = method.out_rank(ranks)
         est = method.estimate(clients, scale)
@@ -196,6 +192,26 @@ def aggregate_adapters(adapters: Sequence[LoraAdapter], method: str | Method,
         bytes_up_per_client=bytes_up, bytes_down_per_client=bytes_down,
     )
     return Aggregation(LoraAdapter(config=config, modules=out_modules, extra=extra), base_update, report)
+
+
+def _concatenate(adapters: Sequence[LoraAdapter], names: list[str], factor: str, dtype) -> Tensor:
+    """Stack the modules and concatenate the clients along the rank axis, in one preallocated copy."""
+    first = [getattr(a.modules[names[0]], factor) for a in adapters]
+    axis = 1 if factor == "B" else 0
+    shape = list(first[0].shape)
+    shape[axis] = sum(t.shape[axis] for t in first)
+    out = torch.empty(len(names), *shape, dtype=dtype)
+    for i, name in enumerate(names):
+        torch.cat([getattr(a.modules[name], factor) for a in adapters], dim=axis, out=out[i])
+    return out
+
+
+def _require_finite(adapters: Sequence[LoraAdapter], labels: Sequence[str], names: list[str]) -> None:
+    for a, label in zip(adapters, labels):
+        for name in names:
+            for factor in ("A", "B"):
+                if has_non_finite(getattr(a.modules[name], factor)):
+                    raise FloranaError(f"{label}: module {name}: lora_{factor} holds NaN or Inf")
 
 
 def _relative(err_sq: float, target_sq: float) -> float:

@@ -66,21 +66,33 @@ class ClientFactors:
         return self.gram_B * D[:, None] * D[None, :]
 
     @cached_property
-    def roots(self) -> tuple[tuple[Tensor, Tensor], tuple[Tensor, Tensor]]:
-        """Square-root factors (S, S⁺ᵀ) of gram_X and gram_A (see linalg.sqrt_factor)."""
-        return linalg.sqrt_factor(self.gram_X), linalg.sqrt_factor(self.gram_A)
+    def root_X(self) -> tuple[Tensor, Tensor]:
+        """(S, S⁺) with gram_X = SᵀS: X = Q·S for the orthonormal basis Q = X·S⁺ of X's columns."""
+        return linalg.sqrt_factor(self.gram_X)
 
     @cached_property
-    def core_svd(self) -> tuple[Tensor, Tensor, Tensor]:
-        """SVD of the R×R core S_X S_Aᵀ: ΔW* = Q_X (U Σ Vᵀ) Q_Aᵀ with orthonormal Q's, so Σ is ΔW*'s spectrum."""
-        (S_x, _), (S_a, _) = self.roots
-        return torch.linalg.svd(S_x @ S_a.mT)
+    def core(self) -> Tensor:
+        """S G_A Sᵀ (R×R): ΔW* = Q·Z with Z = S·A, so ΔW*ΔW*ᵀ = Q (S G_A Sᵀ) Qᵀ shares its eigenvalues σ²."""
+        S = self.root_X[0]
+        return S @ self.gram_A @ S.mT
+
+    @cached_property
+    def spectrum(self) -> tuple[Tensor, Tensor]:
+        """ΔW*'s squared singular values (descending) and their left singular vectors in the basis Q."""
+        lam, V = torch.linalg.eigh(self.core)
+        return lam.flip(-1).clamp_min(0), V.flip(-1)
+
+    @cached_property
+    def singular_values_sq(self) -> Tensor:
+        """ΔW*'s squared singular values, descending (eigenvalues only, unless the vectors exist already)."""
+        if "spectrum" in self.__dict__:
+            return self.spectrum[0]
+        return torch.linalg.eigvalsh(self.core).flip(-1).clamp_min(0)
 
     @cached_property
     def target_norm_sq(self) -> Tensor:
         """‖ΔW*‖_F² per module (M,)."""
-        D = torch.diag(self.column_weights).expand(self.B.shape[0], -1, -1)
-        return linalg.quad_norm_sq(self.gram_B, D, self.gram_A)
+        return (self.gram_X * self.gram_A).sum(dim=(-2, -1))
 
     def error_sq(self, coef_B: Tensor, coef_A: Tensor, scale: float) -> Tensor:
         """‖ΔW* − scale·(B·coef_B)(coef_A·A)‖_F² per module, exactly, from the Grams."""
@@ -89,7 +101,7 @@ class ClientFactors:
 
     def floor_sq(self, rank: int) -> Tensor:
         """Squared error of the best rank-`rank` approximation of ΔW* (Eckart–Young), per module."""
-        return linalg.tail_energy(self.core_svd[1], rank)
+        return self.singular_values_sq[..., rank:].sum(-1)
 
     def mean_A_norm(self) -> Tensor:
         """Σ_u w_u ‖A_u‖_F per module: the scale clients trained A at (used to fix a gauge)."""

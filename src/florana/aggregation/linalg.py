@@ -11,7 +11,7 @@ from torch import Tensor
 
 # Grams are accumulated in float64 so that errors of near-exact estimates are not lost to cancellation;
 # this many modules are converted at a time to bound the extra memory.
-GRAM_CHUNK_ELEMENTS = 1 << 24
+GRAM_CHUNK_ELEMENTS = 1 << 21
 
 
 def gram(X: Tensor, *, rows: bool) -> Tensor:
@@ -33,16 +33,26 @@ def quad_norm_sq(gram_left: Tensor, N: Tensor, gram_right: Tensor) -> Tensor:
 
 
 def sqrt_factor(G: Tensor, rel_tol: float = 1e-13) -> tuple[Tensor, Tensor]:
-    """For a PSD Gram G = VΛVᵀ: S = Λ^½Vᵀ (so G = SᵀS) and S⁺ᵀ = VΛ^-½ on the numerically nonzero part.
+    """For a PSD Gram G = XᵀX: S with G = SᵀS, and S⁺ such that Q = X·S⁺ is an orthonormal basis of X's columns.
 
-    S⁺ᵀ maps the factor to an orthonormal basis (Q = X·S⁺ᵀ); eigenvalues below rel_tol·λ_max count as zero,
-    which keeps rank-deficient inputs (identical clients, a shared A) well defined.
+    Cholesky (S = Lᵀ) where G is comfortably positive definite; elsewhere, e.g. identical clients or a zero
+    client weight, the eigen-decomposition S = Λ^½Vᵀ with eigenvalues below rel_tol·λ_max counted as zero.
     """
-    lam, V = torch.linalg.eigh(G)
-    keep = lam > rel_tol * lam.amax(dim=-1, keepdim=True).clamp_min(torch.finfo(G.dtype).tiny)
-    root = torch.where(keep, lam.clamp_min(0).sqrt(), torch.zeros_like(lam))
-    inv_root = torch.where(keep, 1.0 / root.where(keep, torch.ones_like(root)), torch.zeros_like(lam))
-    return root.unsqueeze(-1) * V.mT, V * inv_root.unsqueeze(-2)
+    L, info = torch.linalg.cholesky_ex(G)
+    diag = torch.diagonal(L, dim1=-2, dim2=-1)
+    ok = (info == 0) & (diag.amin(-1) > 1e-6 * diag.amax(-1))
+    S = L.mT.contiguous()
+    eye = torch.eye(G.shape[-1], dtype=G.dtype).expand_as(G)
+    S_pinv = torch.linalg.solve_triangular(torch.where(ok[:, None, None], S, eye), eye, upper=True)
+    if not bool(ok.all()):
+        bad = ~ok
+        lam, V = torch.linalg.eigh(G[bad])
+        keep = lam > rel_tol * lam.amax(dim=-1, keepdim=True).clamp_min(torch.finfo(G.dtype).tiny)
+        root = torch.where(keep, lam.clamp_min(0).sqrt(), torch.zeros_like(lam))
+        inv_root = torch.where(keep, 1.0 / root.where(keep, torch.ones_like(root)), torch.zeros_like(lam))
+        S[bad] = root.unsqueeze(-1) * V.mT
+        S_pinv[bad] = V * inv_root.unsqueeze(-2)
+    return S, S_pinv
 
 
 def block_coefficients(ranks: tuple[int, ...], coef: Tensor, r_out: int) -> Tensor:
@@ -56,8 +66,3 @@ def block_coefficients(ranks: tuple[int, ...], coef: Tensor, r_out: int) -> Tens
         out[:, start + idx, idx] = coef[:, u : u + 1].to(torch.float64)
         start += r
     return out
-
-
-def tail_energy(sigma: Tensor, r: int) -> Tensor:
-    """Σ_{i>r} σ_i² per module: the squared Eckart–Young error of the best rank-r approximation."""
-    return (sigma[..., r:] ** 2).sum(dim=-1)
