@@ -235,15 +235,37 @@ def test_unknown_method_and_no_clients():
         aggregate_adapters([], "fedit")
 
 
-def test_florana_pair_inner_products_match_dense():
+def test_florana_loss_and_gradients_match_dense():
+    """The Gram-block loss, J and gradients equal their dense definitions at arbitrary P, Q."""
     clients = make_clients(num=3, kind="random", seed=17)
     from florana.aggregation.factors import ClientFactors
 
     name = "base_model.model.layer.0.q"
     B = torch.cat([a.modules[name].B for a in clients], 1)[None]
     A = torch.cat([a.modules[name].A for a in clients], 0)[None]
-    cf = ClientFactors(B=B, A=A, ranks=(3, 3, 3), scales=(2.0, 2.0, 2.0), weights=client_weights(None, 3))
-    K = florana_method.pair_inner_products(cf.gram_B, cf.gram_A, 3)
-    prods = [[a.modules[name].B.double() @ b.modules[name].A.double() for b in clients] for a in clients]
-    for u, u2, v, v2 in [(0, 1, 2, 0), (2, 2, 1, 1), (1, 0, 0, 2)]:
-        assert K[0, u, u2, v, v2].item() == pytest.approx((prods[u][v] * prods[u2][v2]).sum().item(), rel=1e-9)
+    w = client_weights([1, 2, 3], 3)
+    cf = ClientFactors(B=B, A=A, ranks=(3, 3, 3), scales=(2.0, 2.0, 2.0), weights=w)
+    Gb = florana_method.blocks(cf.gram_B * 4.0, 3)
+    Ga = florana_method.blocks(cf.gram_A, 3)
+    J, TT = florana_method.cross_terms(Gb, Ga, w)
+    P = torch.tensor([[0.5, -0.2, 0.7]], dtype=torch.float64, requires_grad=True)
+    Q = torch.tensor([[1.1, 0.3, -0.4]], dtype=torch.float64, requires_grad=True)
+    Bs = [2.0 * a.modules[name].B.double() for a in clients]
+    As = [a.modules[name].A.double() for a in clients]
+    T = sum(wu * b @ a for wu, b, a in zip(w, Bs, As))
+    dense = (sum(q * b for q, b in zip(Q[0], Bs)) @ sum(p * a for p, a in zip(P[0], As)) - T).pow(2).sum()
+    dense.backward()
+    ours = florana_method.loss(Gb, Ga, J, TT, P.detach(), Q.detach())
+    assert ours.item() == pytest.approx(dense.item(), rel=1e-9)
+    assert TT.item() == pytest.approx(T.pow(2).sum().item(), rel=1e-9)
+    assert J[0, 1, 2].item() == pytest.approx((Bs[1] @ As[2] * T).sum().item(), rel=1e-9)
+    grad_P, grad_Q = florana_method.gradients(Gb, Ga, J, P.detach(), Q.detach())
+    torch.testing.assert_close(grad_P, P.grad)
+    torch.testing.assert_close(grad_Q, Q.grad)
+
+
+def test_florana_scales_to_a_hundred_clients():
+    clients = make_clients(num=100, rank=2, kind="lora", seed=18, shapes={"layer.0.q": (12, 10)})
+    fedit = aggregate_adapters(clients, "fedit").report.relative_error
+    ours = aggregate_adapters(clients, "florana").report.relative_error
+    assert ours <= fedit + 1e-12

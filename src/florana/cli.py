@@ -67,5 +67,148 @@ def aggregate(
                f"down {summary['bytes_down_total']:,} B")
 
 
+ConfigOpt = Annotated[Path | None, typer.Option("--config", "-c", help="TOML file with RunConfig keys.")]
+
+
+def build_config(config_path: Path | None, **overrides):
+    from florana.config import RunConfig, load_config
+
+    base = load_config(config_path) if config_path else RunConfig()
+    return base.with_overrides(**overrides)
+
+
+def progress_for(quiet: bool):
+    from contextlib import nullcontext
+
+    from florana.federation.progress import RichProgress, log_to_stderr
+
+    if quiet:
+        log_to_stderr()
+        return nullcontext(None)
+    return RichProgress()
+
+
+def print_rows(rows) -> None:
+    from rich.console import Console
+
+    from florana.report.tables import rich_table
+
+    Console().print(rich_table(rows))
+
+
+@app.command()
+def run(
+    config: ConfigOpt = None,
+    out: Annotated[Path | None, typer.Option(help="Run folder (default runs/<method>-<time>).")] = None,
+    resume: Annotated[Path | None, typer.Option(help="Continue the run in this folder from its last round.")] = None,
+    method: Annotated[str | None, typer.Option(help="Aggregator, or centralized | local.")] = None,
+    rounds: Annotated[int | None, typer.Option()] = None,
+    seed: Annotated[int | None, typer.Option()] = None,
+    alpha: Annotated[float | None, typer.Option(help="Dirichlet α of the partition.")] = None,
+    num_clients: Annotated[int | None, typer.Option()] = None,
+    local_steps: Annotated[int | None, typer.Option()] = None,
+    partition: Annotated[str | None, typer.Option(help="iid | dirichlet | shards | quantity")] = None,
+    dataset: Annotated[str | None, typer.Option()] = None,
+    model: Annotated[str | None, typer.Option()] = None,
+    task: Annotated[str | None, typer.Option(help="classification | causal_lm")] = None,
+    text_column: Annotated[str | None, typer.Option()] = None,
+    label_column: Annotated[str | None, typer.Option()] = None,
+    quiet: Annotated[bool, typer.Option("--quiet", help="Log lines only, no progress display.")] = False,
+) -> None:
+    """Federated LoRA fine-tuning in one process (offline MiniLM + Rotten Tomatoes by default)."""
+    from florana.federation.engine import run as run_federation
+    from florana.report.tables import summarize
+
+    try:
+        if resume is not None:
+            cfg, run_dir = None, resume
+        else:
+            cfg = build_config(config, method=method, rounds=rounds, seed=seed, alpha=alpha, num_clients=num_clients,
+                               local_steps=local_steps, partition=partition, dataset=dataset, model=model, task=task,
+                               text_column=text_column, label_column=label_column)
+            run_dir = out or Path("runs") / f"{cfg.method}-{_stamp()}"
+        with progress_for(quiet) as progress:
+            result = run_federation(cfg, run_dir, resume=resume is not None, progress=progress)
+    except FloranaError as e:
+        fail(str(e))
+    print_rows(summarize([result.history]))
+    typer.echo(f"run folder: {result.run_dir}  (metrics.jsonl, global_adapter/, plots/, checkpoints/)")
+
+
+@app.command()
+def compare(
+    methods: Annotated[str, typer.Option(help="Comma-separated; 'all' for every aggregator and both bounds.")] = "all",
+    seeds: Annotated[str, typer.Option(help="Comma-separated seeds.")] = "0",
+    alpha: Annotated[str, typer.Option(help="Comma-separated Dirichlet α values.")] = "0.5",
+    config: ConfigOpt = None,
+    out: Annotated[Path, typer.Option(help="Folder for the runs, summary.md/csv and plots/.")] = Path("runs/compare"),
+    rounds: Annotated[int | None, typer.Option()] = None,
+    quiet: Annotated[bool, typer.Option("--quiet")] = False,
+) -> None:
+    """Run every method × seed × α on identical partitions; write a markdown and CSV table and plots."""
+    from florana.federation.compare import compare as run_compare
+    from florana.federation.methods import ALL_METHODS, check_method
+
+    try:
+        names = list(ALL_METHODS) if methods == "all" else [m.strip() for m in methods.split(",") if m.strip()]
+        for name in names:
+            check_method(name)
+        seed_list = _numbers(seeds, int, "--seeds")
+        alphas = _numbers(alpha, float, "--alpha")
+        base = build_config(config, rounds=rounds, alpha=alphas[0])
+        with progress_for(quiet) as progress:
+            rows = run_compare(base, names, seed_list, alphas, out, progress=progress)
+    except FloranaError as e:
+        fail(str(e))
+    print_rows(rows)
+    typer.echo(f"tables: {out / 'summary.md'}, {out / 'summary.csv'}; plots: {out / 'plots'}")
+
+
+@app.command()
+def report(
+    run_dirs: Annotated[list[Path], typer.Argument(help="Run folders, or folders of runs (florana compare's out).")],
+    out: Annotated[Path | None, typer.Option(help="Where summary.md/csv and plots/ go (default: the first folder).")]
+    = None,
+) -> None:
+    """Rebuild tables and plots from finished runs."""
+    from florana.federation.compare import write_summary
+    from florana.federation.engine import read_metrics
+
+    try:
+        histories = []
+        for d in run_dirs:
+            found = [d] if (d / "metrics.jsonl").is_file() else sorted(p.parent for p in d.glob("*/metrics.jsonl"))
+            if not found:
+                raise FloranaError(f"{d}: no metrics.jsonl in it or its sub-folders (not a florana run)")
+            histories += [h for h in (read_metrics(f) for f in found) if h]
+        if not histories:
+            raise FloranaError("no finished rounds in these runs")
+        rows = write_summary(histories, out or run_dirs[0])
+    except FloranaError as e:
+        fail(str(e))
+    print_rows(rows)
+
+
+@app.command()
+def demo(quiet: Annotated[bool, typer.Option("--quiet")] = False) -> None:
+    """The default federated fine-tuning, offline: MiniLM-L6 + LoRA on Rotten Tomatoes, 10 clients, FLoRA-NA."""
+    run(out=Path("runs") / f"demo-{_stamp()}", quiet=quiet, config=None, resume=None, method=None, rounds=None,
+        seed=None, alpha=None, num_clients=None, local_steps=None, partition=None, dataset=None, model=None,
+        task=None, text_column=None, label_column=None)
+
+
+def _numbers(text: str, kind, flag: str) -> list:
+    try:
+        return [kind(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise FloranaError(f"{flag} takes comma-separated numbers, got {text!r}") from None
+
+
+def _stamp() -> str:
+    import time
+
+    return time.strftime("%Y%m%d-%H%M%S")
+
+
 def main() -> None:
     app()

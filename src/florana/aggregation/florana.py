@@ -5,11 +5,15 @@ Federated Low-Rank Aggregation with Nearly Accurate estimation, https://arxiv.or
 (OpenReview 7n5eoDZdZ5), Eq. 6: min_{P,Q} ‖s·(Σ Q_u B_u)(Σ P_v A_v) − ΔW*‖_F².
 
 The paper leaves the solver open; ours, per module and per round:
-- With b_u = s_u B_u and K[u,u',v,v'] = ⟨b_u A_v, b_u' A_v'⟩_F (from r×r Gram blocks, no d×k matrix), the loss is
-  L = Σ c_uv c_u'v' K[u,u',v,v'] with c_uv = Q_u P_v − w_u δ_uv.
+- With b_u = s_u B_u, the r×r Gram blocks G_b[u,u'] = b_uᵀb_u' and G_A[v,v'] = A_v A_v'ᵀ give everything:
+  ‖B̂Â‖² = ⟨G_B̂, G_Â⟩ with G_B̂ = Σ Q_u Q_u' G_b[u,u'] and G_Â = Σ P_v P_v' G_A[v,v'], and
+  J[u,v] = ⟨b_u A_v, ΔW*⟩ = Σ_u' w_u' ⟨G_b[u,u'], G_A[v,u']⟩. No d×k matrix, and no U⁴ tensor either:
+  an ALS sweep costs O(U²r²), J once O(U³r²), so a hundred clients are cheap.
+- L(P,Q) = ⟨G_B̂, G_Â⟩ − 2 QᵀJP + ‖ΔW*‖².
 - Start at P = Q = w (exactly FedIT), so the answer is never worse than FedIT.
-- Alternating least squares: for fixed P, L is quadratic in Q (a U×U system H_Q(P) Q = J P), and vice versa;
-  a step is kept only where it lowers L (a ridge of 1e-12·tr(H)/U guards singular systems).
+- Alternating least squares: for fixed P, L is quadratic in Q (a U×U system H_Q Q = J P with
+  H_Q[u,u'] = ⟨G_b[u,u'], G_Â⟩), and vice versa; a step is kept only where it lowers L (a ridge of
+  1e-12·tr(H)/U guards singular systems).
 - Gauge (cQ, P/c) fixed by Σ_u P_u = 1: Â stays an affine combination of the clients' A's.
 - Stop when no module improves by more than tol·‖ΔW*‖², or after max_iter sweeps.
 """
@@ -28,25 +32,38 @@ TOL = 1e-10
 RIDGE = 1e-12
 
 
-def pair_inner_products(gram_b: Tensor, gram_a: Tensor, num_clients: int) -> Tensor:
-    """K[m,u,u',v,v'] = Σ_ij G_b[u,u']_ij G_A[v,v']_ij from (M, U·r, U·r) Grams of b (= s·B) and A."""
-    M, R, _ = gram_b.shape
-    U, r = num_clients, R // num_clients
-    gb = gram_b.view(M, U, r, U, r).permute(0, 1, 3, 2, 4).reshape(M, U * U, r * r)
-    ga = gram_a.view(M, U, r, U, r).permute(0, 1, 3, 2, 4).reshape(M, U * U, r * r)
-    return (gb @ ga.mT).view(M, U, U, U, U)
+def blocks(gram: Tensor, num_clients: int) -> Tensor:
+    """(M, U·r, U·r) Gram → (M, U, r, U, r): block [u, :, u', :] is client u's factor against client u''s."""
+    M, R, _ = gram.shape
+    return gram.view(M, num_clients, R // num_clients, num_clients, R // num_clients)
 
 
-def loss(K: Tensor, J: Tensor, TT: Tensor, P: Tensor, Q: Tensor) -> Tensor:
+def combine(G: Tensor, c: Tensor) -> Tensor:
+    """Σ_uu' c_u c_u' G[u, :, u', :]: the r×r Gram of Σ_u c_u (factor u)."""
+    return torch.einsum("muiwj,mu,mw->mij", G, c, c)
+
+
+def against(G: Tensor, other: Tensor) -> Tensor:
+    """H[u,u'] = ⟨G[u, :, u', :], other⟩ for an r×r `other` (U×U)."""
+    return torch.einsum("muiwj,mij->muw", G, other)
+
+
+def cross_terms(Gb: Tensor, Ga: Tensor, w: Tensor) -> tuple[Tensor, Tensor]:
+    """J[u,v] = ⟨b_u A_v, ΔW*⟩ and ‖ΔW*‖², per module."""
+    J = torch.einsum("muiwj,mviwj->muv", Gb * w[None, None, None, :, None], Ga)
+    return J, torch.einsum("muu,u->m", J, w)  # ‖ΔW*‖² = Σ_u w_u ⟨b_u A_u, ΔW*⟩
+
+
+def loss(Gb: Tensor, Ga: Tensor, J: Tensor, TT: Tensor, P: Tensor, Q: Tensor) -> Tensor:
     """L(P, Q) per module."""
-    quad = torch.einsum("mabcd,ma,mb,mc,md->m", K, Q, Q, P, P)
-    return quad - 2 * torch.einsum("mac,ma,mc->m", J, Q, P) + TT
+    quad = (combine(Gb, Q) * combine(Ga, P)).sum(dim=(-2, -1))
+    return quad - 2 * torch.einsum("muv,mu,mv->m", J, Q, P) + TT
 
 
-def gradients(K: Tensor, J: Tensor, P: Tensor, Q: Tensor) -> tuple[Tensor, Tensor]:
+def gradients(Gb: Tensor, Ga: Tensor, J: Tensor, P: Tensor, Q: Tensor) -> tuple[Tensor, Tensor]:
     """(∂L/∂P, ∂L/∂Q): zero at a stationary point."""
-    grad_Q = 2 * (torch.einsum("mabcd,mc,md,mb->ma", K, P, P, Q) - torch.einsum("mac,mc->ma", J, P))
-    grad_P = 2 * (torch.einsum("mabcd,ma,mb,md->mc", K, Q, Q, P) - torch.einsum("mac,ma->mc", J, Q))
+    grad_Q = 2 * (torch.einsum("muw,mw->mu", against(Gb, combine(Ga, P)), Q) - torch.einsum("muv,mv->mu", J, P))
+    grad_P = 2 * (torch.einsum("muw,mw->mu", against(Ga, combine(Gb, Q)), P) - torch.einsum("muv,mu->mv", J, Q))
     return grad_P, grad_Q
 
 
@@ -57,24 +74,24 @@ def _solve(H: Tensor, g: Tensor) -> Tensor:
     return torch.linalg.solve(H, g.unsqueeze(-1)).squeeze(-1)
 
 
-def solve_weights(K: Tensor, w: Tensor, max_iter: int = MAX_ITER, tol: float = TOL):
-    """ALS for Eq. 6 from FedIT's start. Returns P, Q (M, U), the losses at start and end, and the sweeps run."""
-    M, U = K.shape[0], K.shape[1]
-    J = torch.einsum("mabcb,b->mac", K, w)
-    TT = torch.einsum("mabab,a,b->m", K, w, w)
+def solve_weights(Gb: Tensor, Ga: Tensor, w: Tensor, max_iter: int = MAX_ITER, tol: float = TOL):
+    """ALS for Eq. 6 from FedIT's start, on block Grams (M, U, r, U, r) of b = s·B and A.
+    Returns P, Q (M, U), the losses at start and end, and the sweeps run."""
+    M, U = Gb.shape[0], Gb.shape[1]
+    J, TT = cross_terms(Gb, Ga, w)
     P = w.expand(M, U).clone()
     Q = P.clone()
-    L = loss(K, J, TT, P, Q)
+    L = loss(Gb, Ga, J, TT, P, Q)
     start = L.clone()
     sweeps = 0
     for sweeps in range(1, max_iter + 1):
         before = L
-        Q_new = _solve(torch.einsum("mabcd,mc,md->mab", K, P, P), torch.einsum("mac,mc->ma", J, P))
-        L_new = loss(K, J, TT, P, Q_new)
+        Q_new = _solve(against(Gb, combine(Ga, P)), torch.einsum("muv,mv->mu", J, P))
+        L_new = loss(Gb, Ga, J, TT, P, Q_new)
         keep = L_new < L
         Q, L = torch.where(keep[:, None], Q_new, Q), torch.where(keep, L_new, L)
-        P_new = _solve(torch.einsum("mabcd,ma,mb->mcd", K, Q, Q), torch.einsum("mac,ma->mc", J, Q))
-        L_new = loss(K, J, TT, P_new, Q)
+        P_new = _solve(against(Ga, combine(Gb, Q)), torch.einsum("muv,mu->mv", J, Q))
+        L_new = loss(Gb, Ga, J, TT, P_new, Q)
         keep = L_new < L
         P, L = torch.where(keep[:, None], P_new, P), torch.where(keep, L_new, L)
         total = P.sum(-1, keepdim=True)
@@ -88,8 +105,9 @@ def solve_weights(K: Tensor, w: Tensor, max_iter: int = MAX_ITER, tol: float = T
 def estimate(clients: ClientFactors, scale: float) -> Estimate:
     r = clients.uniform_rank
     s = torch.repeat_interleave(torch.tensor(clients.scales, dtype=torch.float64), r)
-    K = pair_inner_products(clients.gram_B * s[:, None] * s[None, :], clients.gram_A, clients.num_clients)
-    P, Q, start, end, sweeps = solve_weights(K, clients.weights.to(torch.float64))
+    U = clients.num_clients
+    Gb = blocks(clients.gram_B * s[:, None] * s[None, :], U)
+    P, Q, start, end, sweeps = solve_weights(Gb, blocks(clients.gram_A, U), clients.weights.to(torch.float64))
     coef_B = block_coefficients(clients.ranks, Q * torch.tensor(clients.scales, dtype=torch.float64) / scale, r)
     coef_A = block_coefficients(clients.ranks, P, r).mT
     return Estimate(coef_B, coef_A, info={"P": P, "Q": Q, "sweeps": sweeps})

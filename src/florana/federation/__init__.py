@@ -1,0 +1,1 @@
+"""The round loop: sampling, local training, aggregation, evaluation, ledger, checkpoint and resume."""

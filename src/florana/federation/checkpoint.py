@@ -1,0 +1,43 @@
+"""Per-round checkpoints, each written atomically (a temporary folder renamed into place), so a run killed at
+any moment, kill -9 included, resumes from its last complete round. Tensors in safetensors, the rest in JSON."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from pathlib import Path
+
+from safetensors.torch import load_file, save_file
+from torch import Tensor
+
+from florana.errors import FloranaError
+from florana.lora.peft_io import atomic_directory
+
+ROUND_DIR = re.compile(r"^round-(\d{4,})$")
+
+
+def save_checkpoint(run_dir: Path, round_: int, tensors: dict[str, Tensor], meta: dict) -> Path:
+    target = run_dir / "checkpoints" / f"round-{round_:04d}"
+    with atomic_directory(target) as tmp:
+        save_file({k: v.detach().contiguous().clone() for k, v in tensors.items()}, tmp / "state.safetensors")
+        (tmp / "state.json").write_text(json.dumps(meta))
+    return target
+
+
+def latest_checkpoint(run_dir: Path) -> tuple[int, dict[str, Tensor], dict] | None:
+    folder = run_dir / "checkpoints"
+    rounds = sorted((int(m.group(1)), p) for p in folder.glob("round-*") if (m := ROUND_DIR.match(p.name)))
+    if not rounds:
+        return None
+    round_, path = rounds[-1]
+    try:
+        return round_, load_file(path / "state.safetensors"), json.loads((path / "state.json").read_text())
+    except Exception as e:  # a checkpoint is renamed into place only when complete; this is outside damage
+        raise FloranaError(f"{path}: unreadable checkpoint ({type(e).__name__}: {e})") from None
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp.write_text(text)
+    os.replace(tmp, path)

