@@ -49,7 +49,7 @@ class RunConfig:
     local_steps: int = _f(10, "optimizer steps per client per round")
     batch_size: int = _f(16, "training batch size")
     eval_batch_size: int = _f(64, "evaluation batch size")
-    lr: float = _f(1e-3, "AdamW learning rate (LoRA factors and the head)")
+    lr: float = _f(2e-3, "AdamW learning rate (LoRA factors and the head)")
     weight_decay: float = _f(0.0, "AdamW weight decay")
     lora_r: int = _f(8, "LoRA rank")
     lora_alpha: float = _f(16.0, "LoRA alpha (scaling alpha/r, or alpha/sqrt(r) with rslora)")

@@ -38,6 +38,7 @@ def compare(base: RunConfig, methods: list[str], seeds: list[int], alphas: list[
 
 def write_summary(histories: list[list[dict]], out: Path) -> list[dict]:
     rows = tables.summarize(histories)
+    out.mkdir(parents=True, exist_ok=True)
     write_text_atomic(out / "summary.md", tables.to_markdown(rows))
     write_text_atomic(out / "summary.csv", tables.to_csv(rows))
     for alpha in sorted({h[-1].get("alpha") for h in histories}, key=str):

