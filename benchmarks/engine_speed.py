@@ -55,18 +55,22 @@ def main() -> None:
     cfg = RunConfig(num_clients=args.clients, local_steps=args.steps, method=args.method, partition="iid",
                     test_size=1, client_test_max=1, rounds=10**6)
     fed = Federation(cfg)
-    batches = [batch_indices(len(fed.data.clients[u].train), cfg.batch_size, cfg.local_steps,
-                             np.random.default_rng(derive_seed(cfg.seed, 6, 1, u))) for u in range(args.clients)]
+
+    def batches_of(round_: int) -> list[list[np.ndarray]]:
+        """Exactly the batches the engine draws in that round (same seeds), so both sides see the same data."""
+        return [batch_indices(len(fed.data.clients[u].train), cfg.batch_size, cfg.local_steps,
+                              np.random.default_rng(derive_seed(cfg.seed, 6, round_, u))) for u in range(args.clients)]
+
     fed.round(1)  # warm-up
-    plain_loop(fed, batches, None, cfg.bf16)
+    plain_loop(fed, batches_of(1), None, cfg.bf16)
     rounds, plains, fp32, padded = [], [], [], []
-    for r in range(args.repeats):
+    for r in range(2, args.repeats + 2):
         t0 = time.perf_counter()
-        fed.round(r + 2)
+        fed.round(r)
         rounds.append(time.perf_counter() - t0)
-        plains.append(plain_loop(fed, batches, None, True))
-        fp32.append(plain_loop(fed, batches, None, False))
-        padded.append(plain_loop(fed, batches, cfg.max_length, True))
+        plains.append(plain_loop(fed, batches_of(r), None, True))
+        fp32.append(plain_loop(fed, batches_of(r), None, False))
+        padded.append(plain_loop(fed, batches_of(r), cfg.max_length, True))
     med = statistics.median
     print(f"{args.clients} clients × {args.steps} steps × batch {cfg.batch_size}, MiniLM-L6 + LoRA r={cfg.lora_r}, "
           f"{torch.get_num_threads()} threads, median of {args.repeats}\n")

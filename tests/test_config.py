@@ -41,3 +41,12 @@ def test_missing_and_invalid_files(tmp_path):
     bad.write_text("method = \n")
     with pytest.raises(FloranaError, match="invalid TOML"):
         load_config(bad)
+
+
+def test_shipped_configs_parse_and_default_matches():
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent / "configs"
+    assert load_config(root / "default.toml") == RunConfig()
+    smoke = load_config(root / "gsm_smollm2_smoke.toml")
+    assert smoke.task == "causal_lm" and smoke.model == "smollm2"

@@ -15,7 +15,7 @@ from florana.aggregation.base import Method, client_weights
 from florana.aggregation.factors import ClientFactors
 from florana.aggregation.registry import get_method
 from florana.errors import FloranaError
-from florana.lora.adapter import LoraAdapter, LoraModule, has_non_finite, with_ranks
+from florana.lora.adapter import LoraAdapter, LoraModule, base_layout, has_non_finite, with_ranks
 
 
 @dataclass
@@ -113,11 +113,7 @@ def aggregate_adapters(adapters: Sequence[LoraAdapter], method: str | Method,
     base_update: dict[str, Tensor] = {}
     module_reports: dict[str, dict] = {}
     err_sq = target_sq = floor_sq = 0.0
-    up = [0] * len(adapters)
-    down = [0] * len(adapters)
-    bytes_up = [0] * len(adapters)
-    bytes_down = [0] * len(adapters)
-    transposed = bool(ref.config.get("fan_in_fan_out"))
+    wire = _Ledger(len(adapters))
 
     for ((d, k), ranks, scales), names in groups.items():
         dtype = ref.modules[names[0]].B.dtype
@@ -135,11 +131,11 @@ def aggregate_adapters(adapters: Sequence[LoraAdapter], method: str | Method,
         t_sq = clients.target_norm_sq
         f_sq = clients.floor_sq(max(ranks))
         if est.dense_residual:
-            N = torch.diag(clients.column_weights) - scale * (est.coef_B @ est.coef_A)
+            N = clients.residual_coefficients(est.coef_B, est.coef_A, scale)
             residual = (clients.B @ N.to(work)) @ clients.A
         for i, name in enumerate(names):
-            emb = ref.modules[name].embedding
-            out_modules[name] = LoraModule(A=A_hat[i].contiguous(), B=B_hat[i].contiguous(), embedding=emb)
+            out_modules[name] = LoraModule(A=A_hat[i].contiguous(), B=B_hat[i].contiguous(),
+                                           embedding=ref.modules[name].embedding)
             out_ranks[name], out_scales[name] = r_out, scale
             lowrank = _relative(e_sq[i].item(), t_sq[i].item())
             module_reports[name] = {
@@ -148,7 +144,7 @@ def aggregate_adapters(adapters: Sequence[LoraAdapter], method: str | Method,
             }
             if est.dense_residual:
                 module_reports[name]["lowrank_error"] = lowrank
-                base_update[name] = (residual[i].mT if (emb or transposed) else residual[i]).to(dtype).contiguous()
+                base_update[name] = base_layout(residual[i], out_modules[name], ref.config).to(dtype).contiguous()
             for key, value in est.info.items():
                 if isinstance(value, Tensor):
                     module_reports[name][key] = value[i].tolist()
@@ -158,13 +154,10 @@ def aggregate_adapters(adapters: Sequence[LoraAdapter], method: str | Method,
             err_sq += e_sq.sum().item()
         target_sq += t_sq.sum().item()
         floor_sq += f_sq.sum().item()
-        size = torch.empty((), dtype=dtype).element_size()
         for u, r in enumerate(ranks):
             cost = method.wire(r, r_out, d, k)
-            up[u] += cost.up * len(names)
-            down[u] += cost.down * len(names)
-            bytes_up[u] += cost.up * len(names) * adapters[u].modules[names[0]].B.element_size()
-            bytes_down[u] += cost.down * len(names) * size
+            wire.add(u, cost.up * len(names), adapters[u].modules[names[0]].B.element_size(),
+                     cost.down * len(names), B_hat.element_size())
 
     extra: dict[str, Tensor] = {}
     for key, t in ref.extra.items():
@@ -174,10 +167,7 @@ def aggregate_adapters(adapters: Sequence[LoraAdapter], method: str | Method,
         else:
             extra[key] = t.clone()
         for u, a in enumerate(adapters):
-            up[u] += t.numel()
-            down[u] += t.numel()
-            bytes_up[u] += t.numel() * a.extra[key].element_size()
-            bytes_down[u] += t.numel() * t.element_size()
+            wire.add(u, t.numel(), a.extra[key].element_size(), t.numel(), t.element_size())
 
     config = dict(ref.config)
     if any(out_ranks[n] != ref.modules[n].rank for n in out_ranks):
@@ -188,10 +178,24 @@ def aggregate_adapters(adapters: Sequence[LoraAdapter], method: str | Method,
         relative_error=_relative(err_sq, target_sq),
         error_floor=_relative(floor_sq, target_sq),
         modules=module_reports,
-        values_up_per_client=up, values_down_per_client=down,
-        bytes_up_per_client=bytes_up, bytes_down_per_client=bytes_down,
+        values_up_per_client=wire.values_up, values_down_per_client=wire.values_down,
+        bytes_up_per_client=wire.bytes_up, bytes_down_per_client=wire.bytes_down,
     )
     return Aggregation(LoraAdapter(config=config, modules=out_modules, extra=extra), base_update, report)
+
+
+class _Ledger:
+    """Values and bytes each client sends up and receives down in one aggregation."""
+
+    def __init__(self, num_clients: int):
+        self.values_up, self.values_down = [0] * num_clients, [0] * num_clients
+        self.bytes_up, self.bytes_down = [0] * num_clients, [0] * num_clients
+
+    def add(self, u: int, up: int, up_size: int, down: int, down_size: int) -> None:
+        self.values_up[u] += up
+        self.values_down[u] += down
+        self.bytes_up[u] += up * up_size
+        self.bytes_down[u] += down * down_size
 
 
 def _concatenate(adapters: Sequence[LoraAdapter], names: list[str], factor: str, dtype) -> Tensor:

@@ -94,10 +94,13 @@ class ClientFactors:
         """‖ΔW*‖_F² per module (M,)."""
         return (self.gram_X * self.gram_A).sum(dim=(-2, -1))
 
+    def residual_coefficients(self, coef_B: Tensor, coef_A: Tensor, scale: float) -> Tensor:
+        """N (M, R, R) with ΔW* − scale·(B·coef_B)(coef_A·A) = B·N·A."""
+        return torch.diag(self.column_weights) - scale * (coef_B @ coef_A)
+
     def error_sq(self, coef_B: Tensor, coef_A: Tensor, scale: float) -> Tensor:
         """‖ΔW* − scale·(B·coef_B)(coef_A·A)‖_F² per module, exactly, from the Grams."""
-        N = torch.diag(self.column_weights) - scale * (coef_B @ coef_A)
-        return linalg.quad_norm_sq(self.gram_B, N, self.gram_A)
+        return linalg.quad_norm_sq(self.gram_B, self.residual_coefficients(coef_B, coef_A, scale), self.gram_A)
 
     def floor_sq(self, rank: int) -> Tensor:
         """Squared error of the best rank-`rank` approximation of ΔW* (Eckart–Young), per module."""

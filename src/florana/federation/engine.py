@@ -24,7 +24,7 @@ from florana.data import Examples, load_examples, partition, partition_stats
 from florana.errors import FloranaError
 from florana.federation.checkpoint import latest_checkpoint, save_checkpoint, write_text_atomic
 from florana.federation.methods import BOUNDS
-from florana.lora.adapter import has_non_finite
+from florana.lora.adapter import base_layout, has_non_finite
 from florana.lora.peft_io import BASE_UPDATE_FILE, atomic_directory, save_base_update, write_adapter_files
 from florana.train.local import batch_indices, train_steps
 from florana.train.model import AdapterSlots, load_model
@@ -240,17 +240,13 @@ class Federation:
             if self.method.merges:  # flora: merge scale·B̂Â into the base, restart LoRA from zero B
                 for name, m in result.adapter.modules.items():
                     delta = result.adapter.scaling(name) * (m.B.float() @ m.A.float())
-                    self.slots.base_weight(name).add_(self._base_layout(name, delta))
+                    self.slots.base_weight(name).add_(base_layout(delta, m, self.slots.config))
                 new = {k: (torch.zeros_like(v) if ".lora_B." in k else v) if ".lora_" in k else new[k]
                        for k, v in self.initial.items()}
             for name, delta in result.base_update.items():  # fedex: the dense residual, already in base layout
                 self.slots.base_weight(name).add_(delta)
         self.base_changed = self.base_changed or self.method.merges or bool(result.base_update)
         self.global_tensors = {k: new[k].to(v.dtype) for k, v in self.initial.items()}
-
-    def _base_layout(self, name: str, delta: Tensor) -> Tensor:
-        transposed = self.slots.config.get("fan_in_fan_out") or self.slots.base_weight(name).shape != delta.shape
-        return delta.mT if transposed else delta
 
     # ---- outputs --------------------------------------------------------------------------------------
     def save_global(self, directory: Path) -> None:

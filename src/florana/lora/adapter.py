@@ -18,8 +18,7 @@ PEFT_PREFIX = "base_model.model."
 class LoraModule:
     """Factors of one adapted module: ΔW = scaling · B @ A, A (r, k), B (d, r).
 
-    `transposed` is true where the base weight stores ΔWᵀ (PEFT's embeddings and fan_in_fan_out layers),
-    and `embedding` where PEFT names the factors lora_embedding_A/B.
+    `embedding` is true where PEFT names the factors lora_embedding_A/B (its base weight stores ΔWᵀ).
     """
 
     A: Tensor
@@ -104,6 +103,11 @@ def with_ranks(config: dict, ranks: dict[str, int], scalings: dict[str, float]) 
             out["rank_pattern"][key] = r
             out["alpha_pattern"][key] = alpha_for_scaling(config, scalings[name], r)
     return out
+
+
+def base_layout(delta: Tensor, module: LoraModule, config: dict) -> Tensor:
+    """ΔW (d, k) in the layout of the base weight it updates: transposed for embeddings and fan_in_fan_out."""
+    return delta.mT if module.embedding or config.get("fan_in_fan_out") else delta
 
 
 def has_non_finite(t: Tensor) -> bool:
