@@ -76,13 +76,12 @@ def _solve(H: Tensor, g: Tensor) -> Tensor:
 
 def solve_weights(Gb: Tensor, Ga: Tensor, w: Tensor, max_iter: int = MAX_ITER, tol: float = TOL):
     """ALS for Eq. 6 from FedIT's start, on block Grams (M, U, r, U, r) of b = s·B and A.
-    Returns P, Q (M, U), the losses at start and end, and the sweeps run."""
+    Returns P, Q (M, U) and the number of sweeps run."""
     M, U = Gb.shape[0], Gb.shape[1]
     J, TT = cross_terms(Gb, Ga, w)
     P = w.expand(M, U).clone()
     Q = P.clone()
     L = loss(Gb, Ga, J, TT, P, Q)
-    start = L.clone()
     sweeps = 0
     for sweeps in range(1, max_iter + 1):
         before = L
@@ -99,7 +98,7 @@ def solve_weights(Gb: Tensor, Ga: Tensor, w: Tensor, max_iter: int = MAX_ITER, t
         P, Q = P / gauge, Q * gauge
         if bool(((before - L) <= tol * TT.clamp_min(1e-300)).all()):
             break
-    return P, Q, start.clamp_min(0), L.clamp_min(0), sweeps
+    return P, Q, sweeps
 
 
 def estimate(clients: ClientFactors, scale: float) -> Estimate:
@@ -107,7 +106,7 @@ def estimate(clients: ClientFactors, scale: float) -> Estimate:
     s = torch.repeat_interleave(torch.tensor(clients.scales, dtype=torch.float64), r)
     U = clients.num_clients
     Gb = blocks(clients.gram_B * s[:, None] * s[None, :], U)
-    P, Q, start, end, sweeps = solve_weights(Gb, blocks(clients.gram_A, U), clients.weights.to(torch.float64))
+    P, Q, sweeps = solve_weights(Gb, blocks(clients.gram_A, U), clients.weights.to(torch.float64))
     coef_B = block_coefficients(clients.ranks, Q * torch.tensor(clients.scales, dtype=torch.float64) / scale, r)
     coef_A = block_coefficients(clients.ranks, P, r).mT
     return Estimate(coef_B, coef_A, info={"P": P, "Q": Q, "sweeps": sweeps})

@@ -81,7 +81,8 @@ def from_table(rows, text_column: str, label_column: str, source: str, causal: b
 
 def load_examples(dataset: str, *, text_column: str = "text", label_column: str = "label", causal: bool = False,
                   max_examples: int = 0, seed: int = 0) -> Examples:
-    """Load a built-in, a local file (csv, json, jsonl, parquet) or a hub dataset's train split."""
+    """Load a built-in, a local file (csv, json, jsonl, parquet) or a hub dataset's train split
+    ('owner/name' or 'owner/name:config'; GSM8K is 'openai/gsm8k:main' with question/answer columns)."""
     if dataset == "rotten_tomatoes":
         examples = rotten_tomatoes()
     elif dataset == "gsm_symbolic":
@@ -101,8 +102,9 @@ def load_examples(dataset: str, *, text_column: str = "text", label_column: str 
             except Exception as e:  # datasets raises many types for malformed files
                 raise FloranaError(f"{dataset}: cannot read as {builder} ({type(e).__name__}: {e})") from None
         else:
+            name, _, subset = dataset.partition(":")  # hub 'owner/name:config', e.g. openai/gsm8k:main
             try:
-                rows = datasets.load_dataset(dataset, split="train")
+                rows = datasets.load_dataset(name, subset or None, split="train")
             except Exception as e:
                 raise FloranaError(f"unknown dataset {dataset!r}: not a built-in ({', '.join(BUILTIN)}), not a file, "
                                    f"and the hub could not provide it ({type(e).__name__})") from None

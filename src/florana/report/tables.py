@@ -81,8 +81,9 @@ def rich_table(rows: list[dict]):
     from rich.table import Table
 
     table = Table(title="florana: final round (mean ± std over seeds)")
-    for name in ["method", "α", "seeds"] + [title for _, title in COLUMNS]:
-        table.add_column(name, justify="right" if name not in ("method",) else "left")
+    table.add_column("method", no_wrap=True, min_width=11)
+    for name in ["α", "seeds"] + [title for _, title in COLUMNS]:
+        table.add_column(name, justify="right")
     for row in rows:
         table.add_row(row["method"], str(row["alpha"]), str(row["seeds"]), *[_cell(row, k) for k, _ in COLUMNS])
     return table

@@ -1,0 +1,56 @@
+"""Data sources: the offline built-ins, local files of every supported type, and their errors."""
+
+import json
+
+import numpy as np
+import pytest
+
+from florana.data import load_examples
+from florana.errors import FloranaError
+
+
+def test_rotten_tomatoes_is_the_shipped_corpus():
+    ex = load_examples("rotten_tomatoes")
+    assert ex.label_names == ["rotten", "fresh"]
+    assert np.bincount(ex.labels).tolist() == [5405, 7403]
+    assert all(isinstance(t, str) and t for t in ex.texts[:50])
+
+
+def test_gsm_symbolic_generates_problems_with_answers():
+    ex = load_examples("gsm_symbolic", causal=True, max_examples=12, seed=1)
+    assert len(ex) == 12 and ex.answers is not None
+    assert all(a.lstrip("-").replace(".", "", 1).isdigit() for a in ex.answers)
+    with pytest.raises(FloranaError, match="set task = 'causal_lm'"):
+        load_examples("gsm_symbolic", causal=False, max_examples=5)
+
+
+@pytest.mark.parametrize("suffix", [".csv", ".jsonl", ".json", ".parquet"])
+def test_local_files(tmp_path, suffix):
+    rows = [{"review": f"text {i}", "stars": ["low", "high", "mid"][i % 3]} for i in range(9)]
+    path = tmp_path / f"data{suffix}"
+    if suffix == ".csv":
+        path.write_text("review,stars\n" + "".join(f"{r['review']},{r['stars']}\n" for r in rows))
+    elif suffix == ".jsonl":
+        path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    elif suffix == ".json":
+        path.write_text(json.dumps(rows))
+    else:
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        pq.write_table(pa.Table.from_pylist(rows), path)
+    ex = load_examples(str(path), text_column="review", label_column="stars")
+    assert len(ex) == 9 and ex.label_names == ["low", "mid", "high"]
+    assert ex.labels.tolist() == [0, 2, 1] * 3
+    assert ex.texts[0] == "text 0"
+    with pytest.raises(FloranaError, match=rf"{path}: no column 'text'"):
+        load_examples(str(path))
+
+
+def test_file_errors(tmp_path):
+    with pytest.raises(FloranaError, match="no such file"):
+        load_examples(str(tmp_path / "missing.csv"))
+    odd = tmp_path / "data.xlsx"
+    odd.write_text("x")
+    with pytest.raises(FloranaError, match="unsupported file type"):
+        load_examples(str(odd))
