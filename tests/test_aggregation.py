@@ -102,6 +102,7 @@ def test_florana_never_worse_than_fedit_and_stationary(kind):
         assert m["relative_error"] <= fedit.modules[name]["relative_error"] + 1e-9
         assert sum(m["P"]) == pytest.approx(1.0)  # gauge
     assert ours.relative_error < fedit.relative_error  # strictly better on drifted clients
+    assert ours.fedit_error == pytest.approx(fedit.relative_error, rel=1e-12)
     # stationarity of the returned P, Q, checked with an independent dense loss and autograd
     name = next(iter(clients[0].modules))
     P = torch.tensor(ours.modules[name]["P"], dtype=torch.float64, requires_grad=True)

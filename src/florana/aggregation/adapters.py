@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from florana.aggregation.base import Method, client_weights
+from florana.aggregation.base import Method, client_weights, weighted_mean_coefficients
 from florana.aggregation.factors import ClientFactors
 from florana.aggregation.registry import get_method
 from florana.errors import FloranaError
@@ -20,12 +20,17 @@ from florana.lora.adapter import LoraAdapter, LoraModule, base_layout, has_non_f
 
 @dataclass
 class Report:
-    """What one aggregation did: errors relative to ‖ΔW*‖_F (overall and per module) and the wire cost."""
+    """What one aggregation did: errors relative to ‖ΔW*‖_F (overall and per module) and the wire cost.
+
+    fedit_error is FedIT's error on the very same client factors (None with mixed ranks), so any method
+    can be read against the baseline and the floor without a second run.
+    """
 
     method: str
     weights: list[float]
     relative_error: float
     error_floor: float
+    fedit_error: float | None = None
     modules: dict[str, dict] = field(default_factory=dict)
     values_up_per_client: list[int] = field(default_factory=list)
     values_down_per_client: list[int] = field(default_factory=list)
@@ -112,7 +117,8 @@ def aggregate_adapters(adapters: Sequence[LoraAdapter], method: str | Method,
     out_scales: dict[str, float] = {}
     base_update: dict[str, Tensor] = {}
     module_reports: dict[str, dict] = {}
-    err_sq = target_sq = floor_sq = 0.0
+    err_sq = target_sq = floor_sq = fedit_sq = 0.0
+    equal_ranks = True
     wire = _Ledger(len(adapters))
 
     for ((d, k), ranks, scales), names in groups.items():
@@ -130,6 +136,9 @@ def aggregate_adapters(adapters: Sequence[LoraAdapter], method: str | Method,
         e_sq = clients.error_sq(est.coef_B, est.coef_A, scale)
         t_sq = clients.target_norm_sq
         f_sq = clients.floor_sq(max(ranks))
+        equal_ranks = equal_ranks and len(set(ranks)) == 1
+        if equal_ranks:
+            fedit_sq += clients.error_sq(*weighted_mean_coefficients(clients, scale, ranks[0]), scale).sum().item()
         if est.dense_residual:
             N = clients.residual_coefficients(est.coef_B, est.coef_A, scale)
             residual = (clients.B @ N.to(work)) @ clients.A
@@ -177,6 +186,7 @@ def aggregate_adapters(adapters: Sequence[LoraAdapter], method: str | Method,
         weights=w.tolist(),
         relative_error=_relative(err_sq, target_sq),
         error_floor=_relative(floor_sq, target_sq),
+        fedit_error=_relative(fedit_sq, target_sq) if equal_ranks else None,
         modules=module_reports,
         values_up_per_client=wire.values_up, values_down_per_client=wire.values_down,
         bytes_up_per_client=wire.bytes_up, bytes_down_per_client=wire.bytes_down,

@@ -234,6 +234,7 @@ class Federation:
         result = aggregate_adapters(updates, self.method, weights, labels)
         report = result.report
         metrics.update(relative_error=report.relative_error, error_floor=report.error_floor,
+                       fedit_error=report.fedit_error,
                        bytes_up=sum(report.bytes_up_per_client), bytes_down=sum(report.bytes_down_per_client))
         new = result.adapter.state_dict()
         with torch.no_grad():
