@@ -18,9 +18,7 @@ import time
 
 import torch
 
-from florana.aggregation import METHODS, aggregate_adapters
-from florana.aggregation.factors import ClientFactors
-from florana.aggregation.florana import estimate as florana_estimate
+from florana.aggregation import aggregate_adapters
 from florana.lora import LoraAdapter, LoraModule
 
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import subprocess
 import sys
 
@@ -43,7 +42,7 @@ def main() -> None:
     small = measure(2, args.steps, args.method)
     large = measure(100, args.steps, args.method)
     ratio = large["peak_rss_kib"] / small["peak_rss_kib"]
-    print(f"| clients | peak RSS MiB | clients holding state |\n|---|---|---|")
+    print("| clients | peak RSS MiB | clients holding state |\n|---|---|---|")
     print(f"| 2 | {small['peak_rss_kib'] / 1024:.0f} | {small['personal']} |")
     print(f"| 100 | {large['peak_rss_kib'] / 1024:.0f} | {large['personal']} |")
     print(f"\nratio 100 / 2 clients: {ratio:.3f} (target ≤ 1.25: {'met' if ratio <= 1.25 else 'MISSED'})")

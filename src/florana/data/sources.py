@@ -5,7 +5,6 @@ from __future__ import annotations
 import bz2
 import csv
 import importlib.util
-import io
 from dataclasses import dataclass
 from pathlib import Path
 
