@@ -116,19 +116,24 @@ def run(
     quiet: Annotated[bool, typer.Option("--quiet", help="Log lines only, no progress display.")] = False,
 ) -> None:
     """Federated LoRA fine-tuning in one process (offline MiniLM + Rotten Tomatoes by default)."""
+    try:
+        cfg = None if resume is not None else build_config(
+            config, method=method, rounds=rounds, seed=seed, alpha=alpha, num_clients=num_clients,
+            local_steps=local_steps, partition=partition, dataset=dataset, model=model, task=task,
+            text_column=text_column, label_column=label_column)
+    except FloranaError as e:
+        fail(str(e))
+    _run_and_print(cfg, resume or out or Path("runs") / f"{cfg.method}-{_stamp()}", resume is not None, quiet)
+
+
+def _run_and_print(cfg, run_dir: Path, resume: bool, quiet: bool) -> None:
+    """Run (or resume) one federation with a progress display, then print its table."""
     from florana.federation.engine import run as run_federation
     from florana.report.tables import summarize
 
     try:
-        if resume is not None:
-            cfg, run_dir = None, resume
-        else:
-            cfg = build_config(config, method=method, rounds=rounds, seed=seed, alpha=alpha, num_clients=num_clients,
-                               local_steps=local_steps, partition=partition, dataset=dataset, model=model, task=task,
-                               text_column=text_column, label_column=label_column)
-            run_dir = out or Path("runs") / f"{cfg.method}-{_stamp()}"
         with progress_for(quiet) as progress:
-            result = run_federation(cfg, run_dir, resume=resume is not None, progress=progress)
+            result = run_federation(cfg, run_dir, resume=resume, progress=progress)
     except FloranaError as e:
         fail(str(e))
     print_rows(summarize([result.history]))
@@ -192,9 +197,9 @@ def report(
 @app.command()
 def demo(quiet: Annotated[bool, typer.Option("--quiet")] = False) -> None:
     """The default federated fine-tuning, offline: MiniLM-L6 + LoRA on Rotten Tomatoes, 10 clients, FLoRA-NA."""
-    run(out=Path("runs") / f"demo-{_stamp()}", quiet=quiet, config=None, resume=None, method=None, rounds=None,
-        seed=None, alpha=None, num_clients=None, local_steps=None, partition=None, dataset=None, model=None,
-        task=None, text_column=None, label_column=None)
+    from florana.config import RunConfig
+
+    _run_and_print(RunConfig(), Path("runs") / f"demo-{_stamp()}", False, quiet)
 
 
 def _numbers(text: str, kind, flag: str) -> list:
