@@ -65,6 +65,17 @@ class Client:
 
 
 @dataclass
+class LocalResult:
+    """What a client hands back after training: its adapter tensors (None when rejected as non-finite), its mean
+    loss, its local model's accuracy on its own held-out part, and its example count (the FedAvg weight)."""
+
+    loss: float
+    tensors: dict[str, Tensor] | None
+    local_accuracy: float | None
+    size: int
+
+
+@dataclass
 class Data:
     test: Encoded
     clients: list[Client]
@@ -124,8 +135,7 @@ class Federation:
     # ---- state <-> checkpoint -------------------------------------------------------------------------
     def state_tensors(self) -> dict[str, Tensor]:
         out = {f"global::{k}": v for k, v in self.global_tensors.items()}
-        if self.base_changed:  # flora and fedex write into the base weights
-            out.update({f"base::{m}": self.slots.base_weight(m) for m in self.modules})
+        out.update({f"base::{m}": w for m, w in self.base_weights().items()})
         for u, tensors in self.personal.items():
             out.update({f"personal::{u}::{k}": v for k, v in tensors.items()})
         return out
@@ -143,6 +153,18 @@ class Federation:
                     u, _, k = rest.partition("::")
                     self.personal.setdefault(int(u), {})[k] = v
         self.ledger, self.history = meta["ledger"], meta["history"]
+
+    def base_weights(self) -> dict[str, Tensor]:
+        """The adapted base weights once the method has written into them (flora merges, fedex residuals), else
+        nothing: clients must train on the same base as the server."""
+        return {m: self.slots.base_weight(m) for m in self.modules} if self.base_changed else {}
+
+    def set_base_weights(self, weights: dict[str, Tensor]) -> None:
+        """Take the server's base weights; an empty dict restores the original ones."""
+        with torch.no_grad():
+            for m in self.modules:
+                self.slots.base_weight(m).copy_(weights.get(m, self.original_base[m]))
+        self.base_changed = bool(weights)
 
     # ---- one round ------------------------------------------------------------------------------------
     def sample(self, round_: int) -> tuple[list[int], list[int]]:
@@ -185,46 +207,72 @@ class Federation:
         self.slots.write(tensors)
         return self.task.evaluate(self.model, data, self.config.eval_batch_size)
 
+    def local_update(self, u: int, start: dict[str, Tensor], round_: int) -> LocalResult:
+        """Client u's part of a round, wherever it runs (this process or a Flower node): train from `start`,
+        refuse a non-finite result, score the local model on the client's held-out part."""
+        client = self.data.clients[u]
+        loss, tensors = self.train_client(start, client.train, self.config.local_steps,
+                                          derive_seed(self.config.seed, 6, round_, u))
+        if not math.isfinite(loss) or any(has_non_finite(t) for t in tensors.values()):
+            return LocalResult(loss, None, None, client.size)
+        accuracy = self.task.evaluate(self.model, client.test, self.config.eval_batch_size)["accuracy"]
+        return LocalResult(loss, tensors, accuracy, client.size)
+
+    def personal_part(self, tensors: dict[str, Tensor]) -> dict[str, Tensor]:
+        """What a client keeps to itself between rounds: everything for local, B for fedsa, nothing otherwise."""
+        if self.config.method == "local":
+            return tensors
+        if self.method is not None and self.method.personal_B:
+            return {k: v for k, v in tensors.items() if ".lora_B." in k}
+        return {}
+
     def round(self, round_: int) -> dict:
+        """One round in this process: every sampled client trains in turn, then the server closes the round."""
         cfg, t0 = self.config, time.perf_counter()
         sampled, empty = self.sample(round_)
         if self.progress:
             self.progress.start_round(round_, cfg.local_steps * len(sampled))
-        metrics: dict = {"round": round_, "method": cfg.method, "seed": cfg.seed, "alpha": cfg.alpha,
-                         "clients": sampled, "skipped_empty": empty, "rejected": []}
-        local_acc: dict[int, float] = {}
-        losses = []
+        metrics = self.open_round(round_, sampled, empty)
+        results: dict[int, LocalResult] = {}
         if cfg.method == "centralized":
             pooled = _concat([self.data.clients[u].train for u in sampled])
             loss, self.global_tensors = self.train_client(self.global_tensors, pooled, cfg.local_steps * len(sampled),
                                                           derive_seed(cfg.seed, 6, round_))
-            losses.append(loss)
+            metrics["train_loss"] = loss
         else:
-            updates, labels, weights = [], [], []
             for u in sampled:
-                client = self.data.clients[u]
-                loss, tensors = self.train_client(self.client_start(u, round_), client.train, cfg.local_steps,
-                                                  derive_seed(cfg.seed, 6, round_, u))
-                if not math.isfinite(loss) or any(has_non_finite(t) for t in tensors.values()):
-                    log.warning("round %d: client %d's update rejected (loss %s or non-finite factors)",
-                                round_, u, loss)
-                    metrics["rejected"].append(u)
-                    continue
-                losses.append(loss)
-                local_acc[u] = self.task.evaluate(self.model, client.test, cfg.eval_batch_size)["accuracy"]
-                if cfg.method == "local":
-                    self.personal[u] = tensors
-                    continue
-                if self.method.personal_B:
-                    self.personal[u] = {k: v for k, v in tensors.items() if ".lora_B." in k}
-                updates.append(self.slots.adapter(tensors, source=f"client{u}"))
+                results[u] = self.local_update(u, self.client_start(u, round_), round_)
+                if results[u].tensors is not None and (kept := self.personal_part(results[u].tensors)):
+                    self.personal[u] = kept
+        return self.close_round(metrics, results, t0)
+
+    def open_round(self, round_: int, sampled: list[int], empty: list[int]) -> dict:
+        return {"round": round_, "method": self.config.method, "seed": self.config.seed, "alpha": self.config.alpha,
+                "clients": sampled, "skipped_empty": empty, "missing": [], "rejected": []}
+
+    def close_round(self, metrics: dict, results: dict[int, LocalResult], t0: float) -> dict:
+        """The server's part of a round, given the clients' results in client order: reject bad updates,
+        aggregate, evaluate the global model, book the bytes."""
+        cfg, round_ = self.config, metrics["round"]
+        updates, labels, weights, losses, local_acc = [], [], [], [], {}
+        for u, res in sorted(results.items()):
+            if res.tensors is None:
+                log.warning("round %d: client %d's update rejected (loss %s or non-finite factors)",
+                            round_, u, res.loss)
+                metrics["rejected"].append(u)
+                continue
+            losses.append(res.loss)
+            local_acc[u] = res.local_accuracy
+            if self.method is not None:
+                updates.append(self.slots.adapter(res.tensors, source=f"client{u}"))
                 labels.append(f"client{u}")
-                weights.append(client.size)
-            if updates:
-                self.aggregate(updates, labels, weights, metrics)
-            elif cfg.method != "local":
-                log.warning("round %d: every update was rejected; the global model is unchanged", round_)
-        metrics["train_loss"] = float(np.mean(losses)) if losses else None
+                weights.append(res.size)
+        if updates:
+            self.aggregate(updates, labels, weights, metrics)
+        elif self.method is not None:
+            log.warning("round %d: every update was rejected; the global model is unchanged", round_)
+        if losses or "train_loss" not in metrics:
+            metrics["train_loss"] = float(np.mean(losses)) if losses else None
         metrics["local_accuracy"] = {str(u): a for u, a in local_acc.items()}
         valid = [a for a in local_acc.values() if a is not None]
         metrics["local_accuracy_mean"] = float(np.mean(valid)) if valid else None
@@ -294,11 +342,9 @@ class RunResult:
     history: list[dict] = field(default_factory=list)
 
 
-def run(config: RunConfig | None, run_dir: Path, *, resume: bool = False, progress=None) -> RunResult:
-    """Run (or resume) a federation into run_dir: config.toml, partition.json, metrics.jsonl, checkpoints/,
-    global_adapter/ and plots/."""
-    from florana.report.plots import plot_runs
-
+def open_run(config: RunConfig | None, run_dir: Path, *, resume: bool = False, progress=None) -> tuple[Federation, int]:
+    """Set up run_dir (config.toml, partition.json, run.log) and the federation, restored from the last checkpoint
+    when resuming; returns it with the first round still to run. Both runtimes start here."""
     run_dir = Path(run_dir)
     if resume:
         if not (run_dir / "config.toml").is_file():
@@ -322,19 +368,39 @@ def run(config: RunConfig | None, run_dir: Path, *, resume: bool = False, progre
     write_text_atomic(run_dir / "metrics.jsonl", "".join(json.dumps(m) + "\n" for m in fed.history))
     if progress:
         progress.start_run(config, start)
-    for r in range(start, config.rounds + 1):
-        metrics = fed.round(r)
-        fed.history.append(metrics)
-        save_checkpoint(run_dir, r, fed.state_tensors(), {"ledger": fed.ledger, "history": fed.history})
-        write_text_atomic(run_dir / "metrics.jsonl", "".join(json.dumps(m) + "\n" for m in fed.history))
-        log.info("round %d/%d %s: global acc %s, local mean %s, error %s, up %s B, down %s B", r, config.rounds,
-                 config.method, _fmt(metrics["global_accuracy"]), _fmt(metrics["local_accuracy_mean"]),
-                 _fmt(metrics["relative_error"]), metrics["bytes_up"], metrics["bytes_down"])
-        if progress:
-            progress.end_round(metrics)
+    return fed, start
+
+
+def record_round(fed: Federation, run_dir: Path, metrics: dict) -> None:
+    """Append a closed round to the history and make it durable: checkpoint first, then metrics.jsonl."""
+    fed.history.append(metrics)
+    save_checkpoint(run_dir, metrics["round"], fed.state_tensors(), {"ledger": fed.ledger, "history": fed.history})
+    write_text_atomic(run_dir / "metrics.jsonl", "".join(json.dumps(m) + "\n" for m in fed.history))
+    log.info("round %d/%d %s: global acc %s, local mean %s, error %s, up %s B, down %s B", metrics["round"],
+             fed.config.rounds, fed.config.method, _fmt(metrics["global_accuracy"]),
+             _fmt(metrics["local_accuracy_mean"]), _fmt(metrics["relative_error"]), metrics["bytes_up"],
+             metrics["bytes_down"])
+    if fed.progress:
+        fed.progress.end_round(metrics)
+
+
+def close_run(fed: Federation, run_dir: Path) -> RunResult:
+    """The run's final outputs: global_adapter/ and plots/."""
+    from florana.report.plots import plot_runs
+
     fed.save_global(run_dir / "global_adapter")
-    plot_runs({config.method: fed.history}, run_dir / "plots")
-    return RunResult(run_dir, config, fed.history)
+    plot_runs({fed.config.method: fed.history}, run_dir / "plots")
+    return RunResult(run_dir, fed.config, fed.history)
+
+
+def run(config: RunConfig | None, run_dir: Path, *, resume: bool = False, progress=None) -> RunResult:
+    """Run (or resume) a federation in this process into run_dir: config.toml, partition.json, metrics.jsonl,
+    checkpoints/, global_adapter/ and plots/."""
+    run_dir = Path(run_dir)
+    fed, start = open_run(config, run_dir, resume=resume, progress=progress)
+    for r in range(start, fed.config.rounds + 1):
+        record_round(fed, run_dir, fed.round(r))
+    return close_run(fed, run_dir)
 
 
 def _fmt(x) -> str:
