@@ -114,26 +114,40 @@ def run(
     text_column: Annotated[str | None, typer.Option()] = None,
     label_column: Annotated[str | None, typer.Option()] = None,
     quiet: Annotated[bool, typer.Option("--quiet", help="Log lines only, no progress display.")] = False,
+    runtime: Annotated[str, typer.Option(help="inprocess (one process) | flower (Flower's simulation engine on "
+                                              "Ray, one virtual SuperNode per client).")] = "inprocess",
+    min_nodes: Annotated[int, typer.Option(help="flower: fewest replies a round accepts before the run stops.")] = 1,
 ) -> None:
-    """Federated LoRA fine-tuning in one process (offline MiniLM + Rotten Tomatoes by default)."""
+    """Federated LoRA fine-tuning (offline MiniLM + Rotten Tomatoes by default), in one process or on Flower."""
     try:
         cfg = None if resume is not None else build_config(
             config, method=method, rounds=rounds, seed=seed, alpha=alpha, num_clients=num_clients,
             local_steps=local_steps, partition=partition, dataset=dataset, model=model, task=task,
             text_column=text_column, label_column=label_column)
+        if runtime not in ("inprocess", "flower"):
+            raise FloranaError(f"--runtime must be inprocess or flower, not {runtime!r}")
     except FloranaError as e:
         fail(str(e))
-    _run_and_print(cfg, resume or out or Path("runs") / f"{cfg.method}-{_stamp()}", resume is not None, quiet)
+    run_dir = resume or out or Path("runs") / f"{cfg.method}-{_stamp()}"
+    _run_and_print(cfg, run_dir, resume is not None, quiet, runtime=runtime, min_nodes=min_nodes)
 
 
-def _run_and_print(cfg, run_dir: Path, resume: bool, quiet: bool) -> None:
+def _run_and_print(cfg, run_dir: Path, resume: bool, quiet: bool, runtime: str = "inprocess",
+                   min_nodes: int = 1) -> None:
     """Run (or resume) one federation with a progress display, then print its table."""
     from florana.federation.engine import run as run_federation
     from florana.report.tables import summarize
 
     try:
-        with progress_for(quiet) as progress:
-            result = run_federation(cfg, run_dir, resume=resume, progress=progress)
+        if runtime == "flower":
+            from florana.federation.progress import log_to_stderr
+            from florana.flower.simulation import run as run_on_flower
+
+            log_to_stderr()
+            result = run_on_flower(cfg, run_dir, resume=resume, min_nodes=min_nodes)
+        else:
+            with progress_for(quiet) as progress:
+                result = run_federation(cfg, run_dir, resume=resume, progress=progress)
     except FloranaError as e:
         fail(str(e))
     print_rows(summarize([result.history]))

@@ -92,6 +92,16 @@ class RunConfig:
 FIELDS = {f.name: f for f in fields(RunConfig)}
 
 
+def asdict_for_flower(config: RunConfig) -> dict:
+    """The config as Flower run-config values, which are scalars: lists become comma-separated strings."""
+    return {k: ",".join(v) if isinstance(v, list) else v for k, v in asdict(config).items()}
+
+
+def default_of(key: str):
+    f = FIELDS[key]
+    return f.default if f.default is not MISSING else f.default_factory()
+
+
 def config_from_dict(data: dict, source: str = "config") -> RunConfig:
     """A RunConfig from a dict (e.g. parsed TOML); unknown keys and wrong types are errors naming `source`."""
     unknown = sorted(set(data) - set(FIELDS))
@@ -99,7 +109,7 @@ def config_from_dict(data: dict, source: str = "config") -> RunConfig:
         raise FloranaError(f"{source}: unknown key(s) {', '.join(unknown)}; known keys: {', '.join(FIELDS)}")
     clean = {}
     for key, value in data.items():
-        default = FIELDS[key].default if FIELDS[key].default is not MISSING else FIELDS[key].default_factory()
+        default = default_of(key)
         if isinstance(default, bool) != isinstance(value, bool) or (
             not isinstance(default, bool) and isinstance(default, (int, float)) and not isinstance(value, (int, float))
         ) or (isinstance(default, (str, list)) and not isinstance(value, type(default))):

@@ -1,0 +1,176 @@
+"""The ServerApp: florana's aggregation as a Flower strategy, writing the same run folder as the engine.
+
+`FloranaStrategy` subclasses FedAvg and replaces its two halves of a round: `configure_train` samples
+partitions with the engine's seeded sampler and sends each node the global adapter (plus the adapted base
+weights for flora/fedex); `aggregate_train` turns the replies into the engine's `LocalResult`s and closes the
+round with `Federation.close_round`, i.e. the same aggregator, evaluation and ledger as the in-process run.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, MetricRecord, RecordDict
+from flwr.serverapp import Grid, ServerApp
+from flwr.serverapp.strategy import FedAvg
+
+from florana.config import RunConfig
+from florana.errors import FloranaError
+from florana.federation.engine import Federation, LocalResult, close_run, open_run, record_round
+from florana.federation.methods import BOUNDS
+from florana.flower.wire import config_to_text, from_record, record_bytes, split_run_config, to_record
+
+log = logging.getLogger("florana")
+
+
+def check_runtime(config: RunConfig) -> None:
+    if config.method in BOUNDS:
+        raise FloranaError(f"method {config.method!r} is a reference bound that pools or never shares client data; "
+                           "run it in process (without --runtime flower)")
+
+
+class FloranaStrategy(FedAvg):
+    """FedAvg's round structure with florana's sampling, payloads and aggregation."""
+
+    def __init__(self, fed: Federation, run_dir: Path, *, first_round: int, min_nodes: int, node_wait: float):
+        super().__init__(fraction_train=1.0, fraction_evaluate=0.0, min_train_nodes=1, min_available_nodes=1)
+        self.fed, self.run_dir, self.first_round = fed, run_dir, first_round
+        self.min_nodes, self.node_wait = min_nodes, node_wait
+        self.config_text = config_to_text(fed.config)
+        self.nodes: dict[int, int] = {}  # partition-id → node id
+        self.pending: dict = {}
+
+    # ---- nodes --------------------------------------------------------------------------------------
+    def discover(self, grid: Grid, timeout: float) -> None:
+        """Ask every node not yet known which partition it holds (a query message)."""
+        unknown = [n for n in grid.get_node_ids() if n not in self.nodes.values()]
+        if not unknown:
+            return
+        replies = grid.send_and_receive([Message(RecordDict(), message_type=MessageType.QUERY, dst_node_id=n)
+                                         for n in unknown], timeout=timeout)
+        for reply in replies:
+            node = reply.metadata.src_node_id
+            if reply.has_error():
+                log.warning("node %d did not say which partition it holds: %s", node, reply.error.reason)
+                continue
+            m = reply.content["metrics"]
+            u, n = int(m["partition-id"]), int(m["num-partitions"])
+            if n != self.fed.config.num_clients or not 0 <= u < n:
+                raise FloranaError(f"node {node}: partition-id={u} num-partitions={n} does not fit the run's "
+                                   f"num_clients={self.fed.config.num_clients}")
+            if u in self.nodes and self.nodes[u] in grid.get_node_ids() and self.nodes[u] != node:
+                raise FloranaError(f"nodes {self.nodes[u]} and {node} both claim partition-id={u}")
+            self.nodes[u] = node
+
+    def wait_for_nodes(self, grid: Grid) -> None:
+        """Wait up to node-wait seconds for one node per partition; go on with fewer if min-nodes are there."""
+        wanted, deadline = self.fed.config.num_clients, time.monotonic() + self.node_wait
+        while len(list(grid.get_node_ids())) < wanted and time.monotonic() < deadline:
+            time.sleep(0.5)
+        self.discover(grid, timeout=self.node_wait)
+        if len(self.nodes) < min(self.min_nodes, wanted):
+            raise FloranaError(f"only {len(self.nodes)} node(s) connected within {self.node_wait:.0f}s "
+                               f"(min-nodes={self.min_nodes}, num_clients={wanted})")
+        if len(self.nodes) < wanted:
+            log.warning("partitions without a node: %s", sorted(set(range(wanted)) - set(self.nodes)))
+
+    # ---- a round ------------------------------------------------------------------------------------
+    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid):
+        round_ = server_round + self.first_round - 1
+        t0, fed = time.perf_counter(), self.fed
+        sampled, empty = fed.sample(round_)
+        self.discover(grid, timeout=60.0)
+        online = set(grid.get_node_ids())
+        reachable = [u for u in sampled if self.nodes.get(u) in online]
+        base = fed.base_weights()
+        messages, down = [], 0
+        for u in reachable:
+            content = RecordDict({"config": ConfigRecord({"toml": self.config_text, "round": round_}),
+                                  "global": to_record(fed.global_tensors)})
+            if base:
+                content["base"] = to_record(base)
+            down += sum(record_bytes(r) for r in content.array_records.values())
+            messages.append(Message(content, message_type=MessageType.TRAIN, dst_node_id=self.nodes[u]))
+        self.pending = {"metrics": fed.open_round(round_, sampled, empty), "t0": t0, "sent": reachable,
+                        "down": down}
+        log.info("round %d: %d partition(s) sampled, %d sent to nodes", round_, len(sampled), len(reachable))
+        return messages
+
+    def aggregate_train(self, server_round: int, replies):
+        fed, pending = self.fed, self.pending
+        metrics, round_ = pending["metrics"], pending["metrics"]["round"]
+        partition_of = {node: u for u, node in self.nodes.items()}
+        results: dict[int, LocalResult] = {}
+        up = 0
+        for reply in replies:
+            node = reply.metadata.src_node_id
+            u = partition_of.get(node)
+            if reply.has_error() or u is None:
+                log.warning("round %d: node %s (partition %s) failed: %s", round_, node, u,
+                            reply.error.reason if reply.has_error() else "unknown node")
+                continue
+            m = reply.content["metrics"]
+            update = reply.content.array_records.get("update")
+            try:
+                tensors = None if update is None else from_record(update, fed.initial, f"node {node} (partition {u})")
+            except FloranaError as e:
+                log.warning("round %d: %s; update rejected", round_, e)
+                tensors = None
+            up += 0 if update is None else record_bytes(update)
+            results[u] = LocalResult(float(m["loss"]), tensors, m.get("local-accuracy"), int(m["num-examples"]))
+        metrics["missing"] = sorted(set(metrics["clients"]) - set(results))
+        if metrics["missing"]:
+            log.warning("round %d: no reply from partition(s) %s", round_, metrics["missing"])
+        if len(results) < min(self.min_nodes, len(metrics["clients"])):
+            message = (f"round {round_}: {len(results)} of {len(metrics['clients'])} sampled node(s) replied, fewer "
+                       f"than min-nodes={self.min_nodes} (missing partitions {metrics['missing']}); the run stops "
+                       f"here and resumes after round {round_ - 1} with resume=true")
+            log.error(message)
+            raise FloranaError(message)
+        metrics = fed.close_round(metrics, results, pending["t0"])
+        metrics["flower_bytes_down"], metrics["flower_bytes_up"] = pending["down"], up
+        record_round(fed, self.run_dir, metrics)
+        return to_record(fed.global_tensors), MetricRecord({"replies": len(results)})
+
+
+def serve(grid: Grid, config: RunConfig | None, run_dir: Path, *, resume: bool = False, min_nodes: int = 1,
+          round_timeout: float = 3600.0, node_wait: float = 120.0) -> None:
+    """A whole run on a Flower grid: open (or resume) the run folder, find the nodes, run the rounds, write the
+    global adapter and plots."""
+    run_dir = Path(run_dir).resolve()
+    if config is not None:
+        check_runtime(config)
+    fed, start = open_run(config, run_dir, resume=resume)
+    check_runtime(fed.config)
+    log.info("run folder %s, rounds %d..%d", run_dir, start, fed.config.rounds)
+    if start <= fed.config.rounds:
+        strategy = FloranaStrategy(fed, run_dir, first_round=start, min_nodes=min_nodes, node_wait=node_wait)
+        strategy.wait_for_nodes(grid)
+        strategy.start(grid, to_record(fed.global_tensors), num_rounds=fed.config.rounds - start + 1,
+                       timeout=round_timeout)
+    close_run(fed, run_dir)
+
+
+def server_app(config: RunConfig | None, run_dir: Path, **options) -> ServerApp:
+    """A ServerApp bound to one config and run folder (what `florana run --runtime flower` simulates)."""
+    app = ServerApp()
+
+    @app.main()
+    def main(grid: Grid, context: Context) -> None:
+        serve(grid, config, run_dir, **options)
+
+    return app
+
+
+app = ServerApp()
+
+
+@app.main()
+def main(grid: Grid, context: Context) -> None:
+    """`flwr run .`: florana's config keys and the runtime keys come from the run config."""
+    config, runtime = split_run_config(dict(context.run_config))
+    serve(grid, None if runtime["resume"] else config, Path(runtime["run-dir"]), resume=bool(runtime["resume"]),
+          min_nodes=int(runtime["min-nodes"]), round_timeout=float(runtime["round-timeout"]),
+          node_wait=float(runtime["node-wait"]))

@@ -1,0 +1,79 @@
+"""What crosses Flower's wire: tensors as ArrayRecords (NumPy .npy, never pickle) and the run config as TOML text.
+
+Pure conversions with checks; both the ServerApp and the ClientApp use them, so the two sides cannot disagree.
+"""
+
+from __future__ import annotations
+
+import tomllib
+
+import torch
+from flwr.app import Array, ArrayRecord
+from torch import Tensor
+
+from florana.config import FIELDS, RunConfig, config_from_dict, default_of
+from florana.errors import FloranaError
+
+# run-config keys that belong to the Flower runtime rather than to a RunConfig
+RUNTIME_KEYS = {"run-dir": "runs/flower", "resume": False, "min-nodes": 1, "round-timeout": 3600.0,
+                "node-wait": 120.0}
+
+
+def to_record(tensors: dict[str, Tensor]) -> ArrayRecord:
+    """Tensors → ArrayRecord; bfloat16 (which NumPy lacks) travels as float32, exactly."""
+    return ArrayRecord({k: Array(t.detach().float() if t.dtype == torch.bfloat16 else t.detach())
+                        for k, t in tensors.items()})
+
+
+def from_record(record: ArrayRecord, like: dict[str, Tensor], source: str) -> dict[str, Tensor]:
+    """ArrayRecord → tensors with exactly the keys, shapes and dtypes of `like`; anything else is an error naming
+    `source` (a node's payload is untrusted input)."""
+    keys, expected = set(record.keys()), set(like)
+    if keys != expected:
+        extra, lacking = sorted(keys - expected), sorted(expected - keys)
+        raise FloranaError(f"{source}: payload keys do not match the adapter (unexpected {extra[:3]}, "
+                           f"missing {lacking[:3]})")
+    out = {}
+    for k, ref in like.items():
+        try:
+            t = torch.from_numpy(record[k].numpy().copy())
+        except (TypeError, ValueError) as e:
+            raise FloranaError(f"{source}: array {k} is not a plain NumPy array ({e})") from None
+        if tuple(t.shape) != tuple(ref.shape) or not (t.is_floating_point() or t.dtype == ref.dtype):
+            raise FloranaError(f"{source}: array {k} has shape {tuple(t.shape)} {t.dtype}, expected "
+                               f"{tuple(ref.shape)} {ref.dtype}")
+        out[k] = t.to(ref.dtype)
+    return out
+
+
+def record_bytes(record: ArrayRecord) -> int:
+    """Bytes of array data a record puts on the wire (the .npy payloads; framing not counted)."""
+    return sum(len(a.data) for a in record.values())
+
+
+def config_to_text(config: RunConfig) -> str:
+    return config.to_toml()
+
+
+def config_from_text(text: str, source: str) -> RunConfig:
+    try:
+        return config_from_dict(tomllib.loads(text), source)
+    except tomllib.TOMLDecodeError as e:
+        raise FloranaError(f"{source}: the run config is not valid TOML ({e})") from None
+
+
+def split_run_config(run_config: dict) -> tuple[RunConfig, dict]:
+    """Flower's flat run config → (RunConfig, runtime options). Lists travel as comma-separated strings, since
+    Flower's config values are scalars."""
+    runtime = {k: run_config.get(k, v) for k, v in RUNTIME_KEYS.items()}
+    data = {}
+    for key, value in run_config.items():
+        if key in RUNTIME_KEYS:
+            continue
+        if key not in FIELDS:
+            raise FloranaError(f"run config: unknown key {key!r}; florana keys: {', '.join(FIELDS)}; runtime "
+                               f"keys: {', '.join(RUNTIME_KEYS)}")
+        if isinstance(default_of(key), list) and isinstance(value, str):
+            value = [v.strip() for v in value.split(",") if v.strip()]
+        data[key] = value
+    return config_from_dict(data, "run config"), runtime

@@ -1,0 +1,206 @@
+"""The Flower runtime with real processes on loopback: Ray simulation, `flwr run .`, a SuperLink with SuperNodes
+(plain, and TLS with SuperNode authentication), and SuperNodes killed mid-round. Each Flower run is checked
+against the in-process engine on the same config: the global adapter and every metric must be identical."""
+
+import os
+import subprocess
+import sys
+import threading
+import time
+import tomllib
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from florana.config import FIELDS, RunConfig, asdict_for_flower, default_of
+from florana.errors import FloranaError
+from florana.federation.engine import read_metrics, run
+from florana.flower.deploy import Loopback, pids_with_env
+from florana.flower.wire import RUNTIME_KEYS, from_record, split_run_config, to_record
+from tiny import sentiment_csv, tiny_bert
+
+ROOT = Path(__file__).resolve().parent.parent
+FLOWER_ONLY = {"flower_bytes_up", "flower_bytes_down", "seconds"}
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    root = tmp_path_factory.mktemp("flower")
+    return dict(model=str(tiny_bert(root)), dataset=str(sentiment_csv(root)), num_clients=2, rounds=2,
+                local_steps=2, batch_size=8, test_size=40, client_test_max=10, max_length=16, lora_r=2,
+                lora_alpha=4.0, threads=1, bf16=False, lr=5e-3, alpha=1.0)
+
+
+def assert_same_run(flower_dir: Path, inproc_dir: Path) -> None:
+    """Same global adapter (and base update) bit for bit, same metrics but for timing and Flower's byte count."""
+    for name in ("adapter_model.safetensors", "base_update.safetensors"):
+        a, b = inproc_dir / "global_adapter" / name, flower_dir / "global_adapter" / name
+        assert a.is_file() == b.is_file(), name
+        if a.is_file():
+            ta, tb = load_file(a), load_file(b)
+            assert ta.keys() == tb.keys() and all(torch.equal(ta[k], tb[k]) for k in ta), name
+    strip = lambda h: [{k: v for k, v in m.items() if k not in FLOWER_ONLY} for m in h]  # noqa: E731
+    assert strip(read_metrics(flower_dir)) == strip(read_metrics(inproc_dir))
+    for m in read_metrics(flower_dir):
+        # uploads are the same arrays plus .npy headers; downloads are booked when Flower sends them (the next
+        # round), and flora/fedex send the adapted base weights in full, so only their presence is checked
+        assert m["flower_bytes_up"] >= m["bytes_up"] > 0 and m["flower_bytes_down"] > 0
+
+
+def assert_no_leftovers(var: str) -> None:
+    value = os.environ[var]
+    deadline = time.monotonic() + 20
+    while (left := pids_with_env(var, value)) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert not left, f"processes left running: {left}"
+
+
+# ---- pure pieces ------------------------------------------------------------------------------------
+def test_records_round_trip_and_refuse_bad_payloads():
+    tensors = {"a.lora_A.weight": torch.randn(2, 4), "a.lora_B.weight": torch.randn(4, 2).bfloat16()}
+    back = from_record(to_record(tensors), tensors, "node 7")
+    assert all(torch.equal(back[k], tensors[k]) and back[k].dtype == tensors[k].dtype for k in tensors)
+    with pytest.raises(FloranaError, match="node 7: payload keys"):
+        from_record(to_record({"a.lora_A.weight": tensors["a.lora_A.weight"]}), tensors, "node 7")
+    with pytest.raises(FloranaError, match=r"node 7: array a.lora_A.weight has shape \(3, 4\)"):
+        from_record(to_record({**tensors, "a.lora_A.weight": torch.zeros(3, 4)}), tensors, "node 7")
+
+
+def test_run_config_keys():
+    config, runtime = split_run_config({"method": "fedit", "target_modules": "query, key", "min-nodes": 3})
+    assert config == RunConfig(method="fedit", target_modules=["query", "key"]) and runtime["min-nodes"] == 3
+    with pytest.raises(FloranaError, match="unknown key 'lr_max'"):
+        split_run_config({"lr_max": 1.0})
+
+
+def test_pyproject_declares_every_config_key_with_its_default():
+    declared = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["flwr"]["app"]["config"]
+    assert declared == {**asdict_for_flower(RunConfig()), **RUNTIME_KEYS}
+    assert set(FIELDS) <= set(declared) and default_of("target_modules") == ["query", "value"]
+
+
+# ---- simulation -------------------------------------------------------------------------------------
+@pytest.mark.parametrize("method", ["fedsa", "flora"])
+def test_simulation_agrees_with_the_in_process_engine(tiny, tmp_path, method):
+    """fedsa keeps B in each node's context state; flora sends the merged base weights."""
+    cfg = RunConfig(**tiny, method=method)
+    (tmp_path / "cfg.toml").write_text(cfg.to_toml())
+    done = subprocess.run([sys.executable, "-m", "florana", "run", "--runtime", "flower", "--config",
+                           str(tmp_path / "cfg.toml"), "--out", str(tmp_path / "flower"), "--quiet"],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
+    run(cfg, tmp_path / "inproc")
+    assert_same_run(tmp_path / "flower", tmp_path / "inproc")
+    assert (tmp_path / "flower" / "plots" / "accuracy.png").is_file()
+    assert len(list((tmp_path / "flower" / "checkpoints").glob("round-*"))) == 2
+    assert_no_leftovers("RAY_TMPDIR")
+
+
+def test_simulation_refuses_the_bounds(tiny, tmp_path):
+    (tmp_path / "cfg.toml").write_text(RunConfig(**tiny, method="centralized").to_toml())
+    done = subprocess.run([sys.executable, "-m", "florana", "run", "--runtime", "flower", "--config",
+                           str(tmp_path / "cfg.toml"), "--out", str(tmp_path / "x")], capture_output=True, text=True)
+    assert done.returncode == 2 and "reference bound" in done.stderr and not (tmp_path / "x").exists()
+
+
+def test_flwr_run_dot(tiny, tmp_path):
+    """The project is a Flower app: `flwr run . --stream` simulates it, config keys through --run-config."""
+    home = tmp_path / "flwr-home"
+    env = {**os.environ, "FLWR_HOME": str(home), "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
+           "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    cfg = RunConfig(**tiny, method="florana")
+    overrides = tmp_path / "run-config.toml"
+    import tomli_w
+    overrides.write_text(tomli_w.dumps({**asdict_for_flower(cfg), "run-dir": str(tmp_path / "flower")}))
+    try:
+        done = subprocess.run([str(Path(sys.executable).parent / "flwr"), "run", ".", "--stream",
+                               "--federation-config", "num-supernodes=2", "--run-config", str(overrides)],
+                              cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-2000:]
+    finally:  # `flwr run` leaves a local SuperLink running, detached: stop it and its helpers by pid
+        for pid in pids_with_env("FLWR_HOME", str(home)):
+            os.kill(pid, 9)
+    run(cfg, tmp_path / "inproc")
+    assert_same_run(tmp_path / "flower", tmp_path / "inproc")
+    assert_no_leftovers("RAY_TMPDIR")
+
+
+# ---- deployment -------------------------------------------------------------------------------------
+@pytest.mark.parametrize("security", ["plain", "tls+auth"])
+def test_loopback_deployment(tiny, tmp_path, security):
+    cfg = RunConfig(**tiny, method="florana")
+    certs = None
+    if security != "plain":
+        certs = tmp_path / "certs"
+        subprocess.run(["bash", str(ROOT / "scripts" / "make_certs.sh"), str(certs), "3"], check=True,
+                       capture_output=True)
+    with Loopback(tmp_path / "home", 2, certs=certs, auth=certs is not None).start() as federation:
+        if certs is not None:  # a SuperNode whose key was never registered is turned away
+            rogue = ["flower-supernode", "--superlink", f"127.0.0.1:{federation.port}", "--root-certificates",
+                     str(certs / "ca.crt"), "--auth-supernode-private-key", str(certs / "node-2"), "--node-config",
+                     "partition-id=1 num-partitions=2", "--max-wait-time", "5", "--port", "0"]
+            rogue_proc = federation._start("rogue", rogue)
+        federation.run(ROOT, cfg, tmp_path / "flower", round_timeout=120)
+        if certs is not None:
+            assert rogue_proc.wait(timeout=60) != 0
+    assert_no_leftovers_home(tmp_path / "home")
+    run(cfg, tmp_path / "inproc")
+    assert_same_run(tmp_path / "flower", tmp_path / "inproc")
+
+
+def assert_no_leftovers_home(home: Path) -> None:
+    deadline = time.monotonic() + 20
+    while (left := pids_with_env("FLWR_HOME", str(home.resolve() / "flwr"))) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert not left, f"processes left running: {left}"
+
+
+def kill_when_round_starts(federation: Loopback, run_dir: Path, round_: int, node: int) -> threading.Thread:
+    """Kill SuperNode `node` (kill -9, its whole process group) once the server has sent round `round_`."""
+    def watch():
+        deadline = time.monotonic() + 240
+        while time.monotonic() < deadline:
+            log = run_dir / "run.log"
+            if log.is_file() and f"round {round_}: " in log.read_text():
+                time.sleep(0.5)
+                federation.kill_node(node)
+                return
+            time.sleep(0.2)
+    thread = threading.Thread(target=watch, daemon=True)
+    thread.start()
+    return thread
+
+
+def test_killed_supernode_the_round_completes_with_the_rest(tiny, tmp_path):
+    cfg = RunConfig(**{**tiny, "num_clients": 3, "rounds": 1, "local_steps": 4})
+    out = tmp_path / "flower"
+    with Loopback(tmp_path / "home", 3).start() as federation:
+        killer = kill_when_round_starts(federation, out, 1, 2)
+        federation.run(ROOT, cfg, out, min_nodes=2, round_timeout=15)
+        killer.join()
+    (m,) = read_metrics(out)
+    assert m["clients"] == [0, 1, 2] and m["missing"] == [2] and set(m["local_accuracy"]) == {"0", "1"}
+    assert (out / "global_adapter" / "adapter_model.safetensors").is_file()
+    assert "no reply from partition(s) [2]" in (out / "run.log").read_text()
+    assert_no_leftovers_home(tmp_path / "home")
+
+
+def test_too_few_nodes_stops_the_run_and_resume_finishes_it(tiny, tmp_path):
+    cfg = RunConfig(**tiny, method="florana")
+    out = tmp_path / "flower"
+    with Loopback(tmp_path / "home", 2).start() as federation:
+        killer = kill_when_round_starts(federation, out, 2, 1)
+        with pytest.raises(FloranaError, match="fewer than min-nodes=2"):
+            federation.run(ROOT, cfg, out, min_nodes=2, round_timeout=15)
+        killer.join()
+    assert "round 2: 1 of 2 sampled node(s) replied, fewer than min-nodes=2" in (out / "run.log").read_text()
+    assert sorted(p.name for p in (out / "checkpoints").glob("round-*")) == ["round-0001"]
+    assert [m["round"] for m in read_metrics(out)] == [1]
+    with Loopback(tmp_path / "home2", 2).start() as federation:  # new nodes, same run folder
+        federation.run(ROOT, cfg, out, resume=True, round_timeout=120)
+    run(cfg, tmp_path / "inproc")
+    assert_same_run(out, tmp_path / "inproc")
+    assert_no_leftovers_home(tmp_path / "home")
+    assert_no_leftovers_home(tmp_path / "home2")
