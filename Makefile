@@ -24,6 +24,7 @@ bench: $(STAMP)
 	$(PY) benchmarks/aggregation_speed.py
 	$(PY) benchmarks/engine_speed.py
 	$(PY) benchmarks/engine_memory.py
+	$(PY) benchmarks/flower_overhead.py
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

@@ -76,7 +76,8 @@ class Loopback:
         if self.auth and self.certs is None:
             raise FloranaError("SuperNode authentication needs the keys in a certs folder (scripts/make_certs.sh)")
         # Flower starts its helpers (flower-superexec, flwr-serverapp, flwr-clientapp) from PATH
-        self.env = {**os.environ, "FLWR_HOME": str(self.home / "flwr"), "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}",
+        self.env = {**os.environ, "FLWR_HOME": str(self.home / "flwr"),
+                    "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}",
                     "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1"}
 
     def __enter__(self) -> Loopback:

@@ -8,12 +8,15 @@ from __future__ import annotations
 
 import logging
 import os
+import tempfile
 from pathlib import Path
 
 from florana.config import RunConfig, load_config
 from florana.errors import FloranaError
 from florana.federation.engine import RunResult, read_metrics
 from florana.flower.server import check_runtime, server_app
+
+RAY_TMPDIR_MAX = 36
 
 
 def run(config: RunConfig | None, run_dir: Path, *, resume: bool = False, min_nodes: int = 1,
@@ -29,12 +32,25 @@ def run(config: RunConfig | None, run_dir: Path, *, resume: bool = False, min_no
             raise FloranaError(f"{run_dir}: nothing to resume (no config.toml)")
         config = load_config(run_dir / "config.toml")
     check_runtime(config)
+    ray_tmp = os.environ.get("RAY_TMPDIR", tempfile.gettempdir())
+    if len(ray_tmp) > RAY_TMPDIR_MAX:
+        raise FloranaError(f"RAY_TMPDIR={ray_tmp} is too long for Ray's Unix sockets (at most {RAY_TMPDIR_MAX} "
+                           "characters: Ray appends about 70 and Linux allows 107); choose a shorter folder")
     cpus = os.cpu_count() or 1
     backend = {"client_resources": {"num_cpus": min(config.threads, cpus), "num_gpus": 0.0},
                "init_args": {"num_cpus": cpus, "num_gpus": 0, "logging_level": "ERROR", "log_to_driver": True,
                              "include_dashboard": False}}
     logging.getLogger("flwr").setLevel(logging.WARNING)
-    run_simulation(server_app(None if resume else config, run_dir, resume=resume, min_nodes=min_nodes,
-                              round_timeout=round_timeout, node_wait=60.0),
-                   client_app, num_supernodes=config.num_clients, backend_config=backend)
+    try:
+        run_simulation(server_app(None if resume else config, run_dir, resume=resume, min_nodes=min_nodes,
+                                  round_timeout=round_timeout, node_wait=60.0),
+                       client_app, num_supernodes=config.num_clients, backend_config=backend)
+    except RuntimeError as e:  # Flower wraps what went wrong; surface florana's own error, or the root cause
+        cause = e
+        while cause.__cause__ is not None and not isinstance(cause, FloranaError):
+            cause = cause.__cause__
+        if isinstance(cause, FloranaError):
+            raise cause from None
+        raise FloranaError(f"the Flower simulation failed: {type(cause).__name__}: {cause} "
+                           f"(log: {run_dir / 'run.log'})") from None
     return RunResult(run_dir, config, read_metrics(run_dir))
