@@ -11,13 +11,14 @@ import tomllib
 from pathlib import Path
 
 import pytest
+import tomli_w
 import torch
 from safetensors.torch import load_file
 
 from florana.config import FIELDS, RunConfig, asdict_for_flower, default_of
 from florana.errors import FloranaError
 from florana.federation.engine import read_metrics, run
-from florana.flower.deploy import Loopback, pids_with_env
+from florana.flower.deploy import Loopback, flower_env, pids_with_env
 from florana.flower.wire import RUNTIME_KEYS, from_record, split_run_config, to_record
 from tiny import sentiment_csv, tiny_bert
 
@@ -49,8 +50,8 @@ def assert_same_run(flower_dir: Path, inproc_dir: Path) -> None:
         assert m["flower_bytes_up"] >= m["bytes_up"] > 0 and m["flower_bytes_down"] > 0
 
 
-def assert_no_leftovers(var: str) -> None:
-    value = os.environ[var]
+def assert_no_leftovers(var: str, value: str) -> None:
+    """No live process still carries var=value in its environment (all we started is stopped)."""
     deadline = time.monotonic() + 20
     while (left := pids_with_env(var, value)) and time.monotonic() < deadline:
         time.sleep(0.5)
@@ -95,7 +96,7 @@ def test_simulation_agrees_with_the_in_process_engine(tiny, tmp_path, method):
     assert_same_run(tmp_path / "flower", tmp_path / "inproc")
     assert (tmp_path / "flower" / "plots" / "accuracy.png").is_file()
     assert len(list((tmp_path / "flower" / "checkpoints").glob("round-*"))) == 2
-    assert_no_leftovers("RAY_TMPDIR")
+    assert_no_leftovers("RAY_TMPDIR", os.environ["RAY_TMPDIR"])
 
 
 def test_simulation_refuses_the_bounds(tiny, tmp_path):
@@ -108,11 +109,9 @@ def test_simulation_refuses_the_bounds(tiny, tmp_path):
 def test_flwr_run_dot(tiny, tmp_path):
     """The project is a Flower app: `flwr run . --stream` simulates it, config keys through --run-config."""
     home = tmp_path / "flwr-home"
-    env = {**os.environ, "FLWR_HOME": str(home), "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
-           "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    env = flower_env(home)
     cfg = RunConfig(**tiny, method="florana")
     overrides = tmp_path / "run-config.toml"
-    import tomli_w
     overrides.write_text(tomli_w.dumps({**asdict_for_flower(cfg), "run-dir": str(tmp_path / "flower")}))
     try:
         done = subprocess.run([str(Path(sys.executable).parent / "flwr"), "run", ".", "--stream",
@@ -124,7 +123,7 @@ def test_flwr_run_dot(tiny, tmp_path):
             os.kill(pid, 9)
     run(cfg, tmp_path / "inproc")
     assert_same_run(tmp_path / "flower", tmp_path / "inproc")
-    assert_no_leftovers("RAY_TMPDIR")
+    assert_no_leftovers("RAY_TMPDIR", os.environ["RAY_TMPDIR"])
 
 
 # ---- deployment -------------------------------------------------------------------------------------
@@ -138,23 +137,16 @@ def test_loopback_deployment(tiny, tmp_path, security):
                        capture_output=True)
     with Loopback(tmp_path / "home", 2, certs=certs, auth=certs is not None).start() as federation:
         if certs is not None:  # a SuperNode whose key was never registered is turned away
-            rogue = ["flower-supernode", "--superlink", f"127.0.0.1:{federation.port}", "--root-certificates",
-                     str(certs / "ca.crt"), "--auth-supernode-private-key", str(certs / "node-2"), "--node-config",
-                     "partition-id=1 num-partitions=2", "--max-wait-time", "5", "--port", "0"]
-            rogue_proc = federation._start("rogue", rogue)
+            rogue = federation.start_node(1, key=certs / "node-2", name="rogue")
         federation.run(ROOT, cfg, tmp_path / "flower", round_timeout=120)
         if certs is not None:
-            assert rogue_proc.wait(timeout=60) != 0
-    assert_no_leftovers_home(tmp_path / "home")
+            assert rogue.poll() is None or rogue.returncode != 0
+            nodes = federation.flwr("supernode", "list", "loopback").stdout
+            assert nodes.count("online") == 2 and "Connection attempt failed" in \
+                (tmp_path / "home" / "logs" / "rogue.log").read_text()
+    assert_no_leftovers("FLWR_HOME", str(tmp_path.resolve() / "home" / "flwr"))
     run(cfg, tmp_path / "inproc")
     assert_same_run(tmp_path / "flower", tmp_path / "inproc")
-
-
-def assert_no_leftovers_home(home: Path) -> None:
-    deadline = time.monotonic() + 20
-    while (left := pids_with_env("FLWR_HOME", str(home.resolve() / "flwr"))) and time.monotonic() < deadline:
-        time.sleep(0.5)
-    assert not left, f"processes left running: {left}"
 
 
 def kill_when_round_starts(federation: Loopback, run_dir: Path, round_: int, node: int) -> threading.Thread:
@@ -184,7 +176,7 @@ def test_killed_supernode_the_round_completes_with_the_rest(tiny, tmp_path):
     assert m["clients"] == [0, 1, 2] and m["missing"] == [2] and set(m["local_accuracy"]) == {"0", "1"}
     assert (out / "global_adapter" / "adapter_model.safetensors").is_file()
     assert "no reply from partition(s) [2]" in (out / "run.log").read_text()
-    assert_no_leftovers_home(tmp_path / "home")
+    assert_no_leftovers("FLWR_HOME", str(tmp_path.resolve() / "home" / "flwr"))
 
 
 def test_too_few_nodes_stops_the_run_and_resume_finishes_it(tiny, tmp_path):
@@ -202,5 +194,19 @@ def test_too_few_nodes_stops_the_run_and_resume_finishes_it(tiny, tmp_path):
         federation.run(ROOT, cfg, out, resume=True, round_timeout=120)
     run(cfg, tmp_path / "inproc")
     assert_same_run(out, tmp_path / "inproc")
-    assert_no_leftovers_home(tmp_path / "home")
-    assert_no_leftovers_home(tmp_path / "home2")
+    assert_no_leftovers("FLWR_HOME", str(tmp_path.resolve() / "home" / "flwr"))
+    assert_no_leftovers("FLWR_HOME", str(tmp_path.resolve() / "home2" / "flwr"))
+
+
+def test_a_node_that_does_not_fit_the_run_is_named(tiny, tmp_path):
+    cfg = RunConfig(**tiny)
+    out = tmp_path / "flower"
+    with Loopback(tmp_path / "home", 2) as federation:
+        federation.start_superlink()
+        federation.start_node(0)
+        federation.start_node(1, node_config="partition-id=1 num-partitions=5")
+        with pytest.raises(FloranaError, match=r"node \d+: partition-id=1 num-partitions=5 does not fit the "
+                                               r"run's num_clients=2"):
+            federation.run(ROOT, cfg, out, round_timeout=60)
+    assert not (out / "checkpoints").exists() or not list((out / "checkpoints").glob("round-*"))
+    assert_no_leftovers("FLWR_HOME", str(tmp_path.resolve() / "home" / "flwr"))

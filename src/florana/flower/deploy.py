@@ -26,6 +26,14 @@ from florana.federation.engine import read_metrics
 BIN = Path(sys.executable).parent
 
 
+def flower_env(flwr_home: Path) -> dict[str, str]:
+    """Environment for Flower's commands: state under `flwr_home`, no dependency installation at run time, and
+    this interpreter's bin folder first on PATH (Flower starts flower-superexec, flwr-serverapp and
+    flwr-clientapp from PATH)."""
+    return {**os.environ, "FLWR_HOME": str(flwr_home), "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}",
+            "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1"}
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -75,10 +83,7 @@ class Loopback:
         (self.home / "logs").mkdir(parents=True, exist_ok=True)
         if self.auth and self.certs is None:
             raise FloranaError("SuperNode authentication needs the keys in a certs folder (scripts/make_certs.sh)")
-        # Flower starts its helpers (flower-superexec, flwr-serverapp, flwr-clientapp) from PATH
-        self.env = {**os.environ, "FLWR_HOME": str(self.home / "flwr"),
-                    "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}",
-                    "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1"}
+        self.env = flower_env(self.home / "flwr")
 
     def __enter__(self) -> Loopback:
         return self
@@ -110,13 +115,16 @@ class Loopback:
             for i in range(self.nodes):
                 self.flwr("supernode", "register", str(self.certs / f"node-{i}.pub"), "loopback")
 
-    def start_node(self, i: int) -> None:
+    def start_node(self, i: int, *, node_config: str | None = None, key: Path | None = None,
+                   name: str | None = None) -> subprocess.Popen:
+        """SuperNode i holding partition i (or `node_config`), authenticated with node-<i> (or `key`)."""
         args = ["flower-supernode", "--superlink", f"127.0.0.1:{self.port}", "--port", str(free_port()),
-                "--node-config", f"partition-id={i} num-partitions={self.nodes}", "--max-wait-time", "60"]
+                "--node-config", node_config or f"partition-id={i} num-partitions={self.nodes}",
+                "--max-wait-time", "60"]
         args += ["--root-certificates", str(self.certs / "ca.crt")] if self.certs else ["--insecure"]
-        if self.auth:
-            args += ["--auth-supernode-private-key", str(self.certs / f"node-{i}")]
-        self._start(f"supernode-{i}", args)
+        if self.auth or key is not None:
+            args += ["--auth-supernode-private-key", str(key or self.certs / f"node-{i}")]
+        return self._start(name or f"supernode-{i}", args)
 
     def start(self) -> Loopback:
         self.start_superlink()

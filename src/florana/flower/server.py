@@ -40,28 +40,38 @@ class FloranaStrategy(FedAvg):
         self.min_nodes, self.node_wait = min_nodes, node_wait
         self.config_text = config_to_text(fed.config)
         self.nodes: dict[int, int] = {}  # partition-id → node id
+        self.ignored: set[int] = set()  # node ids that do not fit the run
         self.pending: dict = {}
 
     # ---- nodes --------------------------------------------------------------------------------------
-    def discover(self, grid: Grid, timeout: float) -> None:
-        """Ask every node not yet known which partition it holds (a query message)."""
-        unknown = [n for n in grid.get_node_ids() if n not in self.nodes.values()]
+    def discover(self, grid: Grid, timeout: float, strict: bool) -> None:
+        """Ask every node not yet known which partition it holds (a query message). A node that does not fit
+        the run is an error before the first round (strict) and is ignored, with a warning, once rounds run."""
+        unknown = [n for n in grid.get_node_ids() if n not in self.nodes.values() and n not in self.ignored]
         if not unknown:
             return
         replies = grid.send_and_receive([Message(RecordDict(), message_type=MessageType.QUERY, dst_node_id=n)
                                          for n in unknown], timeout=timeout)
+        self.ignored.update(unknown)  # until it says which partition it holds
         for reply in replies:
             node = reply.metadata.src_node_id
             if reply.has_error():
-                log.warning("node %d did not say which partition it holds: %s", node, reply.error.reason)
+                log.warning("node %d did not say which partition it holds, ignored: %s", node, reply.error.reason)
                 continue
             m = reply.content["metrics"]
             u, n = int(m["partition-id"]), int(m["num-partitions"])
+            problem = None
             if n != self.fed.config.num_clients or not 0 <= u < n:
-                raise FloranaError(f"node {node}: partition-id={u} num-partitions={n} does not fit the run's "
-                                   f"num_clients={self.fed.config.num_clients}")
-            if u in self.nodes and self.nodes[u] in grid.get_node_ids() and self.nodes[u] != node:
-                raise FloranaError(f"nodes {self.nodes[u]} and {node} both claim partition-id={u}")
+                problem = (f"node {node}: partition-id={u} num-partitions={n} does not fit the run's "
+                           f"num_clients={self.fed.config.num_clients}")
+            elif u in self.nodes and self.nodes[u] in grid.get_node_ids():
+                problem = f"nodes {self.nodes[u]} and {node} both claim partition-id={u}"
+            if problem and strict:
+                raise FloranaError(problem)
+            if problem:
+                log.warning("%s; node %d ignored", problem, node)
+                continue
+            self.ignored.discard(node)
             self.nodes[u] = node
 
     def wait_for_nodes(self, grid: Grid) -> None:
@@ -69,7 +79,7 @@ class FloranaStrategy(FedAvg):
         wanted, deadline = self.fed.config.num_clients, time.monotonic() + self.node_wait
         while len(list(grid.get_node_ids())) < wanted and time.monotonic() < deadline:
             time.sleep(0.5)
-        self.discover(grid, timeout=self.node_wait)
+        self.discover(grid, timeout=self.node_wait, strict=True)
         if len(self.nodes) < min(self.min_nodes, wanted):
             raise FloranaError(f"only {len(self.nodes)} node(s) connected within {self.node_wait:.0f}s "
                                f"(min-nodes={self.min_nodes}, num_clients={wanted})")
@@ -81,7 +91,7 @@ class FloranaStrategy(FedAvg):
         round_ = server_round + self.first_round - 1
         t0, fed = time.perf_counter(), self.fed
         sampled, empty = fed.sample(round_)
-        self.discover(grid, timeout=60.0)
+        self.discover(grid, timeout=60.0, strict=False)
         online = set(grid.get_node_ids())
         reachable = [u for u in sampled if self.nodes.get(u) in online]
         base = fed.base_weights()
@@ -124,11 +134,10 @@ class FloranaStrategy(FedAvg):
         if metrics["missing"]:
             log.warning("round %d: no reply from partition(s) %s", round_, metrics["missing"])
         if len(results) < min(self.min_nodes, len(metrics["clients"])):
-            message = (f"round {round_}: {len(results)} of {len(metrics['clients'])} sampled node(s) replied, fewer "
-                       f"than min-nodes={self.min_nodes} (missing partitions {metrics['missing']}); the run stops "
-                       f"here and resumes after round {round_ - 1} with resume=true")
-            log.error(message)
-            raise FloranaError(message)
+            raise FloranaError(
+                f"round {round_}: {len(results)} of {len(metrics['clients'])} sampled node(s) replied, fewer than "
+                f"min-nodes={self.min_nodes} (missing partitions {metrics['missing']}); the run stops here and "
+                f"resumes after round {round_ - 1} with resume=true")
         metrics = fed.close_round(metrics, results, pending["t0"])
         metrics["flower_bytes_down"], metrics["flower_bytes_up"] = pending["down"], up
         record_round(fed, self.run_dir, metrics)
@@ -145,12 +154,16 @@ def serve(grid: Grid, config: RunConfig | None, run_dir: Path, *, resume: bool =
     fed, start = open_run(config, run_dir, resume=resume)
     check_runtime(fed.config)
     log.info("run folder %s, rounds %d..%d", run_dir, start, fed.config.rounds)
-    if start <= fed.config.rounds:
-        strategy = FloranaStrategy(fed, run_dir, first_round=start, min_nodes=min_nodes, node_wait=node_wait)
-        strategy.wait_for_nodes(grid)
-        strategy.start(grid, to_record(fed.global_tensors), num_rounds=fed.config.rounds - start + 1,
-                       timeout=round_timeout)
-    close_run(fed, run_dir)
+    try:
+        if start <= fed.config.rounds:
+            strategy = FloranaStrategy(fed, run_dir, first_round=start, min_nodes=min_nodes, node_wait=node_wait)
+            strategy.wait_for_nodes(grid)
+            strategy.start(grid, to_record(fed.global_tensors), num_rounds=fed.config.rounds - start + 1,
+                           timeout=round_timeout)
+        close_run(fed, run_dir)
+    except FloranaError as e:  # the run log says why the run stopped, wherever the ServerApp ran
+        log.error("%s", e)
+        raise
 
 
 def server_app(config: RunConfig | None, run_dir: Path, **options) -> ServerApp:
