@@ -15,11 +15,11 @@ import tomli_w
 import torch
 from safetensors.torch import load_file
 
-from florana.config import FIELDS, RunConfig, asdict_for_flower, default_of
+from florana.config import FIELDS, RunConfig, default_of
 from florana.errors import FloranaError
 from florana.federation.engine import read_metrics, run
 from florana.flower.deploy import Loopback, flower_env, pids_with_env
-from florana.flower.wire import RUNTIME_KEYS, from_record, split_run_config, to_record
+from florana.flower.wire import RUNTIME_KEYS, flower_run_config, from_record, split_run_config, to_record
 from tiny import sentiment_csv, tiny_bert
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -78,7 +78,7 @@ def test_run_config_keys():
 
 def test_pyproject_declares_every_config_key_with_its_default():
     declared = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["flwr"]["app"]["config"]
-    assert declared == {**asdict_for_flower(RunConfig()), **RUNTIME_KEYS}
+    assert declared == {**flower_run_config(RunConfig()), **RUNTIME_KEYS}
     assert set(FIELDS) <= set(declared) and default_of("target_modules") == ["query", "value"]
 
 
@@ -112,7 +112,7 @@ def test_flwr_run_dot(tiny, tmp_path):
     env = flower_env(home)
     cfg = RunConfig(**tiny, method="florana")
     overrides = tmp_path / "run-config.toml"
-    overrides.write_text(tomli_w.dumps({**asdict_for_flower(cfg), "run-dir": str(tmp_path / "flower")}))
+    overrides.write_text(tomli_w.dumps({**flower_run_config(cfg), "run-dir": str(tmp_path / "flower")}))
     try:
         done = subprocess.run([str(Path(sys.executable).parent / "flwr"), "run", ".", "--stream",
                                "--federation-config", "num-supernodes=2", "--run-config", str(overrides)],

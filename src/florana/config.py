@@ -92,11 +92,6 @@ class RunConfig:
 FIELDS = {f.name: f for f in fields(RunConfig)}
 
 
-def asdict_for_flower(config: RunConfig) -> dict:
-    """The config as Flower run-config values, which are scalars: lists become comma-separated strings."""
-    return {k: ",".join(v) if isinstance(v, list) else v for k, v in asdict(config).items()}
-
-
 def default_of(key: str):
     f = FIELDS[key]
     return f.default if f.default is not MISSING else f.default_factory()

@@ -247,6 +247,7 @@ class Federation:
         return self.close_round(metrics, results, t0)
 
     def open_round(self, round_: int, sampled: list[int], empty: list[int]) -> dict:
+        """A round's metrics record as it starts: who was sampled, who had no data."""
         return {"round": round_, "method": self.config.method, "seed": self.config.seed, "alpha": self.config.alpha,
                 "clients": sampled, "skipped_empty": empty, "missing": [], "rejected": []}
 
@@ -271,8 +272,7 @@ class Federation:
             self.aggregate(updates, labels, weights, metrics)
         elif self.method is not None:
             log.warning("round %d: every update was rejected; the global model is unchanged", round_)
-        if losses or "train_loss" not in metrics:
-            metrics["train_loss"] = float(np.mean(losses)) if losses else None
+        metrics.setdefault("train_loss", float(np.mean(losses)) if losses else None)  # centralized sets its own
         metrics["local_accuracy"] = {str(u): a for u, a in local_acc.items()}
         valid = [a for a in local_acc.values() if a is not None]
         metrics["local_accuracy_mean"] = float(np.mean(valid)) if valid else None

@@ -14,7 +14,7 @@ from flwr.clientapp import ClientApp
 
 from florana.errors import FloranaError
 from florana.federation.engine import Federation
-from florana.flower.wire import config_from_text, from_record, to_record
+from florana.flower.wire import config_from_text, from_record, partition_problem, to_record
 
 log = logging.getLogger("florana")
 
@@ -27,6 +27,7 @@ _worker: dict[str, Federation] = {}
 
 
 def worker(config_text: str) -> Federation:
+    """This process's Federation for the run config the server sent (a Ray worker serves many nodes and rounds)."""
     if config_text not in _worker:
         _worker.clear()
         _worker[config_text] = Federation(config_from_text(config_text, "server message"))
@@ -53,12 +54,12 @@ def hello(msg: Message, context: Context) -> Message:
 
 @app.train()
 def train(msg: Message, context: Context) -> Message:
+    """Train this node's partition from the server's global adapter (and base), reply with the update."""
     fed = worker(str(msg.content["config"]["toml"]))
     round_ = int(msg.content["config"]["round"])
     u, n = partition_of(context)
-    if n != fed.config.num_clients or not 0 <= u < n:
-        raise FloranaError(f"node {context.node_id}: partition-id={u} num-partitions={n} does not fit the run's "
-                           f"num_clients={fed.config.num_clients}")
+    if problem := partition_problem(context.node_id, u, n, fed.config.num_clients):
+        raise FloranaError(problem)
     fed.global_tensors = from_record(msg.content["global"], fed.initial, "server message")
     base = msg.content.array_records.get("base")
     fed.set_base_weights({} if base is None else from_record(base, fed.original_base, "server message"))

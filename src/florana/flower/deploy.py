@@ -19,9 +19,10 @@ from pathlib import Path
 
 import tomli_w
 
-from florana.config import RunConfig, asdict_for_flower, load_config
+from florana.config import RunConfig, load_config
 from florana.errors import FloranaError
 from florana.federation.engine import read_metrics
+from florana.flower.wire import flower_run_config
 
 BIN = Path(sys.executable).parent
 
@@ -151,7 +152,7 @@ class Loopback:
     def run(self, app_dir: Path, config: RunConfig, run_dir: Path, timeout: float = 1800, **runtime) -> Path:
         """`flwr run APP loopback --stream` with `config` and the runtime keys (min-nodes, round-timeout, ...) as
         its run config; returns the run folder once the ServerApp has finished."""
-        values = {**asdict_for_flower(config), "run-dir": str(Path(run_dir).resolve()),
+        values = {**flower_run_config(config), "run-dir": str(Path(run_dir).resolve()),
                   **{k.replace("_", "-"): v for k, v in runtime.items()}}
         run_config = self.home / "run-config.toml"
         run_config.write_text(tomli_w.dumps(values))

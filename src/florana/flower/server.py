@@ -20,7 +20,7 @@ from florana.config import RunConfig
 from florana.errors import FloranaError
 from florana.federation.engine import Federation, LocalResult, close_run, open_run, record_round
 from florana.federation.methods import BOUNDS
-from florana.flower.wire import config_to_text, from_record, record_bytes, split_run_config, to_record
+from florana.flower.wire import from_record, partition_problem, record_bytes, split_run_config, to_record
 
 log = logging.getLogger("florana")
 
@@ -38,7 +38,7 @@ class FloranaStrategy(FedAvg):
         super().__init__(fraction_train=1.0, fraction_evaluate=0.0, min_train_nodes=1, min_available_nodes=1)
         self.fed, self.run_dir, self.first_round = fed, run_dir, first_round
         self.min_nodes, self.node_wait = min_nodes, node_wait
-        self.config_text = config_to_text(fed.config)
+        self.config_text = fed.config.to_toml()
         self.nodes: dict[int, int] = {}  # partition-id → node id
         self.ignored: set[int] = set()  # node ids that do not fit the run
         self.pending: dict = {}
@@ -60,11 +60,8 @@ class FloranaStrategy(FedAvg):
                 continue
             m = reply.content["metrics"]
             u, n = int(m["partition-id"]), int(m["num-partitions"])
-            problem = None
-            if n != self.fed.config.num_clients or not 0 <= u < n:
-                problem = (f"node {node}: partition-id={u} num-partitions={n} does not fit the run's "
-                           f"num_clients={self.fed.config.num_clients}")
-            elif u in self.nodes and self.nodes[u] in grid.get_node_ids():
+            problem = partition_problem(node, u, n, self.fed.config.num_clients)
+            if problem is None and u in self.nodes and self.nodes[u] in grid.get_node_ids():
                 problem = f"nodes {self.nodes[u]} and {node} both claim partition-id={u}"
             if problem and strict:
                 raise FloranaError(problem)

@@ -6,6 +6,7 @@ Pure conversions with checks; both the ServerApp and the ClientApp use them, so 
 from __future__ import annotations
 
 import tomllib
+from dataclasses import asdict
 
 import torch
 from flwr.app import Array, ArrayRecord
@@ -51,15 +52,24 @@ def record_bytes(record: ArrayRecord) -> int:
     return sum(len(a.data) for a in record.values())
 
 
-def config_to_text(config: RunConfig) -> str:
-    return config.to_toml()
-
-
 def config_from_text(text: str, source: str) -> RunConfig:
     try:
         return config_from_dict(tomllib.loads(text), source)
     except tomllib.TOMLDecodeError as e:
         raise FloranaError(f"{source}: the run config is not valid TOML ({e})") from None
+
+
+def partition_problem(node: int, partition_id: int, num_partitions: int, num_clients: int) -> str | None:
+    """Why a node's partition does not fit the run, or None when it does."""
+    if num_partitions != num_clients or not 0 <= partition_id < num_partitions:
+        return (f"node {node}: partition-id={partition_id} num-partitions={num_partitions} does not fit the run's "
+                f"num_clients={num_clients}")
+    return None
+
+
+def flower_run_config(config: RunConfig) -> dict:
+    """The config as Flower run-config values, which are scalars: lists become comma-separated strings."""
+    return {k: ",".join(v) if isinstance(v, list) else v for k, v in asdict(config).items()}
 
 
 def split_run_config(run_config: dict) -> tuple[RunConfig, dict]:
