@@ -210,3 +210,25 @@ def test_a_node_that_does_not_fit_the_run_is_named(tiny, tmp_path):
             federation.run(ROOT, cfg, out, round_timeout=60)
     assert not (out / "checkpoints").exists() or not list((out / "checkpoints").glob("round-*"))
     assert_no_leftovers("FLWR_HOME", str(tmp_path.resolve() / "home" / "flwr"))
+
+
+def test_simulation_resumes_a_run_from_its_checkpoint(tiny, tmp_path):
+    """`florana run --runtime flower --resume RUN` continues from the last checkpoint, here one written by the
+    in-process engine after round 1 of 2, and ends where an uninterrupted run ends."""
+    cfg = RunConfig(**tiny, method="svd")
+    out = tmp_path / "flower"
+    run(RunConfig(**{**tiny, "rounds": 1}, method="svd"), out)
+    (out / "config.toml").write_text(cfg.to_toml())  # the same run, stopped after round 1 of 2
+    done = subprocess.run([sys.executable, "-m", "florana", "run", "--runtime", "flower", "--resume", str(out)],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
+    assert "resuming" in (out / "run.log").read_text()
+    run(cfg, tmp_path / "inproc")
+    history = read_metrics(out)
+    assert [m["round"] for m in history] == [1, 2] and "flower_bytes_up" in history[1]
+    for name in ("global_adapter/adapter_model.safetensors",):
+        a, b = load_file(out / name), load_file(tmp_path / "inproc" / name)
+        assert all(torch.equal(a[k], b[k]) for k in a)
+    strip = lambda h: [{k: v for k, v in m.items() if k not in FLOWER_ONLY} for m in h]  # noqa: E731
+    assert strip(history) == strip(read_metrics(tmp_path / "inproc"))
+    assert_no_leftovers("RAY_TMPDIR", os.environ["RAY_TMPDIR"])

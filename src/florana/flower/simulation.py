@@ -41,6 +41,7 @@ def run(config: RunConfig | None, run_dir: Path, *, resume: bool = False, min_no
                "init_args": {"num_cpus": cpus, "num_gpus": 0, "logging_level": "ERROR", "log_to_driver": True,
                              "include_dashboard": False}}
     logging.getLogger("flwr").setLevel(logging.WARNING)
+    os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")  # CPU only: silences Ray's FutureWarning
     try:
         run_simulation(server_app(None if resume else config, run_dir, resume=resume, min_nodes=min_nodes,
                                   round_timeout=round_timeout, node_wait=60.0),
