@@ -91,17 +91,14 @@ class FloranaStrategy(FedAvg):
         self.discover(grid, timeout=60.0, strict=False)
         online = set(grid.get_node_ids())
         reachable = [u for u in sampled if self.nodes.get(u) in online]
-        base = fed.base_weights()
-        messages, down = [], 0
-        for u in reachable:
-            content = RecordDict({"config": ConfigRecord({"toml": self.config_text, "round": round_}),
-                                  "global": to_record(fed.global_tensors)})
-            if base:
-                content["base"] = to_record(base)
-            down += sum(record_bytes(r) for r in content.array_records.values())
-            messages.append(Message(content, message_type=MessageType.TRAIN, dst_node_id=self.nodes[u]))
-        self.pending = {"metrics": fed.open_round(round_, sampled, empty), "t0": t0, "sent": reachable,
-                        "down": down}
+        # every node gets the same payload (FedAvg does the same): serialised once
+        content = RecordDict({"config": ConfigRecord({"toml": self.config_text, "round": round_}),
+                              "global": to_record(fed.global_tensors)})
+        if base := fed.base_weights():
+            content["base"] = to_record(base)
+        messages = [Message(content, message_type=MessageType.TRAIN, dst_node_id=self.nodes[u]) for u in reachable]
+        down = len(reachable) * sum(record_bytes(r) for r in content.array_records.values())
+        self.pending = {"metrics": fed.open_round(round_, sampled, empty), "t0": t0, "down": down}
         log.info("round %d: %d partition(s) sampled, %d sent to nodes", round_, len(sampled), len(reachable))
         return messages
 
