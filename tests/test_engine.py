@@ -167,6 +167,23 @@ def test_non_finite_factors_are_rejected(assets, tmp_path, monkeypatch):
     assert all(math.isfinite(m["relative_error"]) for m in history)
 
 
+def test_the_server_rejects_non_finite_updates_whoever_sent_them(assets, tmp_path, monkeypatch):
+    """A remote client may skip its own check (or lie): close_round checks every update again."""
+    real = engine.Federation.local_update
+
+    def unchecked(self, u, start, round_):
+        result = real(self, u, start, round_)
+        if u == 2:
+            key = next(k for k in result.tensors if ".lora_A." in k)
+            result.tensors[key][0, 0] = float("nan")
+        return result
+
+    monkeypatch.setattr(engine.Federation, "local_update", unchecked)
+    history = run(tiny_config(assets, method="florana"), tmp_path / "run").history
+    assert all(m["rejected"] == [2] and "2" not in m["local_accuracy"] for m in history)
+    assert all(math.isfinite(m["relative_error"]) for m in history)
+
+
 def test_client_without_data_is_skipped_and_counted(assets, tmp_path):
     # a Dirichlet α this small hands (nearly) all of a class to one client, leaving others empty
     cfg = tiny_config(assets, partition="dirichlet", alpha=0.01, num_clients=6, seed=3)

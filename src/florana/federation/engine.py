@@ -64,6 +64,11 @@ class Client:
     size: int
 
 
+def usable(loss: float, tensors: dict[str, Tensor]) -> bool:
+    """An update may be aggregated only if its loss and every factor are finite."""
+    return math.isfinite(loss) and not any(has_non_finite(t) for t in tensors.values())
+
+
 @dataclass
 class LocalResult:
     """What a client hands back after training: its adapter tensors (None when rejected as non-finite), its mean
@@ -213,7 +218,7 @@ class Federation:
         client = self.data.clients[u]
         loss, tensors = self.train_client(start, client.train, self.config.local_steps,
                                           derive_seed(self.config.seed, 6, round_, u))
-        if not math.isfinite(loss) or any(has_non_finite(t) for t in tensors.values()):
+        if not usable(loss, tensors):
             return LocalResult(loss, None, None, client.size)
         accuracy = self.task.evaluate(self.model, client.test, self.config.eval_batch_size)["accuracy"]
         return LocalResult(loss, tensors, accuracy, client.size)
@@ -257,7 +262,7 @@ class Federation:
         cfg, round_ = self.config, metrics["round"]
         updates, labels, weights, losses, local_acc = [], [], [], [], {}
         for u, res in sorted(results.items()):
-            if res.tensors is None:
+            if res.tensors is None or not usable(res.loss, res.tensors):  # a remote client's word is not enough
                 log.warning("round %d: client %d's update rejected (loss %s or non-finite factors)",
                             round_, u, res.loss)
                 metrics["rejected"].append(u)

@@ -115,15 +115,21 @@ class FloranaStrategy(FedAvg):
                 log.warning("round %d: node %s (partition %s) failed: %s", round_, node, u,
                             reply.error.reason if reply.has_error() else "unknown node")
                 continue
-            m = reply.content["metrics"]
             update = reply.content.array_records.get("update")
+            up += 0 if update is None else record_bytes(update)
+            try:
+                m = reply.content.metric_records["metrics"]
+                loss, size, accuracy = float(m["loss"]), int(m["num-examples"]), m.get("local-accuracy")
+            except (KeyError, TypeError, ValueError) as e:
+                log.warning("round %d: node %d (partition %d) sent no usable metrics (%s); reply ignored",
+                            round_, node, u, e)
+                continue
             try:
                 tensors = None if update is None else from_record(update, fed.initial, f"node {node} (partition {u})")
             except FloranaError as e:
                 log.warning("round %d: %s; update rejected", round_, e)
                 tensors = None
-            up += 0 if update is None else record_bytes(update)
-            results[u] = LocalResult(float(m["loss"]), tensors, m.get("local-accuracy"), int(m["num-examples"]))
+            results[u] = LocalResult(loss, tensors, accuracy, size)
         metrics["missing"] = sorted(set(metrics["clients"]) - set(results))
         if metrics["missing"]:
             log.warning("round %d: no reply from partition(s) %s", round_, metrics["missing"])
