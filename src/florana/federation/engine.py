@@ -347,14 +347,19 @@ class RunResult:
     history: list[dict] = field(default_factory=list)
 
 
+def resumed_config(run_dir: Path) -> RunConfig:
+    """The config of the run to resume in run_dir."""
+    if not (Path(run_dir) / "config.toml").is_file():
+        raise FloranaError(f"{run_dir}: nothing to resume (no config.toml)")
+    return load_config(Path(run_dir) / "config.toml")
+
+
 def open_run(config: RunConfig | None, run_dir: Path, *, resume: bool = False, progress=None) -> tuple[Federation, int]:
     """Set up run_dir (config.toml, partition.json, run.log) and the federation, restored from the last checkpoint
     when resuming; returns it with the first round still to run. Both runtimes start here."""
     run_dir = Path(run_dir)
     if resume:
-        if not (run_dir / "config.toml").is_file():
-            raise FloranaError(f"{run_dir}: nothing to resume (no config.toml)")
-        config = load_config(run_dir / "config.toml")
+        config = resumed_config(run_dir)
     elif (run_dir / "checkpoints").exists() or (run_dir / "metrics.jsonl").exists():
         raise FloranaError(f"{run_dir}: already holds a run; use --resume to continue it or choose another --out")
     run_dir.mkdir(parents=True, exist_ok=True)

@@ -11,9 +11,9 @@ import os
 import tempfile
 from pathlib import Path
 
-from florana.config import RunConfig, load_config
+from florana.config import RunConfig
 from florana.errors import FloranaError
-from florana.federation.engine import RunResult, read_metrics
+from florana.federation.engine import RunResult, read_metrics, resumed_config
 from florana.flower.server import check_runtime, server_app
 
 RAY_TMPDIR_MAX = 36
@@ -27,10 +27,8 @@ def run(config: RunConfig | None, run_dir: Path, *, resume: bool = False, min_no
     from florana.flower.client import app as client_app
 
     run_dir = Path(run_dir).resolve()
-    if resume:
-        if not (run_dir / "config.toml").is_file():
-            raise FloranaError(f"{run_dir}: nothing to resume (no config.toml)")
-        config = load_config(run_dir / "config.toml")
+    if resume:  # needed before Ray starts: it sizes the federation
+        config = resumed_config(run_dir)
     check_runtime(config)
     ray_tmp = os.environ.get("RAY_TMPDIR", tempfile.gettempdir())
     if len(ray_tmp) > RAY_TMPDIR_MAX:
