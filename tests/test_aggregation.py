@@ -102,7 +102,8 @@ def test_florana_never_worse_than_fedit_and_stationary(kind):
         assert m["relative_error"] <= fedit.modules[name]["relative_error"] + 1e-9
         assert sum(m["P"]) == pytest.approx(1.0)  # gauge
     assert ours.relative_error < fedit.relative_error  # strictly better on drifted clients
-    assert ours.fedit_error == pytest.approx(fedit.relative_error, rel=1e-12)
+    # fedit_error is FedIT's exact-arithmetic error; fedit's report measures its float32 outputs: equal to rounding
+    assert ours.fedit_error == pytest.approx(fedit.relative_error, rel=1e-6)
     # stationarity of the returned P, Q, checked with an independent dense loss and autograd
     name = next(iter(clients[0].modules))
     P = torch.tensor(ours.modules[name]["P"], dtype=torch.float64, requires_grad=True)
@@ -126,7 +127,8 @@ def test_client_order_does_not_matter(method):
     order = [2, 0, 3, 1]
     a = aggregate_adapters(clients, method, weights=w)
     b = aggregate_adapters([clients[i] for i in order], method, weights=[w[i] for i in order])
-    assert a.report.relative_error == pytest.approx(b.report.relative_error, abs=1e-9)
+    # the error is measured on float32 outputs, whose rounding depends on the summation order
+    assert a.report.relative_error == pytest.approx(b.report.relative_error, abs=1e-7)
     for name in clients[0].modules:
         torch.testing.assert_close(applied_update(a, name), applied_update(b, name), atol=1e-4, rtol=1e-4)
 
@@ -204,6 +206,22 @@ def test_bfloat16_clients_keep_their_dtype():
     result = aggregate_adapters(clients, "florana")
     assert all(m.A.dtype == torch.bfloat16 for m in result.adapter.modules.values())
     assert result.report.bytes_up_per_client[0] == 2 * result.report.values_up_per_client[0]
+
+
+@pytest.mark.parametrize("method", ["ffa", "flora", "fedex", "florana", "svd"])
+def test_bfloat16_outputs_report_the_error_they_really_have(method):
+    """The report measures the factors as output (rounded to bf16), and fedex's residual is kept in float32, so
+    the exact methods are exact only where their outputs are: the report says which."""
+    clients = make_clients(kind="shared" if method == "ffa" else "lora", seed=8, dtype=torch.bfloat16)
+    w = [0.1, 0.2, 0.3, 0.4]
+    result = aggregate_adapters(clients, method, weights=w)
+    err, _ = dense_error(result, clients, w)  # densely, from the bf16 outputs themselves
+    assert result.report.relative_error == pytest.approx(err, rel=1e-3, abs=1e-7)
+    if method in ("ffa", "flora"):
+        assert err > 1e-4  # bf16 factors are not exact, whatever the method promises in exact arithmetic
+    if method == "fedex":
+        assert all(t.dtype == torch.float32 for t in result.base_update.values())
+        assert err < 1e-6
 
 
 @pytest.mark.parametrize("weights, message", [

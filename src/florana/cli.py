@@ -55,7 +55,7 @@ def aggregate(
         with atomic_directory(out) as tmp:
             write_adapter_files(result.adapter, tmp)
             if result.base_update:
-                save_base_update(result.base_update, tmp / BASE_UPDATE_FILE)
+                save_base_update(result.base_update, result.adapter, tmp / BASE_UPDATE_FILE)
         summary = result.report.to_json()
         if report is not None:
             report.parent.mkdir(parents=True, exist_ok=True)

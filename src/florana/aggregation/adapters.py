@@ -15,7 +15,7 @@ from florana.aggregation.base import Method, client_weights, weighted_mean_coeff
 from florana.aggregation.factors import ClientFactors
 from florana.aggregation.registry import get_method
 from florana.errors import FloranaError
-from florana.lora.adapter import LoraAdapter, LoraModule, base_layout, has_non_finite, with_ranks
+from florana.lora.adapter import LoraAdapter, LoraModule, has_non_finite, with_ranks
 
 
 # Modules of one shape are batched, as many at a time as keep each (modules, R, R) float64 matrix of the
@@ -52,8 +52,8 @@ class Report:
 
 @dataclass
 class Aggregation:
-    """The global adapter, the dense base-weight updates some methods need (fedex; keyed by module path,
-    in the base weight's own layout), and the report."""
+    """The global adapter, the dense base-weight updates some methods need (fedex; keyed by module name, as d×k
+    matrices like ΔW, float32 at least so that small updates survive), and the report."""
 
     adapter: LoraAdapter
     base_update: dict[str, Tensor]
@@ -139,36 +139,34 @@ def aggregate_adapters(adapters: Sequence[LoraAdapter], method: str | Method,
         scale = scales[0]
         r_out = method.out_rank(ranks)
         est = method.estimate(clients, scale)
+        # the factors as output, rounded to the clients' dtype: the error reported is the error of these
         B_hat = (clients.B @ est.coef_B.to(work)).to(dtype)
         A_hat = (est.coef_A.to(work) @ clients.A).to(dtype)
-        e_sq = clients.error_sq(est.coef_B, est.coef_A, scale)
+        lowrank_sq = clients.output_error_sq(B_hat, A_hat, scale)
         t_sq = clients.target_norm_sq
         f_sq = clients.floor_sq(max(ranks))
         equal_ranks = equal_ranks and len(set(ranks)) == 1
         if equal_ranks:
             fedit_sq += clients.error_sq(*weighted_mean_coefficients(clients, scale, ranks[0]), scale).sum().item()
-        if est.dense_residual:
-            N = clients.residual_coefficients(est.coef_B, est.coef_A, scale)
-            residual = (clients.B @ N.to(work)) @ clients.A
+        e_sq = lowrank_sq.clone()
         for i, name in enumerate(names):
             out_modules[name] = LoraModule(A=A_hat[i].contiguous(), B=B_hat[i].contiguous(),
                                            embedding=ref.modules[name].embedding)
             out_ranks[name], out_scales[name] = r_out, scale
-            lowrank = _relative(e_sq[i].item(), t_sq[i].item())
+            if est.dense_residual:
+                base_update[name], e_sq[i] = dense_residual(clients, i, B_hat[i], A_hat[i], scale, work)
             module_reports[name] = {
-                "relative_error": 0.0 if est.dense_residual else lowrank,
+                "relative_error": _relative(e_sq[i].item(), t_sq[i].item()),
                 "error_floor": _relative(f_sq[i].item(), t_sq[i].item()),
             }
             if est.dense_residual:
-                module_reports[name]["lowrank_error"] = lowrank
-                base_update[name] = base_layout(residual[i], out_modules[name], ref.config).to(dtype).contiguous()
+                module_reports[name]["lowrank_error"] = _relative(lowrank_sq[i].item(), t_sq[i].item())
             for key, value in est.info.items():
                 if isinstance(value, Tensor):
                     module_reports[name][key] = value[i].tolist()
                 else:
                     module_reports[name][key] = value
-        if not est.dense_residual:
-            err_sq += e_sq.sum().item()
+        err_sq += e_sq.sum().item()
         target_sq += t_sq.sum().item()
         floor_sq += f_sq.sum().item()
         for u, r in enumerate(ranks):
@@ -200,6 +198,17 @@ def aggregate_adapters(adapters: Sequence[LoraAdapter], method: str | Method,
         bytes_up_per_client=wire.bytes_up, bytes_down_per_client=wire.bytes_down,
     )
     return Aggregation(LoraAdapter(config=config, modules=out_modules, extra=extra), base_update, report)
+
+
+def dense_residual(clients: ClientFactors, i: int, B_hat: Tensor, A_hat: Tensor, scale: float,
+                   dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    """FedEx's residual ΔW* − scale·B̂Â of module i (d×k), against the factors as output, computed in float64 and
+    kept in `dtype` (float32 at least); with the error of what is kept, ‖ΔW* − scale·B̂Â − residual‖_F²."""
+    X = torch.cat([clients.B[i].double() * clients.column_weights, -scale * B_hat.double()], dim=1)
+    Y = torch.cat([clients.A[i].double(), A_hat.double()], dim=0)
+    exact = X @ Y
+    kept = exact.to(dtype)
+    return kept, (exact - kept.double()).pow(2).sum()
 
 
 class _Ledger:

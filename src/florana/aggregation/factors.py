@@ -102,6 +102,15 @@ class ClientFactors:
         """‖ΔW* − scale·(B·coef_B)(coef_A·A)‖_F² per module, exactly, from the Grams."""
         return linalg.quad_norm_sq(self.gram_B, self.residual_coefficients(coef_B, coef_A, scale), self.gram_A)
 
+    def output_error_sq(self, B_hat: Tensor, A_hat: Tensor, scale: float) -> Tensor:
+        """‖ΔW* − scale·B̂Â‖_F² per module for factors as they were output (rounded to their dtype), from Grams:
+        ‖ΔW*‖² − 2·scale·⟨BDA, B̂Â⟩ + scale²·‖B̂Â‖², where ⟨BDA, B̂Â⟩ = Σ_i D_i Σ_j (BᵀB̂)_ij (AÂᵀ)_ij."""
+        cross_B = linalg.cross_gram(self.B, B_hat, rows=False)
+        cross_A = linalg.cross_gram(self.A, A_hat, rows=True)
+        inner = ((cross_B * cross_A).sum(-1) * self.column_weights).sum(-1)
+        norm_sq = (linalg.gram(B_hat, rows=False) * linalg.gram(A_hat, rows=True)).sum(dim=(-2, -1))
+        return (self.target_norm_sq - 2 * scale * inner + scale**2 * norm_sq).clamp_min(0)
+
     def floor_sq(self, rank: int) -> Tensor:
         """Squared error of the best rank-`rank` approximation of ΔW* (Eckart–Young), per module."""
         return self.singular_values_sq[..., rank:].sum(-1)

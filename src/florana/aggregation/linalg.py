@@ -14,17 +14,24 @@ from torch import Tensor
 GRAM_CHUNK_ELEMENTS = 1 << 21
 
 
-def gram(X: Tensor, *, rows: bool) -> Tensor:
-    """float64 Gram of a batch (M, n, p): XᵀX (p×p) when rows is False, X Xᵀ (n×n) when rows is True."""
+def cross_gram(X: Tensor, Y: Tensor, *, rows: bool) -> Tensor:
+    """float64 cross Gram of two batches (M, n, p), (M, n', p'): XᵀY (p×p') when rows is False, X Yᵀ (n×n') when
+    rows is True, converted to float64 a chunk of modules at a time."""
     M = X.shape[0]
-    per_module = X.shape[1] * X.shape[2]
+    per_module = X.shape[1] * X.shape[2] + Y.shape[1] * Y.shape[2]
     step = max(1, GRAM_CHUNK_ELEMENTS // max(per_module, 1))
-    size = X.shape[1] if rows else X.shape[2]
-    out = torch.empty(M, size, size, dtype=torch.float64)
+    shape = (X.shape[1], Y.shape[1]) if rows else (X.shape[2], Y.shape[2])
+    out = torch.empty(M, *shape, dtype=torch.float64)
     for i in range(0, M, step):
         x = X[i : i + step].to(torch.float64)
-        out[i : i + step] = x @ x.mT if rows else x.mT @ x
+        y = x if Y is X else Y[i : i + step].to(torch.float64)
+        out[i : i + step] = x @ y.mT if rows else x.mT @ y
     return out
+
+
+def gram(X: Tensor, *, rows: bool) -> Tensor:
+    """float64 Gram of a batch (M, n, p): XᵀX (p×p) when rows is False, X Xᵀ (n×n) when rows is True."""
+    return cross_gram(X, X, rows=rows)
 
 
 def quad_norm_sq(gram_left: Tensor, N: Tensor, gram_right: Tensor) -> Tensor:

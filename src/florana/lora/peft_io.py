@@ -15,7 +15,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor
 
 from florana.errors import FloranaError
-from florana.lora.adapter import EMB_A, EMB_B, LORA_A, LORA_B, LoraAdapter, LoraModule, model_path
+from florana.lora.adapter import EMB_A, EMB_B, LORA_A, LORA_B, LoraAdapter, LoraModule, base_layout, model_path
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
@@ -107,7 +107,9 @@ def save_adapter(adapter: LoraAdapter, directory: str | Path) -> None:
         write_adapter_files(adapter, tmp)
 
 
-def save_base_update(update: dict[str, Tensor], path: str | Path) -> None:
-    """Write dense base-weight updates keyed by '<module path in the model>.weight' (fedex's residual)."""
-    tensors = {model_path(name) + ".weight": t.contiguous() for name, t in update.items()}
+def save_base_update(update: dict[str, Tensor], adapter: LoraAdapter, path: str | Path) -> None:
+    """Write dense updates ΔW (d×k, keyed by module) as '<module path in the model>.weight' in the layout of that
+    base weight (transposed for embeddings and fan_in_fan_out), so that adding them to the base is all it takes."""
+    tensors = {model_path(name) + ".weight": base_layout(t, adapter.modules[name], adapter.config).contiguous()
+               for name, t in update.items()}
     save_file(tensors, str(path), metadata={"format": "pt"})
