@@ -18,14 +18,14 @@ from florana.errors import FloranaError
 from florana.federation import engine
 from florana.federation.engine import read_metrics, run
 from florana.federation.methods import ALL_METHODS
-from tiny import arithmetic_jsonl, sentiment_csv, tiny_bert, tiny_llama
+from tiny import arithmetic_jsonl, sentiment_csv, tiny_bert, tiny_bert_bf16, tiny_llama
 
 
 @pytest.fixture(scope="module")
 def assets(tmp_path_factory):
     root = tmp_path_factory.mktemp("assets")
-    return {"bert": tiny_bert(root), "llama": tiny_llama(root), "csv": sentiment_csv(root),
-            "jsonl": arithmetic_jsonl(root), "root": root}
+    return {"bert": tiny_bert(root), "bert-bf16": tiny_bert_bf16(root), "llama": tiny_llama(root),
+            "csv": sentiment_csv(root), "jsonl": arithmetic_jsonl(root), "root": root}
 
 
 def tiny_config(assets, **kw):
@@ -47,11 +47,13 @@ def test_every_method_runs_and_writes_its_outputs(assets, tmp_path, method):
     assert [m["round"] for m in history] == [1, 2]
     for m in history:
         assert m["method"] == method
-        if method not in ("local",) or m["round"] == 2:
+        if method == "fedsa":  # B never leaves a client: there is no global model, and ΔW* is unknown
+            assert m["global_accuracy"] is None and m["relative_error"] is None and m["bytes_up"] > 0
+        elif method not in ("local",) or m["round"] == 2:
             assert 0.0 <= m["global_accuracy"] <= 1.0
         if method in ("centralized", "local"):
             assert m["relative_error"] is None and m["bytes_up"] == 0
-        else:
+        elif method != "fedsa":
             assert m["relative_error"] >= 0 and m["bytes_up"] > 0 and m["bytes_down"] > 0
             assert m["cum_bytes_up"] >= m["bytes_up"]
         if method != "centralized":
@@ -91,8 +93,111 @@ def test_method_semantics(assets, tmp_path):
     flora = engine.Federation(cfg.with_overrides(method="flora"))
     before = {m: flora.slots.base_weight(m).clone() for m in flora.modules}
     flora.round(1)
-    assert all(not torch.equal(flora.slots.base_weight(m), before[m]) for m in flora.modules)
+    # the merge lives in the float32 base delta the model adds, never rounded into the base weights
+    assert all(torch.equal(flora.slots.base_weight(m), before[m]) for m in flora.modules)
+    assert set(flora.slots.base_delta) == set(flora.modules)
+    assert all(d.dtype == torch.float32 and bool(d.any()) for d in flora.slots.base_delta.values())
     assert all(bool((v == 0).all()) for k, v in flora.global_tensors.items() if ".lora_B." in k)
+
+
+def effective_weights(fed) -> dict[str, torch.Tensor]:
+    """W0 + base delta + s·B·A of every adapted module in float64, from the federation's state (nn.Linear: the
+    base weight is laid out as ΔW)."""
+    out = {}
+    for m in fed.modules:
+        W = fed.slots.base_weight(m).double()
+        if m in fed.slots.base_delta:
+            W = W + fed.slots.base_delta[m].double()
+        B, A = fed.global_tensors[f"{m}.lora_B.weight"], fed.global_tensors[f"{m}.lora_A.weight"]
+        out[m] = W + fed.slots.adapter().scaling(m) * (B.double() @ A.double())
+    return out
+
+
+@pytest.mark.parametrize("model", ["bert", "bert-bf16"])
+@pytest.mark.parametrize("method", ["flora", "fedex", "ffa"])
+def test_exact_methods_are_exact_inside_the_loop(assets, method, model, monkeypatch):
+    """After each round the model's effective weight W0 + ΔW moved by exactly Σ_u w_u s_u B_u A_u of the clients'
+    trained factors, computed here densely from what they trained, on a float32 and a bfloat16 base model."""
+    cfg = tiny_config(assets, method=method, model=str(assets[model]), weighting="examples", rounds=2)
+    fed = engine.Federation(cfg)
+    assert fed.slots.base_weight(fed.modules[0]).dtype == (torch.bfloat16 if model == "bert-bf16" else torch.float32)
+    trained = {}
+    real = engine.Federation.train_client
+
+    def record(self, start, data, steps, seed):
+        loss, tensors = real(self, start, data, steps, seed)
+        u = next(u for u, c in enumerate(self.data.clients) if c.train is data)
+        trained[u] = (start, tensors)
+        return loss, tensors
+
+    monkeypatch.setattr(engine.Federation, "train_client", record)
+    starts = []
+    for r in (1, 2):
+        before = effective_weights(fed)
+        base_before = {m: fed.slots.base_weight(m).double() + fed.slots.base_delta.get(m, 0) for m in fed.modules}
+        trained.clear()
+        metrics = fed.round(r)
+        after = effective_weights(fed)
+        sizes = {u: fed.data.clients[u].size for u in trained}
+        s = cfg.lora_alpha / cfg.lora_r  # 2: a wrong scale would show
+        for m in fed.modules:
+            ideal = sum(sizes[u] / sum(sizes.values()) * s * (t[f"{m}.lora_B.weight"].double() @
+                                                                t[f"{m}.lora_A.weight"].double())
+                        for u, (_, t) in trained.items())
+            # every client trained on W0 + base delta + its own LoRA: that sum is what the round aggregates
+            moved = after[m] - base_before[m]
+            assert ((moved - ideal).norm() / ideal.norm()).item() < 1e-5, (m, r)
+            assert not torch.equal(after[m], before[m])
+        assert metrics["relative_error"] < 1e-5
+        starts.append({u: st for u, (st, _) in trained.items()})
+    if method == "flora":  # a fresh LoRA every round and for every client: new A, zero B
+        a_key = next(k for k in starts[0][0] if ".lora_A." in k)
+        assert not torch.equal(starts[0][0][a_key], starts[1][0][a_key])
+        assert not torch.equal(starts[0][0][a_key], starts[0][1][a_key])
+        assert all(bool((v == 0).all()) for st in starts for c in st.values() for k, v in c.items() if ".lora_B." in k)
+
+
+@pytest.mark.parametrize("method", ["flora", "fedex"])
+def test_the_ledger_books_the_base_changes_clients_missed(assets, method):
+    """With half the clients sampled, a client gets the last round's base change if it took part in the round
+    before, the whole base delta if it missed more, nothing in round 1; it uploads its whole adapter."""
+    cfg = tiny_config(assets, method=method, num_clients=4, rounds=5, sample_fraction=0.5)
+    fed = engine.Federation(cfg)
+    nbytes = lambda keys: sum(fed.initial[k].numel() * 4 for k in keys)  # noqa: E731 (float32 throughout)
+    shared = nbytes(k for k in fed.initial if method == "fedex" or ".lora_" not in k)  # flora: the head only
+    dims = {m: (fed.initial[f"{m}.lora_B.weight"].shape[0], fed.initial[f"{m}.lora_A.weight"].shape[1])
+            for m in fed.modules}
+    total = sum(d * k * 4 for d, k in dims.values())
+    last_round, change, kinds = {}, 0, set()
+    for r in range(1, 6):
+        sampled, _ = fed.sample(r)
+        metrics = fed.round(r)
+        expected = 0
+        for u in sampled:
+            seen = last_round.get(u, 1 if r == 2 else None)  # before round 1 everyone holds the original base
+            kind = "none" if r == 1 else "change" if seen == r - 1 else "total"
+            kinds.add(kind)
+            expected += shared + {"none": 0, "change": change, "total": total}[kind]
+            last_round[u] = r
+        assert metrics["bytes_down"] == expected, r
+        assert metrics["bytes_up"] == len(sampled) * nbytes(fed.initial)
+        rank = cfg.lora_r * (len(sampled) - len(metrics["rejected"]))  # flora's stacked rank this round
+        change = total if method == "fedex" else sum((d + k) * rank * 4 for d, k in dims.values())
+    assert kinds == {"none", "change", "total"}
+
+
+def test_the_base_delta_is_what_the_model_computes_with(assets):
+    """A module's output is x·(W0 + base delta)ᵀ + bias + its LoRA path: the hook adds the float32 delta."""
+    fed = engine.Federation(tiny_config(assets, method="fedex"))
+    fed.round(1)
+    m = fed.modules[0]
+    layer = fed.model.get_submodule(m)
+    x = torch.randn(5, fed.slots.base_weight(m).shape[1])
+    fed.slots.write(fed.global_tensors)
+    W = effective_weights(fed)[m]
+    with torch.no_grad():
+        torch.testing.assert_close(layer(x).double(), x.double() @ W.T + layer.base_layer.bias.double(),
+                                   rtol=1e-5, atol=1e-5)
 
 
 def test_same_seed_same_numbers(assets, tmp_path):
@@ -105,8 +210,14 @@ def test_same_seed_same_numbers(assets, tmp_path):
     assert strip_timing(a) != strip_timing(c)
 
 
-def test_resume_after_kill_minus_9(assets, tmp_path):
-    cfg = tiny_config(assets, method="fedex", rounds=8)
+@pytest.mark.parametrize("method, overrides", [
+    ("fedex", {}),
+    ("fedsa", {}),  # each client's personal B is in the checkpoint
+    ("flora", {"sample_fraction": 0.67}),  # the base delta, the last change and who holds which base
+    ("florana", {}),
+])
+def test_resume_after_kill_minus_9(assets, tmp_path, method, overrides):
+    cfg = tiny_config(assets, method=method, rounds=6, **overrides)
     reference = run(cfg, tmp_path / "ref").history
     (tmp_path / "cfg.toml").write_text(cfg.to_toml())
     run_dir = tmp_path / "killed"
@@ -127,12 +238,16 @@ def test_resume_after_kill_minus_9(assets, tmp_path):
             proc.kill()
             proc.wait()
     done = len(read_metrics(run_dir))
-    assert 2 <= done < 8
+    assert 2 <= done < 6
     resumed = run(None, run_dir, resume=True).history
     assert strip_timing(resumed) == strip_timing(reference)
-    ref_adapter = load_file(tmp_path / "ref" / "global_adapter" / "adapter_model.safetensors")
-    got = load_file(run_dir / "global_adapter" / "adapter_model.safetensors")
-    assert all(torch.equal(ref_adapter[k], got[k]) for k in ref_adapter)
+    for name in ("adapter_model.safetensors", "base_update.safetensors"):
+        ref_file, got_file = tmp_path / "ref" / "global_adapter" / name, run_dir / "global_adapter" / name
+        assert ref_file.is_file() == got_file.is_file() == (name == "adapter_model.safetensors" or
+                                                             method in ("flora", "fedex"))
+        if ref_file.is_file():
+            ref, got = load_file(ref_file), load_file(got_file)
+            assert ref.keys() == got.keys() and all(torch.equal(ref[k], got[k]) for k in ref)
 
 
 def test_nan_client_is_rejected_and_the_run_goes_on(assets, tmp_path, monkeypatch):
@@ -172,15 +287,17 @@ def test_the_server_rejects_non_finite_updates_whoever_sent_them(assets, tmp_pat
     real = engine.Federation.local_update
 
     def unchecked(self, u, start, round_):
-        result = real(self, u, start, round_)
+        result, kept = real(self, u, start, round_)
         if u == 2:
             key = next(k for k in result.tensors if ".lora_A." in k)
             result.tensors[key][0, 0] = float("nan")
-        return result
+        return result, kept
 
     monkeypatch.setattr(engine.Federation, "local_update", unchecked)
     history = run(tiny_config(assets, method="florana"), tmp_path / "run").history
     assert all(m["rejected"] == [2] and "2" not in m["local_accuracy"] for m in history)
+    upload = sum(t.numel() * 4 for t in engine.Federation(tiny_config(assets)).initial.values())
+    assert all(m["bytes_up"] == 3 * upload for m in history)  # the rejected upload crossed the wire too
     assert all(math.isfinite(m["relative_error"]) for m in history)
 
 
@@ -198,6 +315,7 @@ def test_client_without_data_is_skipped_and_counted(assets, tmp_path):
     ({"text_column": "review"}, "no column 'review'"),
     ({"num_clients": 500}, "num_clients=500 exceeds"),
     ({"target_modules": ["q_proj"]}, "target_modules"),
+    ({"target_modules": ["query", "word_embeddings"]}, "'bert.embeddings.word_embeddings' is an embedding layer"),
 ])
 def test_bad_input_is_a_clear_error(assets, tmp_path, overrides, message):
     with pytest.raises(FloranaError, match=message):

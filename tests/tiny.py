@@ -33,6 +33,15 @@ def tiny_bert(root: Path) -> Path:
     return out
 
 
+def tiny_bert_bf16(root: Path) -> Path:
+    """tiny_bert's weights stored in bfloat16, as most hub LLM checkpoints are (transformers loads them so)."""
+    out = root / "tiny-bert-bf16"
+    if not out.exists():
+        BertForSequenceClassification.from_pretrained(tiny_bert(root)).to(torch.bfloat16).save_pretrained(out)
+        AutoTokenizer.from_pretrained(tokenizer_dir(root)).save_pretrained(out)
+    return out
+
+
 def tiny_llama(root: Path) -> Path:
     out = root / "tiny-llama"
     if not out.exists():

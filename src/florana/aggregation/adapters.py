@@ -153,13 +153,13 @@ def aggregate_adapters(adapters: Sequence[LoraAdapter], method: str | Method,
             out_modules[name] = LoraModule(A=A_hat[i].contiguous(), B=B_hat[i].contiguous(),
                                            embedding=ref.modules[name].embedding)
             out_ranks[name], out_scales[name] = r_out, scale
-            if est.dense_residual:
+            if method.residual:
                 base_update[name], e_sq[i] = dense_residual(clients, i, B_hat[i], A_hat[i], scale, work)
             module_reports[name] = {
                 "relative_error": _relative(e_sq[i].item(), t_sq[i].item()),
                 "error_floor": _relative(f_sq[i].item(), t_sq[i].item()),
             }
-            if est.dense_residual:
+            if method.residual:
                 module_reports[name]["lowrank_error"] = _relative(lowrank_sq[i].item(), t_sq[i].item())
             for key, value in est.info.items():
                 if isinstance(value, Tensor):

@@ -24,13 +24,11 @@ class Estimate:
     """A method's answer for one group of modules.
 
     coef_B (M, R, r_out), coef_A (M, r_out, R): the global factors as combinations of the clients' factors.
-    dense_residual: the method also adds ΔW* − scale·B̂Â to the base weights (fedex).
     info: per-method diagnostics for the report (florana's P, Q and iterations), JSON-friendly once listed.
     """
 
     coef_B: Tensor
     coef_A: Tensor
-    dense_residual: bool = False
     info: dict = field(default_factory=dict)
 
 
@@ -49,8 +47,9 @@ class Method:
     name: registry key. paper: citation. estimate(clients, scale) -> Estimate, where scale is the
     output adapter's LoRA scaling. out_rank(ranks) -> the global adapter's rank. wire(r_u, r_out, d, k) -> Wire.
     mixed_ranks: accepts clients of different ranks. exact: the update it applies equals ΔW* (given its
-    preconditions). trains_A / personal_B / merges: how clients train under it (ffa freezes A; fedsa keeps
-    each client's B; flora merges the product into the base and restarts LoRA each round).
+    preconditions). trains_A / personal_B / merges / residual: how clients train under it (ffa freezes A; fedsa
+    keeps each client's B; flora merges the product into the base and restarts LoRA each round; fedex adds the
+    dense residual ΔW* − scale·B̂Â to the base).
     """
 
     name: str
@@ -63,6 +62,19 @@ class Method:
     trains_A: bool = True
     personal_B: bool = False
     merges: bool = False
+    residual: bool = False
+
+    @property
+    def changes_base(self) -> bool:
+        """The method changes the frozen base weights (flora, fedex)."""
+        return self.merges or self.residual
+
+    def sends(self, factor: str, *, up: bool) -> bool:
+        """Whether a client's lora_A ('A') or lora_B ('B') crosses the wire up, or the global one down. ffa's A
+        is frozen and fedsa's B personal, so neither travels; flora's server sends its stacked factors as a base
+        change, never as the global LoRA, which every client restarts each round."""
+        kept = self.trains_A if factor == "A" else not self.personal_B
+        return kept and (up or not self.merges)
 
 
 def full_wire(r: int, r_out: int, d: int, k: int) -> Wire:

@@ -10,7 +10,7 @@ from florana.aggregation.factors import ClientFactors
 
 
 def estimate(clients: ClientFactors, scale: float) -> Estimate:
-    return Estimate(*weighted_mean_coefficients(clients, scale, max(clients.ranks)), dense_residual=True)
+    return Estimate(*weighted_mean_coefficients(clients, scale, max(clients.ranks)))
 
 
 def wire(r: int, r_out: int, d: int, k: int) -> Wire:
@@ -18,4 +18,4 @@ def wire(r: int, r_out: int, d: int, k: int) -> Wire:
 
 
 METHOD = Method(name="fedex", paper="arXiv:2410.09432", estimate=estimate, wire=wire, mixed_ranks=True,
-                exact=True)
+                exact=True, residual=True)

@@ -25,7 +25,8 @@ from florana.data import Examples, load_examples, partition, partition_stats
 from florana.errors import FloranaError
 from florana.federation.checkpoint import latest_checkpoint, save_checkpoint, write_text_atomic
 from florana.federation.methods import BOUNDS
-from florana.lora.adapter import base_layout, has_non_finite
+from florana.lora.adapter import has_non_finite
+from florana.lora.base_delta import apply_change, dense_change, factor_change, total_change
 from florana.lora.peft_io import BASE_UPDATE_FILE, atomic_directory, save_base_update, write_adapter_files
 from florana.train.local import batch_indices, train_steps
 from florana.train.model import AdapterSlots, load_model
@@ -69,15 +70,22 @@ def usable(loss: float, tensors: dict[str, Tensor]) -> bool:
     return math.isfinite(loss) and not any(has_non_finite(t) for t in tensors.values())
 
 
+def tensor_bytes(tensors: dict[str, Tensor] | None) -> int:
+    """Bytes of tensor data in a payload (what the ledger books)."""
+    return sum(t.numel() * t.element_size() for t in (tensors or {}).values())
+
+
 @dataclass
 class LocalResult:
-    """What a client hands back after training: its adapter tensors (None when rejected as non-finite), its mean
-    loss, its local model's accuracy on its own held-out part, and its example count (the FedAvg weight)."""
+    """What a client hands back after training: the adapter tensors its method uploads (None when rejected as
+    non-finite), its mean loss, its local model's accuracy on its own held-out part, its example count (the
+    FedAvg weight), and the bytes its upload took on the wire."""
 
     loss: float
     tensors: dict[str, Tensor] | None
     local_accuracy: float | None
     size: int
+    upload_bytes: int = 0
 
 
 @dataclass
@@ -128,48 +136,48 @@ class Federation:
         self.slots = AdapterSlots.of(self.model)
         self.initial = self.slots.read()
         self.modules = sorted({k.rsplit(".lora_", 1)[0] for k in self.initial if ".lora_" in k})
-        self.original_base = {m: self.slots.base_weight(m).detach().clone() for m in self.modules}
         self.params = self.slots.trainable(train_A=self.method is None or self.method.trains_A)
+        self.changes_base = self.method is not None and self.method.changes_base
         # state that a checkpoint carries
         self.global_tensors = dict(self.initial)
         self.personal: dict[int, dict[str, Tensor]] = {}
         self.ledger = {"bytes_up": 0, "bytes_down": 0}
-        self.base_changed = False
+        self.base_round = 0  # the last round that changed the base delta (slots.base_delta)
+        self.last_change: dict[str, Tensor] = {}  # that round's change, as sent to clients
+        self.synced: dict[int, int] = {}  # client → the base_round its base delta is at (0 when absent)
         self.history: list[dict] = []
 
     # ---- state <-> checkpoint -------------------------------------------------------------------------
     def state_tensors(self) -> dict[str, Tensor]:
         out = {f"global::{k}": v for k, v in self.global_tensors.items()}
-        out.update({f"base::{m}": w for m, w in self.base_weights().items()})
+        out.update({f"base_delta::{m}": d for m, d in self.slots.base_delta.items()})
+        out.update({f"last_change::{k}": v for k, v in self.last_change.items()})
         for u, tensors in self.personal.items():
             out.update({f"personal::{u}::{k}": v for k, v in tensors.items()})
         return out
 
+    def state_meta(self) -> dict:
+        return {"ledger": self.ledger, "history": self.history, "base_round": self.base_round,
+                "synced": {str(u): r for u, r in self.synced.items()}}
+
     def load_state(self, tensors: dict[str, Tensor], meta: dict) -> None:
         self.global_tensors = {k.split("::", 1)[1]: v for k, v in tensors.items() if k.startswith("global::")}
-        self.personal = {}
-        with torch.no_grad():
-            for key, v in tensors.items():
-                kind, _, rest = key.partition("::")
-                if kind == "base":
-                    self.slots.base_weight(rest).copy_(v)
-                    self.base_changed = True
-                elif kind == "personal":
-                    u, _, k = rest.partition("::")
-                    self.personal.setdefault(int(u), {})[k] = v
+        self.personal, self.last_change, delta = {}, {}, {}
+        for key, v in tensors.items():
+            kind, _, rest = key.partition("::")
+            if kind == "base_delta":
+                delta[rest] = v
+            elif kind == "last_change":
+                self.last_change[rest] = v
+            elif kind == "personal":
+                u, _, k = rest.partition("::")
+                self.personal.setdefault(int(u), {})[k] = v
+            elif kind == "base":  # written before base deltas existed: the adapted base weight itself
+                delta[rest] = v.float() - self.slots.base_weight(rest).float()
+        self.slots.set_base_delta(delta)
         self.ledger, self.history = meta["ledger"], meta["history"]
-
-    def base_weights(self) -> dict[str, Tensor]:
-        """The adapted base weights once the method has written into them (flora merges, fedex residuals), else
-        nothing: clients must train on the same base as the server."""
-        return {m: self.slots.base_weight(m) for m in self.modules} if self.base_changed else {}
-
-    def set_base_weights(self, weights: dict[str, Tensor]) -> None:
-        """Take the server's base weights; an empty dict restores the original ones."""
-        with torch.no_grad():
-            for m in self.modules:
-                self.slots.base_weight(m).copy_(weights.get(m, self.original_base[m]))
-        self.base_changed = bool(weights)
+        self.base_round = meta.get("base_round", len(self.history) if delta else 0)
+        self.synced = {int(u): r for u, r in meta.get("synced", {}).items()}
 
     # ---- one round ------------------------------------------------------------------------------------
     def sample(self, round_: int) -> tuple[list[int], list[int]]:
@@ -198,6 +206,28 @@ class Federation:
                     start[k] = torch.zeros_like(v)
         return start
 
+    def wire_keys(self, tensors: dict[str, Tensor], *, up: bool) -> dict[str, Tensor]:
+        """The part of an adapter's tensors that its method sends up (client → server) or down: LoRA factors as the
+        method says, every other trainable tensor (a classification head) both ways."""
+        def travels(key: str) -> bool:
+            factor = "A" if ".lora_A." in key else "B" if ".lora_B." in key else None
+            return factor is None or self.method.sends(factor, up=up)
+        return {k: v for k, v in tensors.items() if travels(k)}
+
+    def downlink(self, u: int, metrics: dict) -> dict[str, Tensor]:
+        """What the server sends client u as a round starts, booked in `metrics`: the global tensors its method
+        shares and, where the method changes the base, what the client lacks of it (the last round's change, or
+        the whole delta after it missed more than one)."""
+        payload = {f"global::{k}": v for k, v in self.wire_keys(self.global_tensors, up=False).items()}
+        if self.changes_base:
+            have = self.synced.get(u, 0)
+            change = {} if have == self.base_round else self.last_change if have == self.base_round - 1 else \
+                total_change(self.slots.base_delta)
+            payload.update({f"base::{k}": v for k, v in change.items()})
+            self.synced[u] = self.base_round
+        metrics["bytes_down"] += tensor_bytes(payload)
+        return payload
+
     def train_client(self, start: dict[str, Tensor], data: Encoded, steps: int, seed: int) -> tuple[float, dict]:
         self.slots.write(start)
         torch.manual_seed(seed)
@@ -212,16 +242,20 @@ class Federation:
         self.slots.write(tensors)
         return self.task.evaluate(self.model, data, self.config.eval_batch_size)
 
-    def local_update(self, u: int, start: dict[str, Tensor], round_: int) -> LocalResult:
+    def local_update(self, u: int, start: dict[str, Tensor], round_: int) -> tuple[LocalResult, dict[str, Tensor]]:
         """Client u's part of a round, wherever it runs (this process or a Flower node): train from `start`,
-        refuse a non-finite result, score the local model on the client's held-out part."""
+        refuse a non-finite result, score the local model on the client's held-out part. Returns what it sends
+        the server and what it keeps to itself."""
         client = self.data.clients[u]
         loss, tensors = self.train_client(start, client.train, self.config.local_steps,
                                           derive_seed(self.config.seed, 6, round_, u))
         if not usable(loss, tensors):
-            return LocalResult(loss, None, None, client.size)
+            return LocalResult(loss, None, None, client.size), {}
         accuracy = self.task.evaluate(self.model, client.test, self.config.eval_batch_size)["accuracy"]
-        return LocalResult(loss, tensors, accuracy, client.size)
+        if self.method is None:  # a bound: nothing crosses a wire
+            return LocalResult(loss, tensors, accuracy, client.size), self.personal_part(tensors)
+        upload = self.wire_keys(tensors, up=True)
+        return LocalResult(loss, upload, accuracy, client.size, tensor_bytes(upload)), self.personal_part(tensors)
 
     def personal_part(self, tensors: dict[str, Tensor]) -> dict[str, Tensor]:
         """What a client keeps to itself between rounds: everything for local, B for fedsa, nothing otherwise."""
@@ -246,15 +280,18 @@ class Federation:
             metrics["train_loss"] = loss
         else:
             for u in sampled:
-                results[u] = self.local_update(u, self.client_start(u, round_), round_)
-                if results[u].tensors is not None and (kept := self.personal_part(results[u].tensors)):
+                if self.method is not None:
+                    self.downlink(u, metrics)  # in this process every client reads the server's state directly
+                results[u], kept = self.local_update(u, self.client_start(u, round_), round_)
+                if kept:
                     self.personal[u] = kept
         return self.close_round(metrics, results, t0)
 
     def open_round(self, round_: int, sampled: list[int], empty: list[int]) -> dict:
         """A round's metrics record as it starts: who was sampled, who had no data."""
         return {"round": round_, "method": self.config.method, "seed": self.config.seed, "alpha": self.config.alpha,
-                "clients": sampled, "skipped_empty": empty, "missing": [], "rejected": []}
+                "clients": sampled, "skipped_empty": empty, "missing": [], "rejected": [], "bytes_up": 0,
+                "bytes_down": 0}
 
     def close_round(self, metrics: dict, results: dict[int, LocalResult], t0: float) -> dict:
         """The server's part of a round, given the clients' results in client order: reject bad updates,
@@ -262,6 +299,7 @@ class Federation:
         cfg, round_ = self.config, metrics["round"]
         updates, labels, weights, losses, local_acc = [], [], [], [], {}
         for u, res in sorted(results.items()):
+            metrics["bytes_up"] += res.upload_bytes  # it crossed the wire, accepted or not
             if res.tensors is None or not usable(res.loss, res.tensors):  # a remote client's word is not enough
                 log.warning("round %d: client %d's update rejected (loss %s or non-finite factors)",
                             round_, u, res.loss)
@@ -269,8 +307,8 @@ class Federation:
                 continue
             losses.append(res.loss)
             local_acc[u] = res.local_accuracy
-            if self.method is not None:
-                updates.append(self.slots.adapter(res.tensors, source=f"client{u}"))
+            if self.method is not None:  # what the server lacks of an adapter, it knows: frozen A, initial B
+                updates.append(self.slots.adapter({**self.initial, **res.tensors}, source=f"client{u}"))
                 labels.append(f"client{u}")
                 weights.append(res.size)
         if updates:
@@ -286,6 +324,8 @@ class Federation:
             scores = [self.evaluate(t, self.data.test) for t in self.personal.values()] if final else []
             glob = {k: float(np.mean([s[k] for s in scores])) if scores and scores[0][k] is not None else None
                     for k in ("accuracy", "macro_f1", "loss")}
+        elif self.method is not None and self.method.personal_B:  # B never leaves a client: no global model
+            glob = {"accuracy": None, "macro_f1": None, "loss": None}
         else:
             glob = self.evaluate(self.global_tensors, self.data.test)
         metrics.update({f"global_{k}": v for k, v in glob.items()})
@@ -293,8 +333,6 @@ class Federation:
         metrics["local_global_gap"] = metrics["local_accuracy_mean"] - metrics["global_accuracy"] if gap_ok else None
         metrics.setdefault("relative_error", None)
         metrics.setdefault("error_floor", None)
-        metrics.setdefault("bytes_up", 0)
-        metrics.setdefault("bytes_down", 0)
         self.ledger["bytes_up"] += metrics["bytes_up"]
         self.ledger["bytes_down"] += metrics["bytes_down"]
         metrics["cum_bytes_up"], metrics["cum_bytes_down"] = self.ledger["bytes_up"], self.ledger["bytes_down"]
@@ -306,32 +344,25 @@ class Federation:
         result = aggregate_adapters(updates, self.method, weights, labels)
         release_memory()
         report = result.report
-        metrics.update(relative_error=report.relative_error, error_floor=report.error_floor,
-                       fedit_error=report.fedit_error,
-                       bytes_up=sum(report.bytes_up_per_client), bytes_down=sum(report.bytes_down_per_client))
-        new = result.adapter.state_dict()
-        with torch.no_grad():
-            if self.method.merges:  # flora: merge scale·B̂Â into the base, restart LoRA from zero B
-                for name, m in result.adapter.modules.items():
-                    delta = result.adapter.scaling(name) * (m.B.float() @ m.A.float())
-                    self.slots.base_weight(name).add_(base_layout(delta, m, self.slots.config))
-                new = {k: (torch.zeros_like(v) if ".lora_B." in k else v) if ".lora_" in k else new[k]
-                       for k, v in self.initial.items()}
-            for name, delta in result.base_update.items():  # fedex: the dense residual, already in base layout
-                self.slots.base_weight(name).add_(delta)
-        self.base_changed = self.base_changed or self.method.merges or bool(result.base_update)
-        self.global_tensors = {k: new[k].to(v.dtype) for k, v in self.initial.items()}
+        if not self.method.personal_B:  # fedsa's server never sees B, so it cannot know ΔW*
+            metrics.update(relative_error=report.relative_error, error_floor=report.error_floor,
+                           fedit_error=report.fedit_error)
+        change = factor_change(result.adapter) if self.method.merges else dense_change(result.base_update)
+        if change:
+            self.slots.set_base_delta(apply_change(self.slots.base_delta, change))
+            self.base_round, self.last_change = metrics["round"], change
+        new, shared = result.adapter.state_dict(), self.wire_keys(self.initial, up=False)
+        # what the server does not send (flora's LoRA, ffa's A, fedsa's B) stays at its initial value
+        self.global_tensors = {k: new[k].to(v.dtype) if k in shared else v for k, v in self.initial.items()}
 
     # ---- outputs --------------------------------------------------------------------------------------
     def save_global(self, directory: Path) -> None:
         """The global model as a PEFT directory, plus base_update.safetensors when the method changed the base."""
         adapter = self.slots.adapter(self.global_tensors)
-        changed = {m: self.slots.base_weight(m).detach() - self.original_base[m] for m in self.modules}
-        changed = {m: d for m, d in changed.items() if bool(d.any())}
         with atomic_directory(directory) as tmp:
             write_adapter_files(adapter, tmp)
-            if changed:
-                save_base_update(changed, tmp / BASE_UPDATE_FILE)
+            if self.slots.base_delta:
+                save_base_update(self.slots.base_delta, adapter, tmp / BASE_UPDATE_FILE)
 
 
 def _concat(parts: list[Encoded]) -> Encoded:
@@ -384,7 +415,7 @@ def open_run(config: RunConfig | None, run_dir: Path, *, resume: bool = False, p
 def record_round(fed: Federation, run_dir: Path, metrics: dict) -> None:
     """Append a closed round to the history and make it durable: checkpoint first, then metrics.jsonl."""
     fed.history.append(metrics)
-    save_checkpoint(run_dir, metrics["round"], fed.state_tensors(), {"ledger": fed.ledger, "history": fed.history})
+    save_checkpoint(run_dir, metrics["round"], fed.state_tensors(), fed.state_meta())
     write_text_atomic(run_dir / "metrics.jsonl", "".join(json.dumps(m) + "\n" for m in fed.history))
     log.info("round %d/%d %s: global acc %s, local mean %s, error %s, up %s B, down %s B", metrics["round"],
              fed.config.rounds, fed.config.method, _fmt(metrics["global_accuracy"]),

@@ -1,24 +1,28 @@
 """The ClientApp: a Flower SuperNode's side of a florana round.
 
-The server sends the run config, the global adapter and (for flora/fedex) the adapted base weights; the node
-trains its own partition with the engine's `Federation.local_update` and replies with its adapter tensors and
-metrics. fedsa's personal B stays on the node, in Flower's per-node context state.
+The server sends the run config, its method's share of the global adapter and, for flora/fedex, the change of
+the base weights the node lacks; the node trains its own partition with the engine's `Federation.local_update`
+and replies with what its method uploads, and metrics. What a node keeps between rounds (fedsa's personal B, the
+base delta of flora/fedex) lives in Flower's per-node context state.
 """
 
 from __future__ import annotations
 
 import logging
 
-from flwr.app import Context, Message, MetricRecord, RecordDict
+from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
+from torch import Tensor
 
 from florana.errors import FloranaError
 from florana.federation.engine import Federation
-from florana.flower.wire import config_from_text, from_record, partition_problem, to_record
+from florana.flower.wire import base_change_from_record, config_from_text, from_record, partition_problem, to_record
+from florana.lora.base_delta import REPLACE, apply_change, total_change
 
 log = logging.getLogger("florana")
 
 PERSONAL_KEY = "florana.personal"
+BASE_KEY, BASE_ROUND_KEY = "florana.base-delta", "florana.base-round"
 
 app = ClientApp()
 
@@ -54,26 +58,52 @@ def hello(msg: Message, context: Context) -> Message:
 
 @app.train()
 def train(msg: Message, context: Context) -> Message:
-    """Train this node's partition from the server's global adapter (and base), reply with the update."""
-    fed = worker(str(msg.content["config"]["toml"]))
-    round_ = int(msg.content["config"]["round"])
+    """Train this node's partition from what the server sent (its method's share of the global adapter, and the
+    base change where the method has one), reply with the method's upload; keep the personal part in the node."""
+    config = msg.content["config"]
+    fed = worker(str(config["toml"]))
+    round_, source = int(config["round"]), "server message"
     u, n = partition_of(context)
     if problem := partition_problem(context.node_id, u, n, fed.config.num_clients):
         raise FloranaError(problem)
-    fed.global_tensors = from_record(msg.content["global"], fed.initial, "server message")
-    base = msg.content.array_records.get("base")
-    fed.set_base_weights({} if base is None else from_record(base, fed.original_base, "server message"))
+    shared = from_record(msg.content["global"], fed.wire_keys(fed.initial, up=False), source)
+    fed.global_tensors = {**fed.initial, **shared}
+    fed.slots.set_base_delta(node_base_delta(fed, context, msg, int(config["base-round"])))
     fed.personal = {}
     if PERSONAL_KEY in context.state.array_records:
         kept = context.state.array_records[PERSONAL_KEY]
         fed.personal[u] = from_record(kept, {k: fed.initial[k] for k in kept.keys()}, f"node {context.node_id} state")
-    result = fed.local_update(u, fed.client_start(u, round_), round_)
+    result, kept = fed.local_update(u, fed.client_start(u, round_), round_)
     metrics = {"partition-id": u, "num-examples": result.size, "loss": float(result.loss)}
     if result.local_accuracy is not None:  # none when the client holds no test examples or was rejected
         metrics["local-accuracy"] = float(result.local_accuracy)
     content = RecordDict({"metrics": MetricRecord(metrics)})
     if result.tensors is not None:
         content["update"] = to_record(result.tensors)
-        if kept := fed.personal_part(result.tensors):
-            context.state[PERSONAL_KEY] = to_record(kept)
+    if kept:
+        context.state[PERSONAL_KEY] = to_record(kept)
     return Message(content, reply_to=msg)
+
+
+def node_base_delta(fed: Federation, context: Context, msg: Message, base_round: int) -> dict[str, Tensor]:
+    """This node's base delta brought to the server's `base_round` by the change the server sent, and kept in the
+    node's state for the next round. A node whose state does not match the change (e.g. it restarted) fails the
+    round, and the server sends it the whole delta next time."""
+    if not fed.changes_base:
+        return {}
+    state = context.state
+    have = int(state.config_records[BASE_ROUND_KEY]["round"]) if BASE_ROUND_KEY in state.config_records else 0
+    shapes = {m: (fed.initial[f"{m}.lora_B.weight"].shape[0], fed.initial[f"{m}.lora_A.weight"].shape[1])
+              for m in fed.modules}  # (d, k) of each module's ΔW
+    delta = apply_change({}, base_change_from_record(state.array_records[BASE_KEY], shapes, "node state")) \
+        if BASE_KEY in state.array_records else {}
+    record = msg.content.array_records.get("base")
+    change = {} if record is None else base_change_from_record(record, shapes, "server message")
+    replaces = any(k.endswith(f".{REPLACE}") for k in change)
+    if not replaces and have != (base_round - 1 if change else base_round):
+        raise FloranaError(f"node {context.node_id}: its base delta is at round {have}; the server's change is for "
+                           f"round {base_round - 1 if change else base_round} (it will send the whole delta)")
+    delta = apply_change(delta, change)
+    state[BASE_KEY] = to_record(total_change(delta))
+    state[BASE_ROUND_KEY] = ConfigRecord({"round": base_round})
+    return delta

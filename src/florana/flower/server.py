@@ -1,8 +1,8 @@
 """The ServerApp: florana's aggregation as a Flower strategy, writing the same run folder as the engine.
 
 `FloranaStrategy` subclasses FedAvg and replaces its two halves of a round: `configure_train` samples
-partitions with the engine's seeded sampler and sends each node the global adapter (plus the adapted base
-weights for flora/fedex); `aggregate_train` turns the replies into the engine's `LocalResult`s and closes the
+partitions with the engine's seeded sampler and sends each node what the engine's `Federation.downlink` says its
+method sends (its share of the global adapter; for flora/fedex the base change the node lacks); `aggregate_train` turns the replies into the engine's `LocalResult`s and closes the
 round with `Federation.close_round`, i.e. the same aggregator, evaluation and ledger as the in-process run.
 """
 
@@ -91,14 +91,22 @@ class FloranaStrategy(FedAvg):
         self.discover(grid, timeout=60.0, strict=False)
         online = set(grid.get_node_ids())
         reachable = [u for u in sampled if self.nodes.get(u) in online]
-        # every node gets the same payload (FedAvg does the same): serialised once
-        content = RecordDict({"config": ConfigRecord({"toml": self.config_text, "round": round_}),
-                              "global": to_record(fed.global_tensors)})
-        if base := fed.base_weights():
-            content["base"] = to_record(base)
-        messages = [Message(content, message_type=MessageType.TRAIN, dst_node_id=self.nodes[u]) for u in reachable]
-        down = len(reachable) * sum(record_bytes(r) for r in content.array_records.values())
-        self.pending = {"metrics": fed.open_round(round_, sampled, empty), "t0": t0, "down": down}
+        metrics = fed.open_round(round_, sampled, empty)
+        contents: dict[frozenset, RecordDict] = {}  # payloads differ only in the base change: serialised once each
+        messages, down = [], 0
+        for u in reachable:
+            payload = fed.downlink(u, metrics)
+            base = {k.split("::", 1)[1]: v for k, v in payload.items() if k.startswith("base::")}
+            kind = frozenset(k.rsplit(".", 1)[1] for k in base)
+            if kind not in contents:
+                contents[kind] = RecordDict({
+                    "config": ConfigRecord({"toml": self.config_text, "round": round_, "base-round": fed.base_round}),
+                    "global": to_record({k.split("::", 1)[1]: v for k, v in payload.items() if k.startswith("global::")})})
+                if base:
+                    contents[kind]["base"] = to_record(base)
+            messages.append(Message(contents[kind], message_type=MessageType.TRAIN, dst_node_id=self.nodes[u]))
+            down += sum(record_bytes(r) for r in contents[kind].array_records.values())
+        self.pending = {"metrics": metrics, "t0": t0, "down": down}
         log.info("round %d: %d partition(s) sampled, %d sent to nodes", round_, len(sampled), len(reachable))
         return messages
 
@@ -116,7 +124,8 @@ class FloranaStrategy(FedAvg):
                             reply.error.reason if reply.has_error() else "unknown node")
                 continue
             update = reply.content.array_records.get("update")
-            up += 0 if update is None else record_bytes(update)
+            received = 0 if update is None else record_bytes(update)
+            up += received
             try:
                 m = reply.content.metric_records["metrics"]
                 loss, size, accuracy = float(m["loss"]), int(m["num-examples"]), m.get("local-accuracy")
@@ -125,12 +134,15 @@ class FloranaStrategy(FedAvg):
                             round_, node, u, e)
                 continue
             try:
-                tensors = None if update is None else from_record(update, fed.initial, f"node {node} (partition {u})")
+                tensors = None if update is None else from_record(update, fed.wire_keys(fed.initial, up=True),
+                                                                  f"node {node} (partition {u})")
             except FloranaError as e:
                 log.warning("round %d: %s; update rejected", round_, e)
                 tensors = None
-            results[u] = LocalResult(loss, tensors, accuracy, size)
+            results[u] = LocalResult(loss, tensors, accuracy, size, received)
         metrics["missing"] = sorted(set(metrics["clients"]) - set(results))
+        for u in metrics["missing"]:  # its base state is unknown now: it gets the whole base delta next time
+            fed.synced[u] = -1
         if metrics["missing"]:
             log.warning("round %d: no reply from partition(s) %s", round_, metrics["missing"])
         if len(results) < min(self.min_nodes, len(metrics["clients"])):
@@ -153,6 +165,7 @@ def serve(grid: Grid, config: RunConfig | None, run_dir: Path, *, resume: bool =
         check_runtime(config)
     fed, start = open_run(config, run_dir, resume=resume)
     check_runtime(fed.config)
+    fed.synced.clear()  # the nodes of a new Flower run hold no base change yet, whatever a checkpoint says
     log.info("run folder %s, rounds %d..%d", run_dir, start, fed.config.rounds)
     try:
         if start <= fed.config.rounds:

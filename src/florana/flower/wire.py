@@ -5,8 +5,11 @@ Pure conversions with checks; both the ServerApp and the ClientApp use them, so 
 
 from __future__ import annotations
 
+import math
 import tomllib
 from dataclasses import asdict
+
+import numpy as np
 
 import torch
 from flwr.app import Array, ArrayRecord
@@ -21,9 +24,17 @@ RUNTIME_KEYS = {"run-dir": "runs/flower", "resume": False, "min-nodes": 1, "roun
 
 
 def to_record(tensors: dict[str, Tensor]) -> ArrayRecord:
-    """Tensors → ArrayRecord; bfloat16 (which NumPy lacks) travels as float32, exactly."""
-    return ArrayRecord({k: Array(t.detach().float() if t.dtype == torch.bfloat16 else t.detach())
+    """Tensors → ArrayRecord; bfloat16 (which NumPy lacks) travels as its raw 16-bit pattern, so it costs on the
+    wire exactly what the ledger books."""
+    return ArrayRecord({k: Array((t.detach().view(torch.int16) if t.dtype == torch.bfloat16 else t.detach()).numpy())
                         for k, t in tensors.items()})
+
+
+def _tensor(record: ArrayRecord, key: str, source: str) -> Tensor:
+    try:
+        return torch.from_numpy(record[key].numpy().copy())
+    except (TypeError, ValueError) as e:
+        raise FloranaError(f"{source}: array {key} is not a plain NumPy array ({e})") from None
 
 
 def from_record(record: ArrayRecord, like: dict[str, Tensor], source: str) -> dict[str, Tensor]:
@@ -36,10 +47,9 @@ def from_record(record: ArrayRecord, like: dict[str, Tensor], source: str) -> di
                            f"missing {lacking[:3]})")
     out = {}
     for k, ref in like.items():
-        try:
-            t = torch.from_numpy(record[k].numpy().copy())
-        except (TypeError, ValueError) as e:
-            raise FloranaError(f"{source}: array {k} is not a plain NumPy array ({e})") from None
+        t = _tensor(record, k, source)
+        if ref.dtype == torch.bfloat16 and t.dtype == torch.int16:
+            t = t.view(torch.bfloat16)
         if tuple(t.shape) != tuple(ref.shape) or not (t.is_floating_point() or t.dtype == ref.dtype):
             raise FloranaError(f"{source}: array {k} has shape {tuple(t.shape)} {t.dtype}, expected "
                                f"{tuple(ref.shape)} {ref.dtype}")
@@ -47,9 +57,28 @@ def from_record(record: ArrayRecord, like: dict[str, Tensor], source: str) -> di
     return out
 
 
+def base_change_from_record(record: ArrayRecord, shapes: dict[str, tuple[int, int]], source: str) -> dict[str, Tensor]:
+    """A base change (lora/base_delta.py keys) → tensors, checked against the modules' (d, k) shapes: dense
+    changes are d×k, factor pairs (d×R, R×k), all floating point."""
+    out = {k: _tensor(record, k, source) for k in record.keys()}
+    for key, t in out.items():
+        name, _, kind = key.rpartition(".")
+        if name not in shapes or kind not in ("B", "A", "delta", "total") or not t.is_floating_point():
+            raise FloranaError(f"{source}: unexpected base change {key} ({t.dtype})")
+        d, k = shapes[name]
+        partner = out.get(f"{name}.A" if kind == "B" else f"{name}.B")
+        ok = {"B": partner is not None and t.dim() == 2 and t.shape[0] == d and tuple(partner.shape) == (t.shape[1], k),
+              "A": partner is not None, "delta": tuple(t.shape) == (d, k), "total": tuple(t.shape) == (d, k)}[kind]
+        if not ok:
+            raise FloranaError(f"{source}: base change {key} has shape {tuple(t.shape)}, expected it to make "
+                               f"a {d}×{k} update")
+    return out
+
+
 def record_bytes(record: ArrayRecord) -> int:
-    """Bytes of array data a record puts on the wire (the .npy payloads; framing not counted)."""
-    return sum(len(a.data) for a in record.values())
+    """Bytes of array data a record puts on the wire (the arrays' contents; .npy headers and framing not counted,
+    as the ledger does not count them)."""
+    return sum(math.prod(a.shape) * np.dtype(a.dtype).itemsize for a in record.values())
 
 
 def config_from_text(text: str, source: str) -> RunConfig:

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import json
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from florana.errors import FloranaError
-from florana.lora.adapter import LoraAdapter
+from florana.lora.adapter import PEFT_PREFIX, LoraAdapter
 from florana.lora.peft_io import adapter_from_state_dict
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -74,22 +75,53 @@ def peft_config_dict(model) -> dict:
     return json.loads(json.dumps(cfg, default=lambda v: sorted(v) if isinstance(v, set) else str(v)))
 
 
+def refuse_unsupported_lora(model) -> None:
+    """Only linear LoRA layers train here: LoRA on an embedding (lora_embedding_A/B) or a convolution would
+    otherwise be silently left out of training, aggregation and the saved adapter."""
+    for name, p in model.named_parameters():
+        if ".lora_embedding_" in name or (".lora_A." in name and p.dim() != 2):
+            module = name.split(".lora_", 1)[0].removeprefix(PEFT_PREFIX)
+            kind = "an embedding" if ".lora_embedding_" in name else "a convolution"
+            raise FloranaError(f"LoRA target {module!r} is {kind} layer; florana trains LoRA on linear layers only: "
+                               "remove it from target_modules (`florana aggregate` does accept embedding adapters)")
+
+
 @dataclass
 class AdapterSlots:
-    """The adapter tensors of the live PEFT model under their file keys, plus the base weights LoRA adapts."""
+    """The adapter tensors of the live PEFT model under their file keys, the base weights LoRA adapts, and the
+    base delta: a dense change of those base weights (flora's merges, fedex's residuals) that the model adds in
+    its forward pass, in float32, rather than rounding it into base weights of lower precision."""
 
     model: object
     params: dict[str, Tensor]
     config: dict
+    base_delta: dict[str, Tensor] = field(default_factory=dict)
+    hooked: set = field(default_factory=set)
 
     @classmethod
     def of(cls, model) -> AdapterSlots:
+        refuse_unsupported_lora(model)
         params = {}
         for name, p in model.named_parameters():
             key = _file_key(name)
             if key is not None:
                 params[key] = p
         return cls(model, params, peft_config_dict(model))
+
+    def set_base_delta(self, delta: dict[str, Tensor]) -> None:
+        """From now on module m computes with W0 + delta[m] (ΔW layout, d×k); an empty dict restores W0."""
+        for module in set(delta) - self.hooked:
+            self.model.get_submodule(module).base_layer.register_forward_hook(self._add_delta(module))
+            self.hooked.add(module)
+        self.base_delta = delta
+
+    def _add_delta(self, module: str):
+        def hook(layer, args, output):
+            delta = self.base_delta.get(module)
+            if delta is None:
+                return output
+            return output + F.linear(args[0].to(delta.dtype), delta).to(output.dtype)
+        return hook
 
     def read(self) -> dict[str, Tensor]:
         return {k: p.detach().clone() for k, p in self.params.items()}
