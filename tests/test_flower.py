@@ -136,6 +136,31 @@ def test_flower_moves_what_the_ledger_books(tiny, tmp_path, method):
     assert_same_run(tmp_path / "flower", tmp_path / "inproc")
 
 
+def test_a_resumed_flower_run_restarts_what_nodes_kept(tiny, tmp_path):
+    """A resumed run is a new Flower run, and Flower gives it fresh node states: fedsa's personal B is lost (its
+    clients restart from the initial B), exactly that and nothing else. The engine with its personal state
+    dropped at the same point reproduces the resumed run."""
+    from florana.federation.engine import close_run, open_run, record_round
+    from florana.flower.server import serve
+
+    cfg = RunConfig(**{**tiny, "rounds": 3}, method="fedsa")
+    out = tmp_path / "flower"
+    serve(LocalGrid(2), RunConfig(**{**tiny, "rounds": 1}, method="fedsa"), out, node_wait=5)
+    (out / "config.toml").write_text(cfg.to_toml())  # the same run, stopped after round 1 of 3
+    serve(LocalGrid(2), None, out, resume=True, node_wait=5)  # new nodes' states, as in a new Flower run
+
+    expected = tmp_path / "expected"
+    run(RunConfig(**{**tiny, "rounds": 1}, method="fedsa"), expected)
+    (expected / "config.toml").write_text(cfg.to_toml())
+    fed, start = open_run(None, expected, resume=True)
+    assert start == 2 and set(fed.personal) == {0, 1}  # the in-process checkpoint keeps every client's B ...
+    fed.personal.clear()  # ... which a resumed Flower run does not have
+    for r in range(start, 4):
+        record_round(fed, expected, fed.round(r))
+    close_run(fed, expected)
+    assert_same_outputs(out, expected)
+
+
 # ---- simulation -------------------------------------------------------------------------------------
 @pytest.mark.parametrize("method", ["fedsa", "flora"])
 def test_simulation_agrees_with_the_in_process_engine(tiny, tmp_path, method):
