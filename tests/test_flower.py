@@ -161,6 +161,21 @@ def test_a_resumed_flower_run_restarts_what_nodes_kept(tiny, tmp_path):
     assert_same_outputs(out, expected)
 
 
+@pytest.mark.parametrize("method", ["fedex", "svd"])
+def test_a_flower_checkpoint_resumes_in_process(tiny, tmp_path, method):
+    """The other direction of checkpoint compatibility: rounds 1..2 on Flower, 3 in process, equal to a whole
+    in-process run (fedex carries the base delta and who holds which base through the checkpoint)."""
+    from florana.flower.server import serve
+
+    cfg = RunConfig(**{**tiny, "rounds": 3}, method=method)
+    out = tmp_path / "mixed"
+    serve(LocalGrid(2), RunConfig(**{**tiny, "rounds": 2}, method=method), out, node_wait=5)
+    (out / "config.toml").write_text(cfg.to_toml())
+    run(None, out, resume=True)
+    run(cfg, tmp_path / "inproc")
+    assert_same_outputs(out, tmp_path / "inproc")
+
+
 # ---- simulation -------------------------------------------------------------------------------------
 @pytest.mark.parametrize("method", ["fedsa", "flora"])
 def test_simulation_agrees_with_the_in_process_engine(tiny, tmp_path, method):
