@@ -153,3 +153,38 @@ def test_bad_inputs_name_the_culprit_and_write_nothing(clients, tmp_path):
     (out / "keep").write_text("x")
     res = runner.invoke(app, ["aggregate", str(clients[0]), str(tmp_path / "nan"), "--out", str(out)])
     assert res.exit_code == 2 and (out / "keep").read_text() == "x"
+
+
+@pytest.mark.parametrize("content, message", [
+    ([1, 2], "not a LoRA adapter config (a JSON list, not an object)"),
+    ("lora", "not a LoRA adapter config (a JSON str, not an object)"),
+    ({"peft_type": "IA3"}, "not a LoRA adapter config (peft_type='IA3')"),
+    ({"lora_alpha": "16"}, "lora_alpha should be a number, got '16'"),
+    ({"lora_alpha": None}, "lora_alpha should be a number, got None"),
+    ({"lora_alpha": True}, "lora_alpha should be a number, got True"),
+    ({"r": "4"}, "r should be a positive integer, got '4'"),
+    ({"r": 0}, "r should be a positive integer, got 0"),
+    ({"alpha_pattern": ["query"]}, "alpha_pattern should be an object of module patterns"),
+    ({"alpha_pattern": {"query": "x"}}, "alpha_pattern['query'] should be a number, got 'x'"),
+    ({"alpha_pattern": {"(query": 4}}, "alpha_pattern: '(query' is not a regular expression"),
+    ({"rank_pattern": {"query": 2.5}}, "rank_pattern['query'] should be a positive integer"),
+    ({"target_modules": [1, ["query"]]}, "target_modules should be a list of names or a regular expression"),
+    ({"target_modules": {"query": 1}}, "target_modules should be a list of names or a regular expression"),
+    ({"use_rslora": "yes"}, "use_rslora should be true or false, got 'yes'"),
+    ({"fan_in_fan_out": 1}, "fan_in_fan_out should be true or false, got 1"),
+    ({"base_model_name_or_path": 7}, "base_model_name_or_path should be a string, got 7"),
+    ({"use_dora": True}, "DoRA adapters are not supported"),
+])
+def test_malformed_adapter_config_is_an_error_naming_the_file(clients, tmp_path, content, message):
+    """Whatever adapter_config.json holds, the answer is a clear error naming it, never a traceback."""
+    import shutil
+
+    d = tmp_path / "client"
+    shutil.copytree(clients[1], d)
+    if isinstance(content, dict):
+        content = {**json.loads((d / "adapter_config.json").read_text()), **content}
+    (d / "adapter_config.json").write_text(json.dumps(content))
+    res = CliRunner().invoke(app, ["aggregate", str(clients[0]), str(d), "--out", str(tmp_path / "out")])
+    assert res.exit_code == 2, res.output
+    assert "Traceback" not in res.output and not (tmp_path / "out").exists()
+    assert f"{d / 'adapter_config.json'}: {message}" in " ".join(res.output.split())

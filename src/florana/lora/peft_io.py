@@ -4,7 +4,9 @@ safetensors only, never pickle; writes are atomic (temporary folder, then rename
 from __future__ import annotations
 
 import json
+import math
 import os
+import re
 import shutil
 import tempfile
 from contextlib import contextmanager
@@ -34,15 +36,64 @@ def load_adapter(directory: str | Path) -> LoraAdapter:
         config = json.loads(config_path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise FloranaError(f"{config_path}: not valid JSON ({e})") from None
-    if not isinstance(config, dict) or config.get("peft_type", "LORA") != "LORA":
-        raise FloranaError(f"{config_path}: not a LoRA adapter config (peft_type={config.get('peft_type')!r})")
-    if config.get("use_dora"):
-        raise FloranaError(f"{config_path}: DoRA adapters are not supported (use_dora=true)")
+    problem = config_problem(config)
+    if problem:
+        raise FloranaError(f"{config_path}: {problem}")
     try:
         tensors = load_file(weights_path)
     except (SafetensorError, OSError, ValueError) as e:
         raise FloranaError(f"{weights_path}: unreadable safetensors file ({e})") from None
     return adapter_from_state_dict(config, tensors, source=str(directory))
+
+
+def _is_number(x) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
+def _is_int(x) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool) and x >= 1
+
+
+def _pattern_problem(patterns, key: str, valid, what: str) -> str | None:
+    """PEFT's rank_pattern/alpha_pattern: a dict from module regexes to values."""
+    if patterns is None:
+        return None
+    if not isinstance(patterns, dict):
+        return f"{key} should be an object of module patterns, got {patterns!r}"
+    for pattern, value in patterns.items():
+        try:
+            re.compile(pattern)
+        except re.error as e:
+            return f"{key}: {pattern!r} is not a regular expression ({e})"
+        if not valid(value):
+            return f"{key}[{pattern!r}] should be {what}, got {value!r}"
+    return None
+
+
+def config_problem(config) -> str | None:
+    """What is wrong with an adapter_config.json's content for florana (the fields it reads), or None."""
+    if not isinstance(config, dict):
+        return f"not a LoRA adapter config (a JSON {type(config).__name__}, not an object)"
+    if config.get("peft_type", "LORA") != "LORA":
+        return f"not a LoRA adapter config (peft_type={config.get('peft_type')!r})"
+    for key in ("use_dora", "use_rslora", "fan_in_fan_out"):
+        if config.get(key) is not None and not isinstance(config[key], bool):
+            return f"{key} should be true or false, got {config[key]!r}"
+    if config.get("use_dora"):
+        return "DoRA adapters are not supported (use_dora=true)"
+    if "lora_alpha" in config and not _is_number(config["lora_alpha"]):
+        return f"lora_alpha should be a number, got {config['lora_alpha']!r}"
+    if "r" in config and not _is_int(config["r"]):
+        return f"r should be a positive integer, got {config['r']!r}"
+    targets = config.get("target_modules")
+    if not (targets is None or isinstance(targets, str)
+            or isinstance(targets, list) and all(isinstance(t, str) for t in targets)):
+        return f"target_modules should be a list of names or a regular expression, got {targets!r}"
+    base = config.get("base_model_name_or_path")
+    if base is not None and not isinstance(base, str):
+        return f"base_model_name_or_path should be a string, got {base!r}"
+    return (_pattern_problem(config.get("alpha_pattern"), "alpha_pattern", _is_number, "a number")
+            or _pattern_problem(config.get("rank_pattern"), "rank_pattern", _is_int, "a positive integer"))
 
 
 def adapter_from_state_dict(config: dict, tensors: dict[str, Tensor], source: str) -> LoraAdapter:
