@@ -148,11 +148,12 @@ def test_bad_inputs_name_the_culprit_and_write_nothing(clients, tmp_path):
     assert "not a directory" in run(clients[0], tmp_path / "nope")
     res = runner.invoke(app, ["aggregate", "--out", str(out)])
     assert res.exit_code != 0 and not out.exists()
-    # a failed run leaves an existing output untouched
-    out.mkdir()
-    (out / "keep").write_text("x")
-    res = runner.invoke(app, ["aggregate", str(clients[0]), str(tmp_path / "nan"), "--out", str(out)])
-    assert res.exit_code == 2 and (out / "keep").read_text() == "x"
+    # a failed run leaves an existing output untouched, even with --force
+    shutil.copytree(clients[2], out)
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    res = runner.invoke(app, ["aggregate", str(clients[0]), str(tmp_path / "nan"), "--out", str(out), "--force"])
+    assert res.exit_code == 2 and {p.name: p.read_bytes() for p in out.iterdir()} == before
+    assert not [p.name for p in tmp_path.iterdir() if p.name.startswith(".")]
 
 
 @pytest.mark.parametrize("content, message", [
@@ -188,3 +189,53 @@ def test_malformed_adapter_config_is_an_error_naming_the_file(clients, tmp_path,
     assert res.exit_code == 2, res.output
     assert "Traceback" not in res.output and not (tmp_path / "out").exists()
     assert f"{d / 'adapter_config.json'}: {message}" in " ".join(res.output.split())
+
+
+def test_out_never_costs_a_file(clients, tmp_path):
+    """--out must be new or empty, or an adapter folder with --force, where only florana's files are replaced;
+    a client's folder (or one inside or around it) is refused even with --force."""
+    import os
+    import stat
+
+    runner = CliRunner()
+
+    def aggregate(out, *flags, method="fedit"):
+        return runner.invoke(app, ["aggregate", *map(str, clients), "--method", method, "--out", str(out), *flags])
+
+    notes = tmp_path / "notes"
+    notes.mkdir()
+    (notes / "todo.txt").write_text("mine")
+    for flags in ([], ["--force"]):
+        res = aggregate(notes, *flags)
+        assert res.exit_code == 2 and "holds files and is not an adapter folder (todo.txt)" in res.output
+    assert [p.name for p in notes.iterdir()] == ["todo.txt"] and (notes / "todo.txt").read_text() == "mine"
+    a_file = tmp_path / "file"
+    a_file.write_text("x")
+    assert "exists and is not a folder" in aggregate(a_file).output and a_file.read_text() == "x"
+
+    before = {d: {p.name: p.read_bytes() for p in d.iterdir()} for d in clients}
+    for out in (clients[0], clients[0] / "sub", clients[0].parent):
+        res = aggregate(out, "--force")
+        assert res.exit_code == 2 and f"overlaps the input adapter folder {clients[0]}" in res.output
+    assert {d: {p.name: p.read_bytes() for p in d.iterdir()} for d in clients} == before
+    assert not (clients[0] / "sub").exists()
+
+    out = tmp_path / "global"
+    assert aggregate(out, method="fedex").exit_code == 0
+    umask = os.umask(0)
+    os.umask(umask)
+    assert stat.S_IMODE(out.stat().st_mode) == 0o777 & ~umask  # like mkdir, not mkdtemp's 0700
+    assert (out / "base_update.safetensors").is_file()
+    (out / "README.md").write_text("the model card PEFT wrote")
+    res = aggregate(out)
+    assert res.exit_code == 2 and "already holds an adapter; pass --force" in res.output
+    assert (out / "base_update.safetensors").is_file()
+    res = aggregate(out, "--force")  # fedit writes no base update: the stale one must not pair with it
+    assert res.exit_code == 0, res.output
+    assert sorted(p.name for p in out.iterdir()) == ["README.md", "adapter_config.json", "adapter_model.safetensors"]
+    assert (out / "README.md").read_text() == "the model card PEFT wrote"
+    assert aggregate(tmp_path / "fresh").exit_code == 0
+    for name in ("adapter_config.json", "adapter_model.safetensors"):
+        assert (out / name).read_bytes() == (tmp_path / "fresh" / name).read_bytes()
+    assert stat.S_IMODE((out / "adapter_model.safetensors").stat().st_mode) == 0o666 & ~umask
+    assert not [p.name for p in tmp_path.iterdir() if p.name.startswith(".")]

@@ -37,29 +37,30 @@ def parse_weights(text: str):
 @app.command()
 def aggregate(
     clients: Annotated[list[Path], typer.Argument(help="Client adapter directories (PEFT format).")],
-    out: Annotated[Path, typer.Option(help="Output directory for the global PEFT adapter.")],
+    out: Annotated[Path, typer.Option(help="Output directory for the global PEFT adapter: new or empty, or an "
+                                           "adapter folder with --force.")],
     method: Annotated[str, typer.Option(help="fedit | ffa | fedsa | flora | fedex | florana | svd")] = "florana",
     weights: Annotated[str, typer.Option(help="'uniform' or W1,W2,... (e.g. example counts).")] = "uniform",
     report: Annotated[Path | None, typer.Option(help="Write the aggregation report as JSON here.")] = None,
+    force: Annotated[bool, typer.Option("--force", help="Replace the adapter files of an existing adapter folder "
+                                                        "--out (its other files are kept).")] = False,
 ) -> None:
     """Aggregate client LoRA adapters into one global PEFT adapter (written atomically)."""
     from florana.aggregation import aggregate_adapters
-    from florana.lora import load_adapter
-    from florana.lora.peft_io import BASE_UPDATE_FILE, atomic_directory, write_adapter_files
-    from florana.lora.peft_io import save_base_update
+    from florana.federation.checkpoint import write_text_atomic
+    from florana.lora import load_adapter, save_adapter
+    from florana.lora.peft_io import check_output
 
     try:
+        check_output(out, clients, force)
         adapters = [load_adapter(c) for c in clients]
         result = aggregate_adapters(adapters, method, parse_weights(weights),
                                     labels=[str(c) for c in clients])
-        with atomic_directory(out) as tmp:
-            write_adapter_files(result.adapter, tmp)
-            if result.base_update:
-                save_base_update(result.base_update, tmp / BASE_UPDATE_FILE)
+        save_adapter(result.adapter, out, result.base_update)
         summary = result.report.to_json()
         if report is not None:
             report.parent.mkdir(parents=True, exist_ok=True)
-            report.write_text(json.dumps(summary, indent=2) + "\n")
+            write_text_atomic(report, json.dumps(summary, indent=2) + "\n")
     except FloranaError as e:
         fail(str(e))
     typer.echo(f"{method}: {len(clients)} clients → {out}  relative error {summary['relative_error']:.4g} "

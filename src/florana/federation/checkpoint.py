@@ -15,11 +15,12 @@ from florana.errors import FloranaError
 from florana.lora.peft_io import atomic_directory
 
 ROUND_DIR = re.compile(r"^round-(\d{4,})$")
+CHECKPOINT_FILES = ("state.safetensors", "state.json")
 
 
 def save_checkpoint(run_dir: Path, round_: int, tensors: dict[str, Tensor], meta: dict) -> Path:
     target = run_dir / "checkpoints" / f"round-{round_:04d}"
-    with atomic_directory(target) as tmp:
+    with atomic_directory(target, CHECKPOINT_FILES) as tmp:
         save_file({k: v.detach().contiguous().clone() for k, v in tensors.items()}, tmp / "state.safetensors")
         (tmp / "state.json").write_text(json.dumps(meta))
     return target

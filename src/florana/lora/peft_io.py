@@ -1,5 +1,5 @@
 """Read and write PEFT adapter directories (adapter_config.json + adapter_model.safetensors): JSON and
-safetensors only, never pickle; writes are atomic (temporary folder, then rename)."""
+safetensors only, never pickle; writes are atomic (temporary folder, then rename) and touch only florana's files."""
 
 from __future__ import annotations
 
@@ -7,8 +7,10 @@ import json
 import math
 import os
 import re
+import secrets
 import shutil
-import tempfile
+import stat
+from collections.abc import Collection, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -22,6 +24,7 @@ from florana.lora.adapter import EMB_A, EMB_B, LORA_A, LORA_B, LoraAdapter, Lora
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
 BASE_UPDATE_FILE = "base_update.safetensors"
+ADAPTER_FILES = (CONFIG_FILE, WEIGHTS_FILE, BASE_UPDATE_FILE)  # everything florana writes into an adapter folder
 
 
 def load_adapter(directory: str | Path) -> LoraAdapter:
@@ -125,24 +128,69 @@ def adapter_from_state_dict(config: dict, tensors: dict[str, Tensor], source: st
     return LoraAdapter(config=config, modules=dict(sorted(modules.items())), extra=dict(sorted(extra.items())))
 
 
+def _new_sibling(target: Path) -> Path:
+    """An empty hidden folder next to `target`, with the permissions a plain mkdir gives (mkdtemp's are 0700)."""
+    while True:
+        folder = target.with_name(f".{target.name}.{secrets.token_hex(4)}")
+        try:
+            folder.mkdir()
+            return folder
+        except FileExistsError:
+            continue
+
+
 @contextmanager
-def atomic_directory(target: str | Path):
-    """Yield a temporary sibling folder; on success it replaces `target` in one rename, on error it vanishes."""
+def atomic_directory(target: str | Path, owned: Collection[str] = ADAPTER_FILES):
+    """Yield a temporary sibling folder to write some of the `owned` files into. On success a new `target` is that
+    folder, renamed into place in one step; an existing one receives each file by an atomic replace and loses the
+    owned files not written this time (a stale base_update.safetensors), while every other file in it stays.
+    On error the temporary folder vanishes and `target` is untouched."""
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    tmp = _new_sibling(target)
     try:
         yield tmp
-        old = None
-        if target.exists():
-            old = target.with_name(f".{target.name}.old.{os.getpid()}")
-            os.rename(target, old)
-        os.rename(tmp, target)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
+        written = {p.name for p in tmp.iterdir()}
+        if written - set(owned):
+            raise ValueError(f"atomic_directory({target}): wrote {sorted(written - set(owned))}, not owned files")
+        file_mode = stat.S_IMODE(tmp.stat().st_mode) & 0o666  # the umask's, as mkdir applied it to tmp
+        for name in written:
+            os.chmod(tmp / name, file_mode)  # safetensors creates its files 0600
+        if not target.exists():
+            os.rename(tmp, target)
+            return
+        for name in set(owned) - written:
+            (target / name).unlink(missing_ok=True)
+        for name in sorted(written):
+            os.replace(tmp / name, target / name)
+        tmp.rmdir()
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def check_output(out: Path, inputs: Sequence[Path], force: bool) -> None:
+    """Refuse an output folder that would cost data: one that is, holds or lies inside an input folder, a file, a
+    non-empty folder that is not an adapter, or an adapter folder without `force` (which replaces only florana's
+    files in it)."""
+    here = Path(out).resolve()
+    for d in inputs:
+        there = Path(d).resolve()
+        if here == there or there in here.parents or here in there.parents:
+            raise FloranaError(f"--out {out} overlaps the input adapter folder {d}; choose another folder")
+    if not os.path.lexists(out):
+        return
+    if not Path(out).is_dir():
+        raise FloranaError(f"--out {out}: exists and is not a folder")
+    entries = sorted(p.name for p in Path(out).iterdir())
+    if not entries:
+        return
+    if not (Path(out) / CONFIG_FILE).is_file():
+        raise FloranaError(f"--out {out}: holds files and is not an adapter folder ({', '.join(entries[:5])}"
+                           f"{', ...' if len(entries) > 5 else ''}); choose a new or empty folder")
+    if not force:
+        raise FloranaError(f"--out {out}: already holds an adapter; pass --force to replace its "
+                           f"{', '.join(ADAPTER_FILES)} (its other files are kept)")
 
 
 def write_adapter_files(adapter: LoraAdapter, directory: Path) -> None:
@@ -152,10 +200,12 @@ def write_adapter_files(adapter: LoraAdapter, directory: Path) -> None:
               metadata={"format": "pt"})
 
 
-def save_adapter(adapter: LoraAdapter, directory: str | Path) -> None:
-    """Write `adapter` as a PEFT directory, atomically."""
+def save_adapter(adapter: LoraAdapter, directory: str | Path, base_update: dict[str, Tensor] | None = None) -> None:
+    """Write `adapter` as a PEFT directory, with base_update.safetensors when there is one, atomically."""
     with atomic_directory(directory) as tmp:
         write_adapter_files(adapter, tmp)
+        if base_update:
+            save_base_update(base_update, tmp / BASE_UPDATE_FILE)
 
 
 def save_base_update(update: dict[str, Tensor], path: str | Path) -> None:
