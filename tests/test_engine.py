@@ -135,6 +135,28 @@ def test_resume_after_kill_minus_9(assets, tmp_path):
     assert all(torch.equal(ref_adapter[k], got[k]) for k in ref_adapter)
 
 
+def test_only_the_newest_checkpoints_are_kept(assets, tmp_path):
+    history = run(tiny_config(assets, rounds=3, keep_checkpoints=1), tmp_path / "run").history
+    assert [p.name for p in (tmp_path / "run" / "checkpoints").iterdir()] == ["round-0003"]
+    assert read_metrics(tmp_path / "run") == history
+
+
+def test_pruning_removes_only_checkpoint_files(tmp_path):
+    from florana.federation.checkpoint import latest_round, prune_checkpoints
+
+    folder = tmp_path / "checkpoints"
+    for r in (1, 2, 3, 4):
+        (folder / f"round-{r:04d}").mkdir(parents=True)
+        for name in ("state.safetensors", "state.json"):
+            (folder / f"round-{r:04d}" / name).write_text("x")
+    (folder / "round-0001" / "notes.txt").write_text("mine")
+    (folder / "other").mkdir()
+    prune_checkpoints(tmp_path, 2)
+    assert sorted(p.name for p in folder.iterdir()) == ["other", "round-0001", "round-0003", "round-0004"]
+    assert [p.name for p in (folder / "round-0001").iterdir()] == ["notes.txt"]
+    assert latest_round(tmp_path) == 4
+
+
 def test_nan_client_is_rejected_and_the_run_goes_on(assets, tmp_path, monkeypatch):
     real = engine.train_steps
     calls = {"n": 0}

@@ -89,6 +89,8 @@ class RunConfig:
     # run
     seed: int = _f(0, "seed of everything: split, partition, sampling, init, batches", at_least(0))
     threads: int = _f(2, "torch threads", at_least(1))
+    keep_checkpoints: int = _f(2, "checkpoints kept in checkpoints/ (the newest; an older one is removed once a newer "
+                                  "one is in place)", at_least(1))
 
     def __post_init__(self):
         """Every field's type and range, checked here so that TOML files, flags and code are held to one rule."""

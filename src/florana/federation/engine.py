@@ -23,7 +23,7 @@ from florana.aggregation import aggregate_adapters, get_method
 from florana.config import RunConfig, load_config
 from florana.data import Examples, load_examples, partition, partition_stats
 from florana.errors import FloranaError
-from florana.federation.checkpoint import latest_checkpoint, save_checkpoint, write_text_atomic
+from florana.federation.checkpoint import latest_checkpoint, prune_checkpoints, save_checkpoint, write_text_atomic
 from florana.federation.methods import BOUNDS
 from florana.lora.adapter import base_layout, has_non_finite
 from florana.lora.peft_io import BASE_UPDATE_FILE, atomic_directory, save_base_update, write_adapter_files
@@ -382,10 +382,12 @@ def open_run(config: RunConfig | None, run_dir: Path, *, resume: bool = False, p
 
 
 def record_round(fed: Federation, run_dir: Path, metrics: dict) -> None:
-    """Append a closed round to the history and make it durable: checkpoint first, then metrics.jsonl."""
+    """Append a closed round to the history and make it durable: checkpoint first, then metrics.jsonl; then drop
+    the checkpoints beyond the newest keep_checkpoints."""
     fed.history.append(metrics)
     save_checkpoint(run_dir, metrics["round"], fed.state_tensors(), {"ledger": fed.ledger, "history": fed.history})
     write_text_atomic(run_dir / "metrics.jsonl", "".join(json.dumps(m) + "\n" for m in fed.history))
+    prune_checkpoints(run_dir, fed.config.keep_checkpoints)
     log.info("round %d/%d %s: global acc %s, local mean %s, error %s, up %s B, down %s B", metrics["round"],
              fed.config.rounds, fed.config.method, _fmt(metrics["global_accuracy"]),
              _fmt(metrics["local_accuracy_mean"]), _fmt(metrics["relative_error"]), metrics["bytes_up"],
