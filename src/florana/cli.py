@@ -103,7 +103,8 @@ def run(
     out: Annotated[Path | None, typer.Option(help="Run folder (default runs/<method>-<time>).")] = None,
     resume: Annotated[Path | None, typer.Option(help="Continue the run in this folder from its last round.")] = None,
     method: Annotated[str | None, typer.Option(help="Aggregator, or centralized | local.")] = None,
-    rounds: Annotated[int | None, typer.Option()] = None,
+    rounds: Annotated[int | None, typer.Option(help="Federated rounds; with --resume, more than are done extend "
+                                                    "the run.")] = None,
     seed: Annotated[int | None, typer.Option()] = None,
     alpha: Annotated[float | None, typer.Option(help="Dirichlet α of the partition.")] = None,
     num_clients: Annotated[int | None, typer.Option()] = None,
@@ -119,18 +120,35 @@ def run(
                                               "Ray, one virtual SuperNode per client).")] = "inprocess",
     min_nodes: Annotated[int, typer.Option(help="flower: fewest replies a round accepts before the run stops.")] = 1,
 ) -> None:
-    """Federated LoRA fine-tuning (offline MiniLM + Rotten Tomatoes by default), in one process or on Flower."""
+    """Federated LoRA fine-tuning (offline MiniLM + Rotten Tomatoes by default), in one process or on Flower.
+    With --resume, flags and --config must match the run's config, except --rounds, which extends it."""
+    flags = dict(method=method, rounds=rounds, seed=seed, alpha=alpha, num_clients=num_clients,
+                 local_steps=local_steps, partition=partition, dataset=dataset, model=model, task=task,
+                 text_column=text_column, label_column=label_column)
     try:
-        cfg = None if resume is not None else build_config(
-            config, method=method, rounds=rounds, seed=seed, alpha=alpha, num_clients=num_clients,
-            local_steps=local_steps, partition=partition, dataset=dataset, model=model, task=task,
-            text_column=text_column, label_column=label_column)
+        if resume is not None:
+            extend_run(resume, config, flags)
+            cfg = None
+        else:
+            cfg = build_config(config, **flags)
         if runtime not in ("inprocess", "flower"):
             raise FloranaError(f"--runtime must be inprocess or flower, not {runtime!r}")
     except FloranaError as e:
         fail(str(e))
     run_dir = resume or out or Path("runs") / f"{cfg.method}-{_stamp()}"
     _run_and_print(cfg, run_dir, resume is not None, quiet, runtime=runtime, min_nodes=min_nodes)
+
+
+def extend_run(run_dir: Path, config_path: Path | None, flags: dict) -> None:
+    """--resume with --config or flags: they must agree with the run's stored config, save a larger --rounds,
+    which is written into it (so both runtimes resume with it)."""
+    from florana.config import load_config
+    from florana.federation.engine import resumed_config
+
+    if config_path is None and all(v is None for v in flags.values()):
+        return
+    base = load_config(config_path) if config_path else resumed_config(run_dir)
+    resumed_config(run_dir, base.with_overrides(**flags))
 
 
 def _run_and_print(cfg, run_dir: Path, resume: bool, quiet: bool, runtime: str = "inprocess",

@@ -147,6 +147,16 @@ def config_from_dict(data: dict, source: str = "config") -> RunConfig:
         raise FloranaError(f"{source}: {e}") from None
 
 
+def differences(old: RunConfig, new: RunConfig) -> dict[str, tuple]:
+    """The keys whose values differ, each with (old, new)."""
+    a, b = asdict(old), asdict(new)
+    return {k: (a[k], b[k]) for k in a if a[k] != b[k]}
+
+
+def describe(changes: dict[str, tuple]) -> str:
+    return ", ".join(f"{k} {old!r} → {new!r}" for k, (old, new) in changes.items())
+
+
 def load_config(path: str | Path) -> RunConfig:
     path = Path(path)
     try:
