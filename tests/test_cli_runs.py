@@ -47,11 +47,15 @@ def test_compare_then_report(tiny_cfg, tmp_path):
     res = runner.invoke(app, ["report", str(out), "--out", str(rep)])
     assert res.exit_code == 0, res.output
     assert (rep / "summary.md").read_text() == table
+    res = runner.invoke(app, ["report", str(out)])  # into the compare folder itself
+    assert res.exit_code == 0, res.output
 
 
 def test_user_mistakes_are_errors_not_tracebacks(tiny_cfg, tmp_path):
     bad = tmp_path / "bad.toml"
     bad.write_text(tiny_cfg.read_text() + "colour = 'blue'\n")
+    floats = tmp_path / "floats.toml"
+    floats.write_text(tiny_cfg.read_text().replace("rounds = 2\n", "rounds = 2.5\n"))
     for args, message in [
         (["run", "--config", str(bad), "--out", str(tmp_path / "r1")], "unknown key(s) colour"),
         (["run", "--config", str(tiny_cfg), "--method", "fedavgm", "--out", str(tmp_path / "r2")],
@@ -60,11 +64,40 @@ def test_user_mistakes_are_errors_not_tracebacks(tiny_cfg, tmp_path):
         (["compare", "--methods", "fedit,nope", "--config", str(tiny_cfg)], "unknown method 'nope'"),
         (["report", str(tmp_path)], "no metrics.jsonl"),
         (["run", "--resume", str(tmp_path / "nothing")], "nothing to resume"),
+        (["run", "--config", str(floats), "--out", str(tmp_path / "r4")], f"{floats}: rounds should be int, got 2.5"),
+        (["run", "--config", str(tiny_cfg), "--model", "", "--out", str(tmp_path / "r5")], "model must be non-empty"),
     ]:
         res = runner.invoke(app, args)
         assert res.exit_code == 2, (args, res.output)
         assert message in res.output
         assert "Traceback" not in res.output
+
+
+def test_no_command_writes_into_someone_elses_folder(tiny_cfg, tmp_path):
+    """run, compare and report write only into new or empty folders or florana's own; nothing is lost."""
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "thesis.tex").write_text("years of work")
+    (mine / "summary.md").write_text("my summary")
+    finished = tmp_path / "finished"
+    finished.mkdir()
+    (finished / "metrics.jsonl").write_text(json.dumps(
+        {"round": 1, "method": "fedit", "alpha": 0.5, "seed": 0, "global_accuracy": 0.5, "cum_bytes_up": 0,
+         "cum_bytes_down": 0}) + "\n")
+    for args, what in [
+        (["run", "--config", str(tiny_cfg), "--out", str(mine)], "a florana run's"),
+        (["compare", "--methods", "fedit", "--config", str(tiny_cfg), "--out", str(mine)], "florana compare's"),
+        (["report", str(finished), "--out", str(mine)], "a florana run's or compare's"),
+        (["report", str(mine / "..")], "a florana run's or compare's"),
+    ]:
+        res = runner.invoke(app, args + ["--quiet"] if args[0] != "report" else args)
+        assert res.exit_code == 2, (args, res.output)
+        assert "holds files that are not " + what in " ".join(res.output.split()) and "Traceback" not in res.output
+    assert sorted(p.name for p in mine.iterdir()) == ["summary.md", "thesis.tex"]
+    assert (mine / "summary.md").read_text() == "my summary"
+    res = runner.invoke(app, ["report", str(finished)])  # a run folder takes its own summary
+    assert res.exit_code == 0, res.output
+    assert "| fedit | 0.5 | 1 |" in (finished / "summary.md").read_text()
 
 
 def test_resume_extends_by_rounds_and_refuses_other_changes(tiny_cfg, tmp_path):

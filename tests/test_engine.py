@@ -6,6 +6,7 @@ import math
 import os
 import re
 import signal
+import stat
 import subprocess
 import sys
 import time
@@ -61,6 +62,10 @@ def test_every_method_runs_and_writes_its_outputs(assets, tmp_path, method):
     assert read_metrics(out) == history
     assert (out / "global_adapter" / "adapter_config.json").is_file()
     assert len(list((out / "checkpoints").glob("round-*"))) == 2
+    umask = os.umask(0)
+    os.umask(umask)
+    for folder in (out / "global_adapter", out / "checkpoints" / "round-0002"):  # mkdir's, not mkdtemp's 0700
+        assert stat.S_IMODE(folder.stat().st_mode) == 0o777 & ~umask
     assert {p.name for p in (out / "plots").glob("*.png")} == {"accuracy.png", "error.png", "bytes.png"}
     assert json.loads((out / "partition.json").read_text())[0]["size"] > 0
     has_base_update = (out / "global_adapter" / "base_update.safetensors").exists()
@@ -278,6 +283,18 @@ def test_existing_run_folder_is_not_overwritten(assets, tmp_path):
         run(tiny_config(assets, rounds=1), tmp_path / "run")
     with pytest.raises(FloranaError, match="nothing to resume"):
         run(None, tmp_path / "empty", resume=True)
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "config.toml").write_text("my own notes")
+    with pytest.raises(FloranaError, match=re.escape(f"{mine}: holds files that are not a florana run's "
+                                                     "(config.toml)")):
+        run(tiny_config(assets, rounds=1), mine)
+    assert (mine / "config.toml").read_text() == "my own notes" and len(list(mine.iterdir())) == 1
+    # what a run that failed before its first round leaves is no obstacle
+    with pytest.raises(FloranaError, match="no column 'review'"):
+        run(tiny_config(assets, rounds=1, text_column="review"), tmp_path / "failed")
+    assert [p.name for p in (tmp_path / "failed").iterdir()] == ["run.log"]
+    assert run(tiny_config(assets, rounds=1), tmp_path / "failed").history
 
 
 def test_causal_lm_round_trip(assets, tmp_path):

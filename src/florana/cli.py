@@ -205,12 +205,13 @@ def compare(
 @app.command()
 def report(
     run_dirs: Annotated[list[Path], typer.Argument(help="Run folders, or folders of runs (florana compare's out).")],
-    out: Annotated[Path | None, typer.Option(help="Where summary.md/csv and plots/ go (default: the first folder).")]
-    = None,
+    out: Annotated[Path | None, typer.Option(help="Where summary.md/csv and plots/ go (default: the first folder): "
+                                                  "a new or empty folder, or a run or compare folder.")] = None,
 ) -> None:
     """Rebuild tables and plots from finished runs."""
     from florana.federation.compare import write_summary
     from florana.federation.engine import read_metrics
+    from florana.federation.folders import check_report_folder
 
     try:
         histories = []
@@ -221,6 +222,7 @@ def report(
             histories += [h for h in (read_metrics(f) for f in found) if h]
         if not histories:
             raise FloranaError("no finished rounds in these runs")
+        check_report_folder(out or run_dirs[0])
         rows = write_summary(histories, out or run_dirs[0])
     except FloranaError as e:
         fail(str(e))

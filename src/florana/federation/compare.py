@@ -10,6 +10,7 @@ import numpy as np
 from florana.config import RunConfig
 from florana.federation.checkpoint import write_text_atomic
 from florana.federation.engine import read_metrics, run
+from florana.federation.folders import check_compare_folder
 from florana.report import tables
 from florana.report.plots import plot_runs
 
@@ -23,6 +24,7 @@ def compare(base: RunConfig, methods: list[str], seeds: list[int], alphas: list[
     """Runs (or resumes, or reuses when finished) each combination under out/, then writes summary.md,
     summary.csv and plots/alpha<α>/. The partition depends only on (seed, alpha), never on the method."""
     out = Path(out)
+    check_compare_folder(out)
     out.mkdir(parents=True, exist_ok=True)
     histories = []
     for alpha, seed, method in itertools.product(alphas, seeds, methods):

@@ -25,6 +25,7 @@ from florana.data import Examples, load_examples, partition, partition_stats
 from florana.errors import FloranaError
 from florana.federation.checkpoint import (latest_checkpoint, latest_round, prune_checkpoints, save_checkpoint,
                                            write_text_atomic)
+from florana.federation.folders import check_run_folder
 from florana.federation.methods import BOUNDS
 from florana.lora.adapter import base_layout, has_non_finite
 from florana.lora.peft_io import BASE_UPDATE_FILE, atomic_directory, save_base_update, write_adapter_files
@@ -380,8 +381,8 @@ def open_run(config: RunConfig | None, run_dir: Path, *, resume: bool = False, p
     run_dir = Path(run_dir)
     if resume:
         config = resumed_config(run_dir, config)
-    elif (run_dir / "checkpoints").exists() or (run_dir / "metrics.jsonl").exists():
-        raise FloranaError(f"{run_dir}: already holds a run; use --resume to continue it or choose another --out")
+    else:
+        check_run_folder(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     _attach_log(run_dir)
     fed = Federation(config, progress)
