@@ -208,6 +208,25 @@ def test_pruning_removes_only_checkpoint_files(tmp_path):
     assert latest_round(tmp_path) == 4
 
 
+def test_removing_a_run_removes_only_what_a_run_writes(tmp_path):
+    from florana.federation.folders import remove_run
+
+    run_dir = tmp_path / "run"
+    files = ["config.toml", "metrics.jsonl", "run.log", "partition.json", "global_adapter/adapter_config.json",
+             "global_adapter/adapter_model.safetensors", "checkpoints/round-0002/state.json",
+             "checkpoints/.round-0003.ab12/state.safetensors", "plots/accuracy.png", ".metrics.jsonl.tmp42"]
+    for name in files + ["global_adapter/README.md", "plots/mine.png"]:
+        (run_dir / name).parent.mkdir(parents=True, exist_ok=True)
+        (run_dir / name).write_text("x")
+    remove_run(run_dir)
+    left = sorted(str(p.relative_to(run_dir)) for p in run_dir.rglob("*"))
+    assert left == ["global_adapter", "global_adapter/README.md", "plots", "plots/mine.png"]
+    (run_dir / "global_adapter" / "README.md").unlink()
+    (run_dir / "plots" / "mine.png").unlink()
+    remove_run(run_dir)
+    assert not run_dir.exists()
+
+
 def test_nan_client_is_rejected_and_the_run_goes_on(assets, tmp_path, monkeypatch):
     real = engine.train_steps
     calls = {"n": 0}

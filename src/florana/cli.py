@@ -182,8 +182,11 @@ def compare(
     out: Annotated[Path, typer.Option(help="Folder for the runs, summary.md/csv and plots/.")] = Path("runs/compare"),
     rounds: Annotated[int | None, typer.Option()] = None,
     quiet: Annotated[bool, typer.Option("--quiet")] = False,
+    force: Annotated[bool, typer.Option("--force", help="Redo a run whose folder holds another config (it is "
+                                                        "removed first).")] = False,
 ) -> None:
-    """Run every method × seed × α on identical partitions; write a markdown and CSV table and plots."""
+    """Run every method × seed × α on identical partitions; write a markdown and CSV table and plots. A finished
+    run of the same config is reused, an unfinished one resumed."""
     from florana.federation.compare import compare as run_compare
     from florana.federation.methods import ALL_METHODS, check_method
 
@@ -195,7 +198,7 @@ def compare(
         alphas = _numbers(alpha, float, "--alpha")
         base = build_config(config, rounds=rounds, alpha=alphas[0])
         with progress_for(quiet) as progress:
-            rows = run_compare(base, names, seed_list, alphas, out, progress=progress)
+            rows = run_compare(base, names, seed_list, alphas, out, progress=progress, force=force)
     except FloranaError as e:
         fail(str(e))
     print_rows(rows)

@@ -5,14 +5,20 @@ file florana did not write."""
 from __future__ import annotations
 
 import os
+import shutil
 from pathlib import Path
 
 from florana.errors import FloranaError
+from florana.federation.checkpoint import CHECKPOINT_FILES
+from florana.lora.peft_io import ADAPTER_FILES
+from florana.report.plots import PANELS
 
 # what a run writes at its top level (.mpl: matplotlib's cache; .flower: the loopback script's FLWR_HOME and logs)
 RUN_ENTRIES = frozenset({"config.toml", "partition.json", "metrics.jsonl", "run.log", "checkpoints",
                          "global_adapter", "plots", ".mpl", ".flower", "summary.md", "summary.csv"})
 SUMMARY_ENTRIES = frozenset({"summary.md", "summary.csv", "plots", ".mpl"})
+# every file a run writes, wherever in its folder
+RUN_FILES = frozenset(RUN_ENTRIES | set(CHECKPOINT_FILES) | set(ADAPTER_FILES) | {p[0] for p in PANELS})
 
 
 def is_ours(name: str, names: frozenset[str]) -> bool:
@@ -75,3 +81,16 @@ def check_report_folder(out: Path) -> None:
     if _existing_folder(out) and not (is_run_folder(out) or is_compare_folder(out)):
         raise _refusal(out, foreign_entries(out, SUMMARY_ENTRIES), "a florana run's or compare's")
 
+
+def remove_run(run_dir: Path) -> None:
+    """Delete a run: the files it writes (by name, anywhere in its folder), matplotlib's cache, then every folder
+    left empty. A file florana did not write stays, and so does the folder holding it."""
+    shutil.rmtree(run_dir / ".mpl", ignore_errors=True)
+    for folder, _, files in os.walk(run_dir, topdown=False):
+        for name in files:
+            if is_ours(name, RUN_FILES):
+                os.unlink(os.path.join(folder, name))
+        try:
+            os.rmdir(folder)
+        except OSError:  # not empty: someone else's file is in it
+            pass
