@@ -208,6 +208,29 @@ def test_pruning_removes_only_checkpoint_files(tmp_path):
     assert latest_round(tmp_path) == 4
 
 
+def test_where_a_new_run_may_go(tmp_path):
+    from florana.federation.folders import check_run_folder
+
+    def folder(name, *entries):
+        d = tmp_path / name
+        d.mkdir()
+        for e in entries:
+            (d / e).mkdir() if e.startswith(".flower") else (d / e).write_text("x")
+        return d
+
+    for ok in (tmp_path / "new", folder("empty"), folder("failed", "run.log", ".config.toml.tmp7"),
+               folder("loopback", ".flower")):
+        check_run_folder(ok)
+    for refused, listing in ((folder("mine", "config.toml"), "config.toml"),
+                             (folder("notes", "run.log", "notes.txt"), "notes.txt, run.log"),
+                             (folder("hidden", ".flower", "data.csv"), ".flower, data.csv")):
+        with pytest.raises(FloranaError, match=re.escape(f"{refused}: holds files that are not a florana run's "
+                                                         f"({listing})")):
+            check_run_folder(refused)
+    with pytest.raises(FloranaError, match="exists and is not a folder"):
+        check_run_folder(tmp_path / "mine" / "config.toml")
+
+
 def test_removing_a_run_removes_only_what_a_run_writes(tmp_path):
     from florana.federation.folders import remove_run
 

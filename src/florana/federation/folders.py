@@ -17,6 +17,7 @@ from florana.report.plots import PANELS
 RUN_ENTRIES = frozenset({"config.toml", "partition.json", "metrics.jsonl", "run.log", "checkpoints",
                          "global_adapter", "plots", ".mpl", ".flower", "summary.md", "summary.csv"})
 SUMMARY_ENTRIES = frozenset({"summary.md", "summary.csv", "plots", ".mpl"})
+HIDDEN_ENTRIES = frozenset({".mpl", ".flower"})
 # every file a run writes, wherever in its folder
 RUN_FILES = frozenset(RUN_ENTRIES | set(CHECKPOINT_FILES) | set(ADAPTER_FILES) | {p[0] for p in PANELS})
 
@@ -36,9 +37,14 @@ def holds_run(folder: Path) -> bool:
 
 
 def is_run_folder(folder: Path) -> bool:
-    """A run's folder, or what a run that failed before its first round left (its log, nothing foreign)."""
-    return folder.is_dir() and (holds_run(folder) or (folder / "run.log").is_file()
-                                and not foreign_entries(folder, RUN_ENTRIES))
+    """A run's folder, or what a run that failed before its first round left (its log and nothing foreign), or
+    one holding only the hidden folders florana's tools make first (the loopback script's .flower)."""
+    if not folder.is_dir():
+        return False
+    if holds_run(folder):
+        return True
+    allowed = RUN_ENTRIES if (folder / "run.log").is_file() else HIDDEN_ENTRIES
+    return not foreign_entries(folder, allowed)
 
 
 def is_compare_folder(folder: Path) -> bool:
