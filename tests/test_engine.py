@@ -222,8 +222,8 @@ def test_where_a_new_run_may_go(tmp_path):
                folder("loopback", ".flower")):
         check_run_folder(ok)
     for refused, listing in ((folder("mine", "config.toml"), "config.toml"),
-                             (folder("notes", "run.log", "notes.txt"), "notes.txt, run.log"),
-                             (folder("hidden", ".flower", "data.csv"), ".flower, data.csv")):
+                             (folder("notes", "run.log", "notes.txt"), "notes.txt"),
+                             (folder("hidden", ".flower", "data.csv"), "data.csv")):
         with pytest.raises(FloranaError, match=re.escape(f"{refused}: holds files that are not a florana run's "
                                                          f"({listing})")):
             check_run_folder(refused)

@@ -8,7 +8,7 @@ import os
 import shutil
 from pathlib import Path
 
-from florana.errors import FloranaError
+from florana.errors import FloranaError, listing
 from florana.federation.checkpoint import CHECKPOINT_FILES
 from florana.lora.peft_io import ADAPTER_FILES
 from florana.report.plots import PANELS
@@ -36,15 +36,17 @@ def holds_run(folder: Path) -> bool:
     return (folder / "metrics.jsonl").exists() or (folder / "checkpoints").exists()
 
 
-def is_run_folder(folder: Path) -> bool:
-    """A run's folder, or what a run that failed before its first round left (its log and nothing foreign), or
-    one holding only the hidden folders florana's tools make first (the loopback script's .flower)."""
-    if not folder.is_dir():
-        return False
+def run_folder_strays(folder: Path) -> list[str]:
+    """The entries that keep `folder` from being a run's folder: none in a run's (whatever else it holds), nor in
+    what a run that failed before its first round left (its log and run files), nor where only the hidden
+    folders florana's tools make first are (the loopback script's .flower)."""
     if holds_run(folder):
-        return True
-    allowed = RUN_ENTRIES if (folder / "run.log").is_file() else HIDDEN_ENTRIES
-    return not foreign_entries(folder, allowed)
+        return []
+    return foreign_entries(folder, RUN_ENTRIES if (folder / "run.log").is_file() else HIDDEN_ENTRIES)
+
+
+def is_run_folder(folder: Path) -> bool:
+    return folder.is_dir() and not run_folder_strays(folder)
 
 
 def is_compare_folder(folder: Path) -> bool:
@@ -62,8 +64,7 @@ def _existing_folder(path: Path) -> bool:
 
 
 def _refusal(folder: Path, names: list[str], what: str) -> FloranaError:
-    listing = ", ".join(names[:5]) + (", ..." if len(names) > 5 else "")
-    return FloranaError(f"{folder}: holds files that are not {what} ({listing}); choose a new or empty folder")
+    return FloranaError(f"{folder}: holds files that are not {what} ({listing(names)}); choose a new or empty folder")
 
 
 def check_run_folder(run_dir: Path) -> None:
@@ -72,8 +73,8 @@ def check_run_folder(run_dir: Path) -> None:
         return
     if holds_run(run_dir):
         raise FloranaError(f"{run_dir}: already holds a run; use --resume to continue it or choose another --out")
-    if any(run_dir.iterdir()) and not is_run_folder(run_dir):
-        raise _refusal(run_dir, sorted(p.name for p in run_dir.iterdir()), "a florana run's")
+    if strays := run_folder_strays(run_dir):
+        raise _refusal(run_dir, strays, "a florana run's")
 
 
 def check_compare_folder(out: Path) -> None:

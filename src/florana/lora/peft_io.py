@@ -18,7 +18,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
-from florana.errors import FloranaError
+from florana.errors import FloranaError, listing
 from florana.lora.adapter import EMB_A, EMB_B, LORA_A, LORA_B, LoraAdapter, LoraModule, model_path
 
 CONFIG_FILE = "adapter_config.json"
@@ -186,8 +186,8 @@ def check_output(out: Path, inputs: Sequence[Path], force: bool) -> None:
     if not entries:
         return
     if not (Path(out) / CONFIG_FILE).is_file():
-        raise FloranaError(f"--out {out}: holds files and is not an adapter folder ({', '.join(entries[:5])}"
-                           f"{', ...' if len(entries) > 5 else ''}); choose a new or empty folder")
+        raise FloranaError(f"--out {out}: holds files and is not an adapter folder ({listing(entries)}); choose a "
+                           "new or empty folder")
     if not force:
         raise FloranaError(f"--out {out}: already holds an adapter; pass --force to replace its "
                            f"{', '.join(ADAPTER_FILES)} (its other files are kept)")
