@@ -43,15 +43,32 @@ def test_compare_then_report(tiny_cfg, tmp_path):
     res = runner.invoke(app, ["compare", "--methods", "fedit", "--seeds", "0", "--config", str(tiny_cfg),
                               "--out", str(out), "--quiet"])
     assert res.exit_code == 0 and (out / "fedit-alpha0.5-seed0" / "metrics.jsonl").stat().st_mtime_ns == before
+    # ... and only when their config is the one asked for: otherwise an error, or --force to redo them
+    run_dir = out / "fedit-alpha0.5-seed0"
+    args = ["compare", "--methods", "fedit", "--seeds", "0", "--config", str(tiny_cfg), "--rounds", "3", "--out",
+            str(out), "--quiet"]
+    res = runner.invoke(app, args)
+    assert res.exit_code == 2 and "Traceback" not in res.output
+    assert f"{run_dir}: holds a run of another config (rounds 2 → 3); pass --force" in " ".join(res.output.split())
+    assert run_dir.joinpath("metrics.jsonl").stat().st_mtime_ns == before
+    res = runner.invoke(app, args + ["--force"])
+    assert res.exit_code == 0, res.output
+    assert [json.loads(x)["round"] for x in (run_dir / "metrics.jsonl").read_text().splitlines()] == [1, 2, 3]
+    assert (out / "fedit-alpha0.5-seed1" / "metrics.jsonl").read_text().count("\n") == 2  # others untouched
     rep = tmp_path / "rep"
     res = runner.invoke(app, ["report", str(out), "--out", str(rep)])
     assert res.exit_code == 0, res.output
-    assert (rep / "summary.md").read_text() == table
+    untouched = [line for line in table.splitlines() if line.startswith(("| florana ", "| centralized "))]
+    assert set(untouched) <= set((rep / "summary.md").read_text().splitlines()) and len(untouched) == 2
+    res = runner.invoke(app, ["report", str(out)])  # into the compare folder itself
+    assert res.exit_code == 0, res.output
 
 
 def test_user_mistakes_are_errors_not_tracebacks(tiny_cfg, tmp_path):
     bad = tmp_path / "bad.toml"
     bad.write_text(tiny_cfg.read_text() + "colour = 'blue'\n")
+    floats = tmp_path / "floats.toml"
+    floats.write_text(tiny_cfg.read_text().replace("rounds = 2\n", "rounds = 2.5\n"))
     for args, message in [
         (["run", "--config", str(bad), "--out", str(tmp_path / "r1")], "unknown key(s) colour"),
         (["run", "--config", str(tiny_cfg), "--method", "fedavgm", "--out", str(tmp_path / "r2")],
@@ -60,11 +77,61 @@ def test_user_mistakes_are_errors_not_tracebacks(tiny_cfg, tmp_path):
         (["compare", "--methods", "fedit,nope", "--config", str(tiny_cfg)], "unknown method 'nope'"),
         (["report", str(tmp_path)], "no metrics.jsonl"),
         (["run", "--resume", str(tmp_path / "nothing")], "nothing to resume"),
+        (["run", "--config", str(floats), "--out", str(tmp_path / "r4")], f"{floats}: rounds should be int, got 2.5"),
+        (["run", "--config", str(tiny_cfg), "--model", "", "--out", str(tmp_path / "r5")], "model must be non-empty"),
     ]:
         res = runner.invoke(app, args)
         assert res.exit_code == 2, (args, res.output)
         assert message in res.output
         assert "Traceback" not in res.output
+
+
+def test_no_command_writes_into_someone_elses_folder(tiny_cfg, tmp_path):
+    """run, compare and report write only into new or empty folders or florana's own; nothing is lost."""
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "thesis.tex").write_text("years of work")
+    (mine / "summary.md").write_text("my summary")
+    finished = tmp_path / "finished"
+    finished.mkdir()
+    (finished / "metrics.jsonl").write_text(json.dumps(
+        {"round": 1, "method": "fedit", "alpha": 0.5, "seed": 0, "global_accuracy": 0.5, "cum_bytes_up": 0,
+         "cum_bytes_down": 0}) + "\n")
+    for args, what in [
+        (["run", "--config", str(tiny_cfg), "--out", str(mine)], "a florana run's"),
+        (["compare", "--methods", "fedit", "--config", str(tiny_cfg), "--out", str(mine)], "florana compare's"),
+        (["report", str(finished), "--out", str(mine)], "a florana run's or compare's"),
+        (["report", str(mine / "..")], "a florana run's or compare's"),
+    ]:
+        res = runner.invoke(app, args + ["--quiet"] if args[0] != "report" else args)
+        assert res.exit_code == 2, (args, res.output)
+        assert "holds files that are not " + what in " ".join(res.output.split()) and "Traceback" not in res.output
+    assert sorted(p.name for p in mine.iterdir()) == ["summary.md", "thesis.tex"]
+    assert (mine / "summary.md").read_text() == "my summary"
+    res = runner.invoke(app, ["report", str(finished)])  # a run folder takes its own summary
+    assert res.exit_code == 0, res.output
+    assert "| fedit | 0.5 | 1 |" in (finished / "summary.md").read_text()
+
+
+def test_resume_extends_by_rounds_and_refuses_other_changes(tiny_cfg, tmp_path):
+    out = tmp_path / "run"
+    assert runner.invoke(app, ["run", "--config", str(tiny_cfg), "--out", str(out), "--quiet"]).exit_code == 0
+    stored = (out / "config.toml").read_text()
+    other = tmp_path / "other.toml"
+    other.write_text(tiny_cfg.read_text().replace("lr = 0.002\n", "lr = 0.01\n"))
+    for args, message in [
+        (["--seed", "1"], "seed 0 → 1 differ(s) from its config.toml"),
+        (["--rounds", "3", "--method", "svd"], "method 'florana' → 'svd' differ(s)"),
+        (["--config", str(other)], "lr 0.002 → 0.01 differ(s)"),
+        (["--rounds", "1"], "2 round(s) are done; rounds=1 cannot extend the run"),
+    ]:
+        res = runner.invoke(app, ["run", "--resume", str(out), *args, "--quiet"])
+        assert res.exit_code == 2 and message in " ".join(res.output.split()), (args, res.output)
+    assert (out / "config.toml").read_text() == stored
+    res = runner.invoke(app, ["run", "--resume", str(out), "--config", str(tiny_cfg), "--rounds", "3", "--quiet"])
+    assert res.exit_code == 0, res.output
+    assert [json.loads(x)["round"] for x in (out / "metrics.jsonl").read_text().splitlines()] == [1, 2, 3]
+    assert "rounds = 3\n" in (out / "config.toml").read_text()
 
 
 def test_real_offline_default_end_to_end(tmp_path):

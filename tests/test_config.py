@@ -26,12 +26,70 @@ def test_unknown_key_names_the_file(tmp_path):
     ({"method": "fedprox"}, "unknown method 'fedprox'"),
     ({"rounds": "3"}, "rounds should be int"),
     ({"bf16": 1}, "bf16 should be bool"),
-    ({"partition": "zipf"}, "unknown partition"),
-    ({"task": "regression"}, "task must be"),
+    ({"partition": "zipf"}, "partition must be one of iid, dirichlet, shards, quantity, got 'zipf'"),
+    ({"task": "regression"}, "task must be one of classification, causal_lm"),
+    # ints are ints: no floats, no bools
+    ({"rounds": 2.5}, "rounds should be int, got 2.5"),
+    ({"rounds": 2.0}, "rounds should be int, got 2.0"),
+    ({"num_clients": True}, "num_clients should be int, got True"),
+    ({"lr": True}, "lr should be float, got True"),
+    ({"lr": "1e-3"}, "lr should be float"),
+    ({"lr": float("nan")}, "lr must be a finite number"),
+    ({"lr": float("inf")}, "lr must be a finite number"),
+    ({"model": 3}, "model should be str"),
+    ({"target_modules": "query"}, "target_modules should be a list of non-empty strings"),
+    ({"target_modules": ["query", ""]}, "target_modules should be a list of non-empty strings"),
+    ({"target_modules": ["query", 1]}, "target_modules should be a list of non-empty strings"),
+    # a range for every numeric field
+    ({"target_modules": []}, "target_modules must be non-empty"),
+    ({"model": " "}, "model must be non-empty"),
+    ({"threads": 0}, "threads must be >= 1, got 0"),
+    ({"eval_batch_size": 0}, "eval_batch_size must be >= 1"),
+    ({"batch_size": 0}, "batch_size must be >= 1"),
+    ({"local_steps": 0}, "local_steps must be >= 1"),
+    ({"rounds": 0}, "rounds must be >= 1"),
+    ({"num_clients": 0}, "num_clients must be >= 1"),
+    ({"shards_per_client": 0}, "shards_per_client must be >= 1"),
+    ({"lora_r": 0}, "lora_r must be >= 1"),
+    ({"max_length": 0}, "max_length must be >= 1"),
+    ({"max_new_tokens": 0}, "max_new_tokens must be >= 1"),
+    ({"test_size": -5}, "test_size must be >= 1, got -5"),
+    ({"test_size": 0}, "test_size must be >= 1"),
+    ({"client_test_max": -1}, "client_test_max must be >= 0"),
+    ({"max_examples": -1}, "max_examples must be >= 0"),
+    ({"seed": -1}, "seed must be >= 0"),
+    ({"lr": 0}, "lr must be > 0"),
+    ({"weight_decay": -0.1}, "weight_decay must be >= 0"),
+    ({"lora_alpha": 0}, "lora_alpha must be > 0"),
+    ({"lora_dropout": 1.0}, r"lora_dropout must be in \[0, 1\)"),
+    ({"lora_dropout": -0.1}, r"lora_dropout must be in \[0, 1\)"),
+    ({"client_test_fraction": 1}, r"client_test_fraction must be in \[0, 1\)"),
+    ({"sample_fraction": 0}, r"sample_fraction must be in \(0, 1\]"),
+    ({"sample_fraction": 1.5}, r"sample_fraction must be in \(0, 1\]"),
+    ({"weighting": "size"}, "weighting must be one of uniform, examples"),
 ])
 def test_bad_values(data, message):
-    with pytest.raises(FloranaError, match=message):
+    """Every path into a RunConfig (a file, flags, code) gets the same check; a file's errors name the file."""
+    with pytest.raises(FloranaError, match="cfg.toml: " + message):
         config_from_dict(data, "cfg.toml")
+    with pytest.raises(FloranaError, match=message):
+        RunConfig().with_overrides(**data)
+    with pytest.raises(FloranaError, match=message):
+        RunConfig(**data)
+
+
+def test_numbers_are_stored_in_their_field_type():
+    cfg = config_from_dict({"lr": 1, "alpha": 2, "lora_alpha": 16, "rounds": 3}, "cfg.toml")
+    assert (cfg.lr, cfg.alpha, cfg.lora_alpha, cfg.rounds) == (1.0, 2.0, 16.0, 3)
+    assert all(type(v) is float for v in (cfg.lr, cfg.alpha, cfg.lora_alpha)) and type(cfg.rounds) is int
+    assert cfg == RunConfig(lr=1.0, alpha=2.0, lora_alpha=16.0, rounds=3)
+    assert RunConfig(weight_decay=0, client_test_max=0, max_examples=0).weight_decay == 0.0
+
+
+def test_every_field_has_help():
+    from florana.config import FIELDS
+
+    assert all(f.metadata["help"] for f in FIELDS.values())
 
 
 def test_missing_and_invalid_files(tmp_path):

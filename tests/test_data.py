@@ -54,3 +54,29 @@ def test_file_errors(tmp_path):
     odd.write_text("x")
     with pytest.raises(FloranaError, match="unsupported file type"):
         load_examples(str(odd))
+
+
+@pytest.mark.parametrize("suffix", [".csv", ".jsonl"])
+def test_rows_missing_a_text_or_label_are_dropped_and_counted(tmp_path, suffix, caplog):
+    """A gap never becomes a class named 'None' or 'nan', nor a text 'None'; the log says how many rows went."""
+    rows = [("good film", 1), ("bad film", 0), (None, 1), ("dull plot", None), ("", 0), ("fine cast", 1),
+            ("  ", 1), ("weak script", 0)]
+    path = tmp_path / f"data{suffix}"
+    if suffix == ".csv":
+        path.write_text("text,label\n" + "".join(f"{t or ''},{'' if v is None else v}\n" for t, v in rows))
+    else:
+        path.write_text("".join(json.dumps({"text": t, "label": v}) + "\n" for t, v in rows))
+    with caplog.at_level("WARNING", logger="florana"):
+        ex = load_examples(str(path))
+    assert ex.texts == ["good film", "bad film", "fine cast", "weak script"]
+    assert ex.label_names == ["0", "1"] and ex.labels.tolist() == [1, 0, 1, 0]
+    assert f"{path}: dropped 4 of 8 rows with no text or no label" in caplog.text
+    causal = load_examples(str(path), causal=True)
+    assert causal.answers == ["1", "0", "1", "0"]
+
+
+def test_a_table_with_no_complete_row_is_an_error(tmp_path):
+    path = tmp_path / "gaps.csv"
+    path.write_text("text,label\na,\n,1\n")
+    with pytest.raises(FloranaError, match=rf"{path}: no row has both a 'text' and a 'label' value"):
+        load_examples(str(path))

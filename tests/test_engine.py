@@ -4,7 +4,9 @@ faults and bad input."""
 import json
 import math
 import os
+import re
 import signal
+import stat
 import subprocess
 import sys
 import time
@@ -13,7 +15,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from florana.config import RunConfig
+from florana.config import RunConfig, load_config
 from florana.errors import FloranaError
 from florana.federation import engine
 from florana.federation.engine import read_metrics, run
@@ -62,6 +64,10 @@ def test_every_method_runs_and_writes_its_outputs(assets, tmp_path, method):
     assert read_metrics(out) == history
     assert (out / "global_adapter" / "adapter_config.json").is_file()
     assert len(list((out / "checkpoints").glob("round-*"))) == 2
+    umask = os.umask(0)
+    os.umask(umask)
+    for folder in (out / "global_adapter", out / "checkpoints" / "round-0002"):  # mkdir's, not mkdtemp's 0700
+        assert stat.S_IMODE(folder.stat().st_mode) == 0o777 & ~umask
     assert {p.name for p in (out / "plots").glob("*.png")} == {"accuracy.png", "error.png", "bytes.png"}
     assert json.loads((out / "partition.json").read_text())[0]["size"] > 0
     has_base_update = (out / "global_adapter" / "base_update.safetensors").exists()
@@ -250,6 +256,115 @@ def test_resume_after_kill_minus_9(assets, tmp_path, method, overrides):
             assert ref.keys() == got.keys() and all(torch.equal(ref[k], got[k]) for k in ref)
 
 
+def assert_same_adapter(a, b):
+    for name in ("adapter_model.safetensors", "base_update.safetensors"):
+        assert (a / name).exists() == (b / name).exists()
+        if (a / name).exists():
+            ta, tb = load_file(a / name), load_file(b / name)
+            assert ta.keys() == tb.keys() and all(torch.equal(ta[k], tb[k]) for k in ta)
+
+
+@pytest.mark.parametrize("method", ["fedex", "fedsa"])
+def test_more_rounds_extend_a_finished_run_as_if_it_had_never_stopped(assets, tmp_path, method):
+    """fedex carries base weights in its checkpoint, fedsa each client's B: both must survive the extension."""
+    cfg = tiny_config(assets, method=method, rounds=4)
+    reference = run(cfg, tmp_path / "ref").history
+    run(cfg.with_overrides(rounds=2), tmp_path / "run")
+    extended = run(cfg, tmp_path / "run", resume=True).history
+    assert strip_timing(extended) == strip_timing(reference)
+    assert read_metrics(tmp_path / "run") == extended
+    assert load_config(tmp_path / "run" / "config.toml") == cfg
+    assert_same_adapter(tmp_path / "run" / "global_adapter", tmp_path / "ref" / "global_adapter")
+    # the newest keep_checkpoints (2) checkpoints stay, older ones go
+    assert sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir()) == ["round-0003", "round-0004"]
+
+
+def test_a_resumed_run_keeps_its_config(assets, tmp_path):
+    cfg = tiny_config(assets, rounds=1)
+    run(cfg, tmp_path / "run")
+    stored = (tmp_path / "run" / "config.toml").read_text()
+    for requested, message in [
+        (cfg.with_overrides(seed=1, lr=1e-3), "lr 0.005 → 0.001, seed 0 → 1 differ(s) from its config.toml"),
+        (cfg.with_overrides(seed=1, rounds=3), "seed 0 → 1 differ(s) from its config.toml"),
+    ]:
+        with pytest.raises(FloranaError, match=re.escape(f"{tmp_path / 'run'}: a resumed run keeps its config, but "
+                                                         + message)):
+            run(requested, tmp_path / "run", resume=True)
+    assert (tmp_path / "run" / "config.toml").read_text() == stored
+    run(cfg.with_overrides(rounds=3), tmp_path / "run", resume=True)
+    assert load_config(tmp_path / "run" / "config.toml") == cfg.with_overrides(rounds=3)
+    with pytest.raises(FloranaError, match=r"3 round\(s\) are done; rounds=2 cannot extend the run"):
+        run(cfg.with_overrides(rounds=2), tmp_path / "run", resume=True)
+    local = tiny_config(assets, method="local", rounds=1)
+    run(local, tmp_path / "local")
+    with pytest.raises(FloranaError, match="a finished local run cannot be extended"):
+        run(local.with_overrides(rounds=2), tmp_path / "local", resume=True)
+
+
+def test_only_the_newest_checkpoints_are_kept(assets, tmp_path):
+    history = run(tiny_config(assets, rounds=3, keep_checkpoints=1), tmp_path / "run").history
+    assert [p.name for p in (tmp_path / "run" / "checkpoints").iterdir()] == ["round-0003"]
+    assert read_metrics(tmp_path / "run") == history
+
+
+def test_pruning_removes_only_checkpoint_files(tmp_path):
+    from florana.federation.checkpoint import latest_round, prune_checkpoints
+
+    folder = tmp_path / "checkpoints"
+    for r in (1, 2, 3, 4):
+        (folder / f"round-{r:04d}").mkdir(parents=True)
+        for name in ("state.safetensors", "state.json"):
+            (folder / f"round-{r:04d}" / name).write_text("x")
+    (folder / "round-0001" / "notes.txt").write_text("mine")
+    (folder / "other").mkdir()
+    prune_checkpoints(tmp_path, 2)
+    assert sorted(p.name for p in folder.iterdir()) == ["other", "round-0001", "round-0003", "round-0004"]
+    assert [p.name for p in (folder / "round-0001").iterdir()] == ["notes.txt"]
+    assert latest_round(tmp_path) == 4
+
+
+def test_where_a_new_run_may_go(tmp_path):
+    from florana.federation.folders import check_run_folder
+
+    def folder(name, *entries):
+        d = tmp_path / name
+        d.mkdir()
+        for e in entries:
+            (d / e).mkdir() if e.startswith(".flower") else (d / e).write_text("x")
+        return d
+
+    for ok in (tmp_path / "new", folder("empty"), folder("failed", "run.log", ".config.toml.tmp7"),
+               folder("loopback", ".flower")):
+        check_run_folder(ok)
+    for refused, listing in ((folder("mine", "config.toml"), "config.toml"),
+                             (folder("notes", "run.log", "notes.txt"), "notes.txt"),
+                             (folder("hidden", ".flower", "data.csv"), "data.csv")):
+        with pytest.raises(FloranaError, match=re.escape(f"{refused}: holds files that are not a florana run's "
+                                                         f"({listing})")):
+            check_run_folder(refused)
+    with pytest.raises(FloranaError, match="exists and is not a folder"):
+        check_run_folder(tmp_path / "mine" / "config.toml")
+
+
+def test_removing_a_run_removes_only_what_a_run_writes(tmp_path):
+    from florana.federation.folders import remove_run
+
+    run_dir = tmp_path / "run"
+    files = ["config.toml", "metrics.jsonl", "run.log", "partition.json", "global_adapter/adapter_config.json",
+             "global_adapter/adapter_model.safetensors", "checkpoints/round-0002/state.json",
+             "checkpoints/.round-0003.ab12/state.safetensors", "plots/accuracy.png", ".metrics.jsonl.tmp42"]
+    for name in files + ["global_adapter/README.md", "plots/mine.png"]:
+        (run_dir / name).parent.mkdir(parents=True, exist_ok=True)
+        (run_dir / name).write_text("x")
+    remove_run(run_dir)
+    left = sorted(str(p.relative_to(run_dir)) for p in run_dir.rglob("*"))
+    assert left == ["global_adapter", "global_adapter/README.md", "plots", "plots/mine.png"]
+    (run_dir / "global_adapter" / "README.md").unlink()
+    (run_dir / "plots" / "mine.png").unlink()
+    remove_run(run_dir)
+    assert not run_dir.exists()
+
+
 def test_nan_client_is_rejected_and_the_run_goes_on(assets, tmp_path, monkeypatch):
     real = engine.train_steps
     calls = {"n": 0}
@@ -328,6 +443,18 @@ def test_existing_run_folder_is_not_overwritten(assets, tmp_path):
         run(tiny_config(assets, rounds=1), tmp_path / "run")
     with pytest.raises(FloranaError, match="nothing to resume"):
         run(None, tmp_path / "empty", resume=True)
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "config.toml").write_text("my own notes")
+    with pytest.raises(FloranaError, match=re.escape(f"{mine}: holds files that are not a florana run's "
+                                                     "(config.toml)")):
+        run(tiny_config(assets, rounds=1), mine)
+    assert (mine / "config.toml").read_text() == "my own notes" and len(list(mine.iterdir())) == 1
+    # what a run that failed before its first round leaves is no obstacle
+    with pytest.raises(FloranaError, match="no column 'review'"):
+        run(tiny_config(assets, rounds=1, text_column="review"), tmp_path / "failed")
+    assert [p.name for p in (tmp_path / "failed").iterdir()] == ["run.log"]
+    assert run(tiny_config(assets, rounds=1), tmp_path / "failed").history
 
 
 def test_causal_lm_round_trip(assets, tmp_path):

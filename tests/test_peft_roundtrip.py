@@ -148,8 +148,94 @@ def test_bad_inputs_name_the_culprit_and_write_nothing(clients, tmp_path):
     assert "not a directory" in run(clients[0], tmp_path / "nope")
     res = runner.invoke(app, ["aggregate", "--out", str(out)])
     assert res.exit_code != 0 and not out.exists()
-    # a failed run leaves an existing output untouched
-    out.mkdir()
-    (out / "keep").write_text("x")
-    res = runner.invoke(app, ["aggregate", str(clients[0]), str(tmp_path / "nan"), "--out", str(out)])
-    assert res.exit_code == 2 and (out / "keep").read_text() == "x"
+    # a failed run leaves an existing output untouched, even with --force
+    shutil.copytree(clients[2], out)
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    res = runner.invoke(app, ["aggregate", str(clients[0]), str(tmp_path / "nan"), "--out", str(out), "--force"])
+    assert res.exit_code == 2 and {p.name: p.read_bytes() for p in out.iterdir()} == before
+    assert not [p.name for p in tmp_path.iterdir() if p.name.startswith(".")]
+
+
+@pytest.mark.parametrize("content, message", [
+    ([1, 2], "not a LoRA adapter config (a JSON list, not an object)"),
+    ("lora", "not a LoRA adapter config (a JSON str, not an object)"),
+    ({"peft_type": "IA3"}, "not a LoRA adapter config (peft_type='IA3')"),
+    ({"lora_alpha": "16"}, "lora_alpha should be a number, got '16'"),
+    ({"lora_alpha": None}, "lora_alpha should be a number, got None"),
+    ({"lora_alpha": True}, "lora_alpha should be a number, got True"),
+    ({"r": "4"}, "r should be a positive integer, got '4'"),
+    ({"r": 0}, "r should be a positive integer, got 0"),
+    ({"alpha_pattern": ["query"]}, "alpha_pattern should be an object of module patterns"),
+    ({"alpha_pattern": {"query": "x"}}, "alpha_pattern['query'] should be a number, got 'x'"),
+    ({"alpha_pattern": {"(query": 4}}, "alpha_pattern: '(query' is not a regular expression"),
+    ({"rank_pattern": {"query": 2.5}}, "rank_pattern['query'] should be a positive integer"),
+    ({"target_modules": [1, ["query"]]}, "target_modules should be a list of names or a regular expression"),
+    ({"target_modules": {"query": 1}}, "target_modules should be a list of names or a regular expression"),
+    ({"use_rslora": "yes"}, "use_rslora should be true or false, got 'yes'"),
+    ({"fan_in_fan_out": 1}, "fan_in_fan_out should be true or false, got 1"),
+    ({"base_model_name_or_path": 7}, "base_model_name_or_path should be a string, got 7"),
+    ({"use_dora": True}, "DoRA adapters are not supported"),
+])
+def test_malformed_adapter_config_is_an_error_naming_the_file(clients, tmp_path, content, message):
+    """Whatever adapter_config.json holds, the answer is a clear error naming it, never a traceback."""
+    import shutil
+
+    d = tmp_path / "client"
+    shutil.copytree(clients[1], d)
+    if isinstance(content, dict):
+        content = {**json.loads((d / "adapter_config.json").read_text()), **content}
+    (d / "adapter_config.json").write_text(json.dumps(content))
+    res = CliRunner().invoke(app, ["aggregate", str(clients[0]), str(d), "--out", str(tmp_path / "out")])
+    assert res.exit_code == 2, res.output
+    assert "Traceback" not in res.output and not (tmp_path / "out").exists()
+    assert f"{d / 'adapter_config.json'}: {message}" in " ".join(res.output.split())
+
+
+def test_out_never_costs_a_file(clients, tmp_path):
+    """--out must be new or empty, or an adapter folder with --force, where only florana's files are replaced;
+    a client's folder (or one inside or around it) is refused even with --force."""
+    import os
+    import stat
+
+    runner = CliRunner()
+
+    def aggregate(out, *flags, method="fedit"):
+        return runner.invoke(app, ["aggregate", *map(str, clients), "--method", method, "--out", str(out), *flags])
+
+    notes = tmp_path / "notes"
+    notes.mkdir()
+    (notes / "todo.txt").write_text("mine")
+    for flags in ([], ["--force"]):
+        res = aggregate(notes, *flags)
+        assert res.exit_code == 2 and "holds files and is not an adapter folder (todo.txt)" in res.output
+    assert [p.name for p in notes.iterdir()] == ["todo.txt"] and (notes / "todo.txt").read_text() == "mine"
+    a_file = tmp_path / "file"
+    a_file.write_text("x")
+    assert "exists and is not a folder" in aggregate(a_file).output and a_file.read_text() == "x"
+
+    before = {d: {p.name: p.read_bytes() for p in d.iterdir()} for d in clients}
+    for out in (clients[0], clients[0] / "sub", clients[0].parent):
+        res = aggregate(out, "--force")
+        assert res.exit_code == 2 and f"overlaps the input adapter folder {clients[0]}" in res.output
+    assert {d: {p.name: p.read_bytes() for p in d.iterdir()} for d in clients} == before
+    assert not (clients[0] / "sub").exists()
+
+    out = tmp_path / "global"
+    assert aggregate(out, method="fedex").exit_code == 0
+    umask = os.umask(0)
+    os.umask(umask)
+    assert stat.S_IMODE(out.stat().st_mode) == 0o777 & ~umask  # like mkdir, not mkdtemp's 0700
+    assert (out / "base_update.safetensors").is_file()
+    (out / "README.md").write_text("the model card PEFT wrote")
+    res = aggregate(out)
+    assert res.exit_code == 2 and "already holds an adapter; pass --force" in res.output
+    assert (out / "base_update.safetensors").is_file()
+    res = aggregate(out, "--force")  # fedit writes no base update: the stale one must not pair with it
+    assert res.exit_code == 0, res.output
+    assert sorted(p.name for p in out.iterdir()) == ["README.md", "adapter_config.json", "adapter_model.safetensors"]
+    assert (out / "README.md").read_text() == "the model card PEFT wrote"
+    assert aggregate(tmp_path / "fresh").exit_code == 0
+    for name in ("adapter_config.json", "adapter_model.safetensors"):
+        assert (out / name).read_bytes() == (tmp_path / "fresh" / name).read_bytes()
+    assert stat.S_IMODE((out / "adapter_model.safetensors").stat().st_mode) == 0o666 & ~umask
+    assert not [p.name for p in tmp_path.iterdir() if p.name.startswith(".")]

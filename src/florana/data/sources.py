@@ -5,12 +5,16 @@ from __future__ import annotations
 import bz2
 import csv
 import importlib.util
+import logging
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from florana.errors import FloranaError
+
+log = logging.getLogger("florana")
 
 BUILTIN = ("rotten_tomatoes", "gsm_symbolic")
 FILE_BUILDERS = {".csv": "csv", ".json": "json", ".jsonl": "json", ".parquet": "parquet"}
@@ -64,18 +68,36 @@ def gsm_symbolic(size: int, seed: int) -> Examples:
                     [f"template{t}" for t in templates], [str(x["answer"]) for x in data])
 
 
+def is_missing(value) -> bool:
+    """A table cell with nothing in it: None, NaN (pandas' missing number) or blank text."""
+    return value is None or (isinstance(value, float) and math.isnan(value)) or (
+        isinstance(value, str) and not value.strip())
+
+
+def cell_text(value) -> str:
+    """A cell as text; whole floats print as ints, since a gap makes pandas read an int column as floats."""
+    return str(int(value)) if isinstance(value, float) and value.is_integer() else str(value)
+
+
 def from_table(rows, text_column: str, label_column: str, source: str, causal: bool) -> Examples:
-    """Examples from a datasets.Dataset (file or hub): the named columns must exist."""
+    """Examples from a datasets.Dataset (file or hub): the named columns must exist; rows missing their text or
+    label (the answer for causal_lm) are dropped and counted in the log, and an error if none is left."""
     for column in (text_column, label_column):
         if column not in rows.column_names:
             raise FloranaError(f"{source}: no column {column!r}; columns are {', '.join(rows.column_names)}")
-    texts = [str(t) for t in rows[text_column]]
-    raw = rows[label_column]
+    pairs = list(zip(rows[text_column], rows[label_column]))
+    kept = [(t, v) for t, v in pairs if not is_missing(t) and not is_missing(v)]
+    if len(kept) < len(pairs):
+        log.warning("%s: dropped %d of %d rows with no %s or no %s", source, len(pairs) - len(kept), len(pairs),
+                    text_column, label_column)
+    if not kept:
+        raise FloranaError(f"{source}: no row has both a {text_column!r} and a {label_column!r} value")
+    texts, raw = [str(t) for t, _ in kept], [cell_text(v) for _, v in kept]
     if causal:
-        return Examples(texts, np.zeros(len(texts), dtype=int), ["all"], [str(a) for a in raw])
-    names = sorted({str(v) for v in raw}, key=lambda s: (len(s), s))
+        return Examples(texts, np.zeros(len(texts), dtype=int), ["all"], raw)
+    names = sorted(set(raw), key=lambda s: (len(s), s))
     index = {name: i for i, name in enumerate(names)}
-    return Examples(texts, np.array([index[str(v)] for v in raw], dtype=int), names)
+    return Examples(texts, np.array([index[v] for v in raw], dtype=int), names)
 
 
 def load_examples(dataset: str, *, text_column: str = "text", label_column: str = "label", causal: bool = False,

@@ -7,9 +7,11 @@ from pathlib import Path
 
 import numpy as np
 
-from florana.config import RunConfig
+from florana.config import RunConfig, describe, differences
+from florana.errors import FloranaError
 from florana.federation.checkpoint import write_text_atomic
-from florana.federation.engine import read_metrics, run
+from florana.federation.engine import read_metrics, resumed_config, run
+from florana.federation.folders import check_compare_folder, remove_run
 from florana.report import tables
 from florana.report.plots import plot_runs
 
@@ -19,18 +21,26 @@ def run_name(method: str, alpha: float, seed: int) -> str:
 
 
 def compare(base: RunConfig, methods: list[str], seeds: list[int], alphas: list[float], out: Path,
-            progress=None) -> list[dict]:
+            progress=None, force: bool = False) -> list[dict]:
     """Runs (or resumes, or reuses when finished) each combination under out/, then writes summary.md,
-    summary.csv and plots/alpha<α>/. The partition depends only on (seed, alpha), never on the method."""
+    summary.csv and plots/alpha<α>/. The partition depends only on (seed, alpha), never on the method. A run
+    folder is reused only for an identical config; otherwise an error, or with `force` the old run is removed."""
     out = Path(out)
+    check_compare_folder(out)
+    plan = [(base.with_overrides(method=method, seed=seed, alpha=alpha), out / run_name(method, alpha, seed))
+            for alpha, seed, method in itertools.product(alphas, seeds, methods)]
+    for config, run_dir in plan:  # all checked before any run starts
+        if (run_dir / "config.toml").exists() and (changes := differences(resumed_config(run_dir), config)):
+            if not force:
+                raise FloranaError(f"{run_dir}: holds a run of another config ({describe(changes)}); pass --force "
+                                   "to redo it, or choose another --out")
+            remove_run(run_dir)
     out.mkdir(parents=True, exist_ok=True)
     histories = []
-    for alpha, seed, method in itertools.product(alphas, seeds, methods):
-        config = base.with_overrides(method=method, seed=seed, alpha=alpha)
-        run_dir = out / run_name(method, alpha, seed)
-        done = (run_dir / "global_adapter").is_dir() and len(read_metrics(run_dir)) == config.rounds
+    for config, run_dir in plan:
+        resume = (run_dir / "config.toml").exists()
+        done = resume and (run_dir / "global_adapter").is_dir() and len(read_metrics(run_dir)) == config.rounds
         if not done:
-            resume = (run_dir / "config.toml").exists()
             run(None if resume else config, run_dir, resume=resume, progress=progress)
         histories.append(read_metrics(run_dir))
     return write_summary(histories, out)

@@ -20,14 +20,16 @@ import torch
 from torch import Tensor
 
 from florana.aggregation import aggregate_adapters, get_method
-from florana.config import RunConfig, load_config
+from florana.config import RunConfig, describe, differences, load_config
 from florana.data import Examples, load_examples, partition, partition_stats
 from florana.errors import FloranaError
-from florana.federation.checkpoint import latest_checkpoint, save_checkpoint, write_text_atomic
+from florana.federation.checkpoint import (latest_checkpoint, latest_round, prune_checkpoints, save_checkpoint,
+                                           write_text_atomic)
+from florana.federation.folders import check_run_folder
 from florana.federation.methods import BOUNDS
 from florana.lora.adapter import has_non_finite
 from florana.lora.base_delta import apply_change, dense_change, factor_change, total_change
-from florana.lora.peft_io import BASE_UPDATE_FILE, atomic_directory, save_base_update, write_adapter_files
+from florana.lora.peft_io import save_adapter
 from florana.train.local import batch_indices, train_steps
 from florana.train.model import AdapterSlots, load_model
 from florana.train.tasks import CausalLMTask, ClassificationTask, Encoded
@@ -358,11 +360,7 @@ class Federation:
     # ---- outputs --------------------------------------------------------------------------------------
     def save_global(self, directory: Path) -> None:
         """The global model as a PEFT directory, plus base_update.safetensors when the method changed the base."""
-        adapter = self.slots.adapter(self.global_tensors)
-        with atomic_directory(directory) as tmp:
-            write_adapter_files(adapter, tmp)
-            if self.slots.base_delta:
-                save_base_update(self.slots.base_delta, adapter, tmp / BASE_UPDATE_FILE)
+        save_adapter(self.slots.adapter(self.global_tensors), directory, self.slots.base_delta)
 
 
 def _concat(parts: list[Encoded]) -> Encoded:
@@ -378,21 +376,40 @@ class RunResult:
     history: list[dict] = field(default_factory=list)
 
 
-def resumed_config(run_dir: Path) -> RunConfig:
-    """The config of the run to resume in run_dir."""
-    if not (Path(run_dir) / "config.toml").is_file():
+def resumed_config(run_dir: Path, requested: RunConfig | None = None) -> RunConfig:
+    """The config to resume run_dir with: its stored config.toml, or `requested` where that differs from it only
+    in rounds beyond those done (an extension, written to config.toml at once, so that every runtime resumes
+    with it). Any other difference is an error naming the keys."""
+    path = Path(run_dir) / "config.toml"
+    if not path.is_file():
         raise FloranaError(f"{run_dir}: nothing to resume (no config.toml)")
-    return load_config(Path(run_dir) / "config.toml")
+    stored = load_config(path)
+    if requested is None or requested == stored:
+        return stored
+    changes = differences(stored, requested)
+    others = {k: v for k, v in changes.items() if k != "rounds"}
+    if others:
+        raise FloranaError(f"{run_dir}: a resumed run keeps its config, but {describe(others)} differ(s) from its "
+                           "config.toml (only rounds may change, to extend the run)")
+    done = latest_round(run_dir)
+    if requested.rounds <= done:
+        raise FloranaError(f"{run_dir}: {done} round(s) are done; rounds={requested.rounds} cannot extend the run")
+    if stored.method == "local" and done >= stored.rounds:
+        raise FloranaError(f"{run_dir}: a finished local run cannot be extended (its global score is taken at its "
+                           f"last round, {stored.rounds}); start a new run")
+    write_text_atomic(path, requested.to_toml())
+    return requested
 
 
 def open_run(config: RunConfig | None, run_dir: Path, *, resume: bool = False, progress=None) -> tuple[Federation, int]:
     """Set up run_dir (config.toml, partition.json, run.log) and the federation, restored from the last checkpoint
-    when resuming; returns it with the first round still to run. Both runtimes start here."""
+    when resuming (with `config`, only to extend it by more rounds); returns it with the first round still to run.
+    Both runtimes start here."""
     run_dir = Path(run_dir)
     if resume:
-        config = resumed_config(run_dir)
-    elif (run_dir / "checkpoints").exists() or (run_dir / "metrics.jsonl").exists():
-        raise FloranaError(f"{run_dir}: already holds a run; use --resume to continue it or choose another --out")
+        config = resumed_config(run_dir, config)
+    else:
+        check_run_folder(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     _attach_log(run_dir)
     fed = Federation(config, progress)
@@ -405,7 +422,7 @@ def open_run(config: RunConfig | None, run_dir: Path, *, resume: bool = False, p
         round_, tensors, meta = found
         fed.load_state(tensors, meta)
         start = round_ + 1
-        log.info("resuming %s after round %d", run_dir, round_)
+        log.info("resuming %s after round %d of %d", run_dir, round_, config.rounds)
     write_text_atomic(run_dir / "metrics.jsonl", "".join(json.dumps(m) + "\n" for m in fed.history))
     if progress:
         progress.start_run(config, start)
@@ -413,10 +430,12 @@ def open_run(config: RunConfig | None, run_dir: Path, *, resume: bool = False, p
 
 
 def record_round(fed: Federation, run_dir: Path, metrics: dict) -> None:
-    """Append a closed round to the history and make it durable: checkpoint first, then metrics.jsonl."""
+    """Append a closed round to the history and make it durable: checkpoint first, then metrics.jsonl; then drop
+    the checkpoints beyond the newest keep_checkpoints."""
     fed.history.append(metrics)
     save_checkpoint(run_dir, metrics["round"], fed.state_tensors(), fed.state_meta())
     write_text_atomic(run_dir / "metrics.jsonl", "".join(json.dumps(m) + "\n" for m in fed.history))
+    prune_checkpoints(run_dir, fed.config.keep_checkpoints)
     log.info("round %d/%d %s: global acc %s, local mean %s, error %s, up %s B, down %s B", metrics["round"],
              fed.config.rounds, fed.config.method, _fmt(metrics["global_accuracy"]),
              _fmt(metrics["local_accuracy_mean"]), _fmt(metrics["relative_error"]), metrics["bytes_up"],

@@ -1,0 +1,103 @@
+"""Which folders `run`, `compare` and `report` may write into: new or empty ones, and florana's own run and
+compare folders. Anything else holds someone's files and is refused, so no command overwrites or deletes a
+file florana did not write."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+from florana.errors import FloranaError, listing
+from florana.federation.checkpoint import CHECKPOINT_FILES
+from florana.lora.peft_io import ADAPTER_FILES
+from florana.report.plots import PANELS
+
+# what a run writes at its top level (.mpl: matplotlib's cache; .flower: the loopback script's FLWR_HOME and logs)
+RUN_ENTRIES = frozenset({"config.toml", "partition.json", "metrics.jsonl", "run.log", "checkpoints",
+                         "global_adapter", "plots", ".mpl", ".flower", "summary.md", "summary.csv"})
+SUMMARY_ENTRIES = frozenset({"summary.md", "summary.csv", "plots", ".mpl"})
+HIDDEN_ENTRIES = frozenset({".mpl", ".flower"})
+# every file a run writes, wherever in its folder
+RUN_FILES = frozenset(RUN_ENTRIES | set(CHECKPOINT_FILES) | set(ADAPTER_FILES) | {p[0] for p in PANELS})
+
+
+def is_ours(name: str, names: frozenset[str]) -> bool:
+    """`name` is one of `names`, or a temporary of an atomic write of one ('.metrics.jsonl.tmp42')."""
+    return name in names or any(name.startswith(f".{n}.") for n in names)
+
+
+def foreign_entries(folder: Path, names: frozenset[str]) -> list[str]:
+    return sorted(p.name for p in folder.iterdir() if not is_ours(p.name, names))
+
+
+def holds_run(folder: Path) -> bool:
+    """A run has started here: there are rounds to resume or a metrics file."""
+    return (folder / "metrics.jsonl").exists() or (folder / "checkpoints").exists()
+
+
+def run_folder_strays(folder: Path) -> list[str]:
+    """The entries that keep `folder` from being a run's folder: none in a run's (whatever else it holds), nor in
+    what a run that failed before its first round left (its log and run files), nor where only the hidden
+    folders florana's tools make first are (the loopback script's .flower)."""
+    if holds_run(folder):
+        return []
+    return foreign_entries(folder, RUN_ENTRIES if (folder / "run.log").is_file() else HIDDEN_ENTRIES)
+
+
+def is_run_folder(folder: Path) -> bool:
+    return folder.is_dir() and not run_folder_strays(folder)
+
+
+def is_compare_folder(folder: Path) -> bool:
+    """Nothing but compare's summaries and run folders (an empty folder is one)."""
+    return folder.is_dir() and all(is_ours(p.name, SUMMARY_ENTRIES) or is_run_folder(p) for p in folder.iterdir())
+
+
+def _existing_folder(path: Path) -> bool:
+    """False where nothing is at `path`; True for a folder; an error for anything else."""
+    if not os.path.lexists(path):
+        return False
+    if not path.is_dir():
+        raise FloranaError(f"{path}: exists and is not a folder")
+    return True
+
+
+def _refusal(folder: Path, names: list[str], what: str) -> FloranaError:
+    return FloranaError(f"{folder}: holds files that are not {what} ({listing(names)}); choose a new or empty folder")
+
+
+def check_run_folder(run_dir: Path) -> None:
+    """A new run may go into a new or empty folder, or one that a run left before its first round."""
+    if not _existing_folder(run_dir):
+        return
+    if holds_run(run_dir):
+        raise FloranaError(f"{run_dir}: already holds a run; use --resume to continue it or choose another --out")
+    if strays := run_folder_strays(run_dir):
+        raise _refusal(run_dir, strays, "a florana run's")
+
+
+def check_compare_folder(out: Path) -> None:
+    if _existing_folder(out) and not is_compare_folder(out):
+        raise _refusal(out, sorted(p.name for p in out.iterdir() if not is_ours(p.name, SUMMARY_ENTRIES)
+                                   and not is_run_folder(p)), "florana compare's")
+
+
+def check_report_folder(out: Path) -> None:
+    """report writes summary.md, summary.csv and plots/ into a run or compare folder, or a new or empty one."""
+    if _existing_folder(out) and not (is_run_folder(out) or is_compare_folder(out)):
+        raise _refusal(out, foreign_entries(out, SUMMARY_ENTRIES), "a florana run's or compare's")
+
+
+def remove_run(run_dir: Path) -> None:
+    """Delete a run: the files it writes (by name, anywhere in its folder), matplotlib's cache, then every folder
+    left empty. A file florana did not write stays, and so does the folder holding it."""
+    shutil.rmtree(run_dir / ".mpl", ignore_errors=True)
+    for folder, _, files in os.walk(run_dir, topdown=False):
+        for name in files:
+            if is_ours(name, RUN_FILES):
+                os.unlink(os.path.join(folder, name))
+        try:
+            os.rmdir(folder)
+        except OSError:  # not empty: someone else's file is in it
+            pass
