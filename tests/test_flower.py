@@ -2,6 +2,7 @@
 (plain, and TLS with SuperNode authentication), and SuperNodes killed mid-round. Each Flower run is checked
 against the in-process engine on the same config: the global adapter and every metric must be identical."""
 
+import logging
 import os
 import subprocess
 import sys
@@ -15,10 +16,13 @@ import tomli_w
 import torch
 from safetensors.torch import load_file
 
+from flwr.app import ArrayRecord, Message, MessageType, Metadata, MetricRecord, RecordDict
+
 from florana.config import FIELDS, RunConfig, default_of
 from florana.errors import FloranaError
-from florana.federation.engine import read_metrics, run
+from florana.federation.engine import Federation, read_metrics, run
 from florana.flower.deploy import Loopback, flower_env, pids_with_env
+from florana.flower.server import FloranaStrategy
 from florana.flower.wire import RUNTIME_KEYS, flower_run_config, from_record, split_run_config, to_record
 from tiny import sentiment_csv, tiny_bert
 
@@ -88,6 +92,44 @@ def test_pyproject_declares_every_config_key_with_its_default():
     declared = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["flwr"]["app"]["config"]
     assert declared == {**flower_run_config(RunConfig()), **RUNTIME_KEYS}
     assert set(FIELDS) <= set(declared) and default_of("target_modules") == ["query", "value"]
+
+
+def reply_from(node: int, content: RecordDict, message_type: str = MessageType.TRAIN) -> Message:
+    """A node's reply as the server receives it (what a Grid hands back), built without a Flower run."""
+    return Message(content, metadata=Metadata(run_id=1, message_id="", src_node_id=node, dst_node_id=0,
+                                              reply_to_message_id="m", group_id="", created_at=0.0, ttl=60.0,
+                                              message_type=message_type))
+
+
+def closed_round(cfg: RunConfig, run_dir: Path, counts: dict[int, object]) -> tuple[Federation, dict]:
+    """Round 1 of `cfg` closed by the Flower server from fabricated replies: partition u's node (id 100 + u)
+    sends a fixed update and reports counts[u] training examples."""
+    fed = Federation(cfg)
+    strategy = FloranaStrategy(fed, run_dir, first_round=1, min_nodes=1, node_wait=1.0)
+    strategy.nodes = {u: 100 + u for u in counts}
+    strategy.pending = {"metrics": fed.open_round(1, sorted(counts), []), "t0": time.perf_counter(), "down": 0}
+    replies = []
+    for u, count in counts.items():
+        g = torch.Generator().manual_seed(u)
+        update = {k: v + 0.1 * torch.randn(v.shape, generator=g) for k, v in fed.initial.items()}
+        replies.append(reply_from(100 + u, RecordDict({"update": to_record(update), "metrics": MetricRecord(
+            {"partition-id": u, "num-examples": count, "loss": 0.5, "local-accuracy": 0.5})})))
+    strategy.aggregate_train(1, replies)
+    return fed, read_metrics(run_dir)[0]
+
+
+def test_the_server_weighs_partitions_by_its_own_count_not_the_nodes(tiny, tmp_path, caplog):
+    """FedAvg weights: a node reporting a huge, negative or NaN example count neither dominates nor stops the
+    round; the server uses its own partition sizes and names the node that disagreed."""
+    cfg = RunConfig(**{**tiny, "num_clients": 3}, method="fedit", weighting="examples")
+    honest, _ = closed_round(cfg, tmp_path / "honest", {u: Federation(cfg).data.clients[u].size for u in range(3)})
+    caplog.set_level(logging.WARNING, logger="florana")
+    fed, metrics = closed_round(cfg, tmp_path / "lying", {0: 10**9, 1: -5, 2: float("nan")})
+    assert metrics["missing"] == [] and metrics["rejected"] == []
+    assert all(torch.equal(fed.global_tensors[k], honest.global_tensors[k]) for k in honest.global_tensors)
+    for u, said in ((0, "1000000000"), (1, "-5"), (2, "nan")):
+        assert f"node {100 + u} (partition {u}) reported {said} training examples, the server counts " \
+               f"{fed.data.clients[u].size}" in caplog.text
 
 
 # ---- simulation -------------------------------------------------------------------------------------

@@ -31,6 +31,17 @@ def check_runtime(config: RunConfig) -> None:
                            "run it in process (without --runtime flower)")
 
 
+def example_weight(fed: Federation, round_: int, node: int, u: int, reported) -> int:
+    """Partition u's aggregation weight: the server's own count of its training examples (it splits the same data
+    with the same seed). A node's reported count is only compared, never used: a lying or broken node cannot
+    outweigh the others or stop the run."""
+    size = fed.data.clients[u].size
+    if reported != size:
+        log.warning("round %d: node %d (partition %d) reported %r training examples, the server counts %d; the "
+                    "server's count is the weight", round_, node, u, reported, size)
+    return size
+
+
 class FloranaStrategy(FedAvg):
     """FedAvg's round structure with florana's sampling, payloads and aggregation."""
 
@@ -119,7 +130,7 @@ class FloranaStrategy(FedAvg):
             up += 0 if update is None else record_bytes(update)
             try:
                 m = reply.content.metric_records["metrics"]
-                loss, size, accuracy = float(m["loss"]), int(m["num-examples"]), m.get("local-accuracy")
+                loss, accuracy = float(m["loss"]), m.get("local-accuracy")
             except (KeyError, TypeError, ValueError) as e:
                 log.warning("round %d: node %d (partition %d) sent no usable metrics (%s); reply ignored",
                             round_, node, u, e)
@@ -129,7 +140,8 @@ class FloranaStrategy(FedAvg):
             except FloranaError as e:
                 log.warning("round %d: %s; update rejected", round_, e)
                 tensors = None
-            results[u] = LocalResult(loss, tensors, accuracy, size)
+            weight = example_weight(fed, round_, node, u, m.get("num-examples"))
+            results[u] = LocalResult(loss, tensors, accuracy, weight)
         metrics["missing"] = sorted(set(metrics["clients"]) - set(results))
         if metrics["missing"]:
             log.warning("round %d: no reply from partition(s) %s", round_, metrics["missing"])
