@@ -10,13 +10,15 @@ import threading
 import time
 import tomllib
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import tomli_w
 import torch
 from safetensors.torch import load_file
 
-from flwr.app import ArrayRecord, Message, MessageType, Metadata, MetricRecord, RecordDict
+from flwr.app import Message, MessageType, Metadata, MetricRecord, RecordDict
+from flwr.supercore.task_identity import TaskIdentity
 
 from florana.config import FIELDS, RunConfig, default_of
 from florana.errors import FloranaError
@@ -130,6 +132,43 @@ def test_the_server_weighs_partitions_by_its_own_count_not_the_nodes(tiny, tmp_p
     for u, said in ((0, "1000000000"), (1, "-5"), (2, "nan")):
         assert f"node {100 + u} (partition {u}) reported {said} training examples, the server counts " \
                f"{fed.data.clients[u].size}" in caplog.text
+
+
+class QueryGrid:
+    """A Grid stand-in for the partition query: node → (partition-id, num-partitions); only `awake` nodes answer."""
+
+    def __init__(self, partitions: dict[int, tuple[int, int]]):
+        self.partitions, self.awake, self.asked = partitions, set(partitions), []
+
+    def get_node_ids(self) -> list[int]:
+        return list(self.partitions)
+
+    def send_and_receive(self, messages, timeout):
+        asked = sorted(m.metadata.dst_node_id for m in messages)
+        self.asked.append(asked)
+        return [reply_from(n, RecordDict({"metrics": MetricRecord(dict(zip(("partition-id", "num-partitions"),
+                                                                          self.partitions[n])))}), MessageType.QUERY)
+                for n in asked if n in self.awake]
+
+
+def test_a_node_silent_to_the_partition_query_is_named_and_asked_again(monkeypatch, tmp_path, caplog):
+    """Only a node whose partition does not fit is ignored for good; one that does not answer in time is named
+    in a warning and asked again at the next round."""
+    for identity in ("_run_id", "_task_id", "_node_id"):  # the ServerApp's identity, which Flower sets
+        monkeypatch.setattr(TaskIdentity, identity, 1)
+    caplog.set_level(logging.WARNING, logger="florana")
+    strategy = FloranaStrategy(SimpleNamespace(config=RunConfig(num_clients=2)), tmp_path, first_round=1,
+                               min_nodes=1, node_wait=1.0)
+    grid = QueryGrid({10: (0, 2), 11: (1, 2), 12: (1, 5)})
+    grid.awake = {10, 12}
+    strategy.discover(grid, timeout=3.0, strict=False)
+    assert strategy.nodes == {0: 10} and strategy.ignored == {12}
+    assert "node 11 did not say which partition it holds (no answer within 3s); it will be asked again" in caplog.text
+    assert "node 12: partition-id=1 num-partitions=5 does not fit the run's num_clients=2; node 12 ignored" \
+        in caplog.text
+    grid.awake = {10, 11, 12}
+    strategy.discover(grid, timeout=3.0, strict=False)
+    assert strategy.nodes == {0: 10, 1: 11} and grid.asked == [[10, 11, 12], [11]]
 
 
 # ---- simulation -------------------------------------------------------------------------------------

@@ -42,6 +42,24 @@ def example_weight(fed: Federation, round_: int, node: int, u: int, reported) ->
     return size
 
 
+def ask_partitions(grid: Grid, nodes: list[int], timeout: float) -> dict[int, tuple[int, int] | str]:
+    """Ask `nodes` which partition each holds (a query message). For each node that replied within `timeout` s:
+    (partition-id, num-partitions), or why its reply says neither (its error, or a malformed answer)."""
+    replies = grid.send_and_receive([Message(RecordDict(), message_type=MessageType.QUERY, dst_node_id=n)
+                                     for n in nodes], timeout=timeout)
+    answers: dict[int, tuple[int, int] | str] = {}
+    for reply in replies:
+        node = reply.metadata.src_node_id
+        if reply.has_error():
+            answers[node] = reply.error.reason
+            continue
+        m = reply.content.metric_records.get("metrics", {})
+        u, n = m.get("partition-id"), m.get("num-partitions")
+        ok = all(isinstance(v, int) and not isinstance(v, bool) for v in (u, n))
+        answers[node] = (u, n) if ok else f"malformed answer {dict(m)}"
+    return answers
+
+
 class FloranaStrategy(FedAvg):
     """FedAvg's round structure with florana's sampling, payloads and aggregation."""
 
@@ -56,30 +74,29 @@ class FloranaStrategy(FedAvg):
 
     # ---- nodes --------------------------------------------------------------------------------------
     def discover(self, grid: Grid, timeout: float, strict: bool) -> None:
-        """Ask every node not yet known which partition it holds (a query message). A node that does not fit
-        the run is an error before the first round (strict) and is ignored, with a warning, once rounds run."""
+        """Ask every node not yet known which partition it holds. A node whose partition does not fit the run is
+        an error before the first round (strict) and is ignored, with a warning, once rounds run; a node that does
+        not answer in time (or answers with an error) is named in a warning and asked again next time."""
         unknown = [n for n in grid.get_node_ids() if n not in self.nodes.values() and n not in self.ignored]
         if not unknown:
             return
-        replies = grid.send_and_receive([Message(RecordDict(), message_type=MessageType.QUERY, dst_node_id=n)
-                                         for n in unknown], timeout=timeout)
-        self.ignored.update(unknown)  # until it says which partition it holds
-        for reply in replies:
-            node = reply.metadata.src_node_id
-            if reply.has_error():
-                log.warning("node %d did not say which partition it holds, ignored: %s", node, reply.error.reason)
+        answers = ask_partitions(grid, unknown, timeout)
+        online = set(grid.get_node_ids())
+        for node in unknown:
+            answer = answers.get(node, f"no answer within {timeout:.0f}s")
+            if isinstance(answer, str):
+                log.warning("node %d did not say which partition it holds (%s); it will be asked again", node, answer)
                 continue
-            m = reply.content["metrics"]
-            u, n = int(m["partition-id"]), int(m["num-partitions"])
+            u, n = answer
             problem = partition_problem(node, u, n, self.fed.config.num_clients)
-            if problem is None and u in self.nodes and self.nodes[u] in grid.get_node_ids():
+            if problem is None and u in self.nodes and self.nodes[u] in online:
                 problem = f"nodes {self.nodes[u]} and {node} both claim partition-id={u}"
             if problem and strict:
                 raise FloranaError(problem)
             if problem:
                 log.warning("%s; node %d ignored", problem, node)
+                self.ignored.add(node)
                 continue
-            self.ignored.discard(node)
             self.nodes[u] = node
 
     def wait_for_nodes(self, grid: Grid) -> None:
