@@ -3,12 +3,16 @@
 against the in-process engine on the same config: the global adapter and every metric must be identical."""
 
 import logging
+import json
 import os
+import re
+import shutil
 import subprocess
 import sys
 import threading
 import time
 import tomllib
+from datetime import datetime
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -23,9 +27,10 @@ from flwr.supercore.task_identity import TaskIdentity
 from florana.config import FIELDS, RunConfig, default_of
 from florana.errors import FloranaError
 from florana.federation.engine import Federation, read_metrics, run
-from florana.flower.deploy import Loopback, flower_env, pids_with_env
+from florana.flower.deploy import Loopback, flower_env, free_port, pids_with_env
 from florana.flower.server import FloranaStrategy
-from florana.flower.wire import RUNTIME_KEYS, flower_run_config, from_record, split_run_config, to_record
+from florana.flower.wire import (CLIENTS_FROM_NODES, RUNTIME_KEYS, flower_run_config, from_record, split_run_config,
+                                 to_record)
 from tiny import sentiment_csv, tiny_bert
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -88,11 +93,16 @@ def test_run_config_keys():
     assert config == RunConfig(method="fedit", target_modules=["query", "key"]) and runtime["min-nodes"] == 3
     with pytest.raises(FloranaError, match="unknown key 'lr_max'"):
         split_run_config({"lr_max": 1.0})
+    assert split_run_config({"num_clients": 0}, num_partitions=3)[0].num_clients == 3
+    assert split_run_config({"num_clients": 4}, num_partitions=3)[0].num_clients == 4
+    with pytest.raises(FloranaError, match="num_clients=0 .* needs the nodes' num-partitions"):
+        split_run_config({"num_clients": 0})
 
 
 def test_pyproject_declares_every_config_key_with_its_default():
+    """The Flower app's defaults are florana's, but for num_clients: 0 there, one client per node partition."""
     declared = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["flwr"]["app"]["config"]
-    assert declared == {**flower_run_config(RunConfig()), **RUNTIME_KEYS}
+    assert declared == {**flower_run_config(RunConfig()), "num_clients": CLIENTS_FROM_NODES, **RUNTIME_KEYS}
     assert set(FIELDS) <= set(declared) and default_of("target_modules") == ["query", "value"]
 
 
@@ -213,6 +223,69 @@ def test_flwr_run_dot(tiny, tmp_path):
     run(cfg, tmp_path / "inproc")
     assert_same_run(tmp_path / "flower", tmp_path / "inproc")
     assert_no_leftovers("RAY_TMPDIR", os.environ["RAY_TMPDIR"])
+
+
+def app_copy(root: Path, config: dict) -> Path:
+    """This Flower app (pyproject.toml, README.md, configs/, src/florana/) in `root`, its declared defaults updated
+    with `config`: `flwr run .` there runs on a small config, and its relative run folders stay there."""
+    for name in ("configs", "src/florana"):
+        shutil.copytree(ROOT / name, root / name, ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copy(ROOT / "README.md", root)
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    project["tool"]["flwr"]["app"]["config"].update(config)
+    (root / "pyproject.toml").write_text(tomli_w.dumps(project))
+    return root
+
+
+def log_time(run_log: str, level: str) -> datetime:
+    """When run.log first logged at `level`."""
+    return datetime.strptime(re.search(rf"^(\S+ \S+) {level} ", run_log, re.M).group(1), "%Y-%m-%d %H:%M:%S,%f")
+
+
+def test_flwr_run_dot_out_of_the_box(tiny, tmp_path):
+    """`flwr run . --stream` with nothing else, in a fresh FLWR_HOME: Flower's default local federation (2 simulated
+    SuperNodes) sets num_clients; the run folder lands in the folder `flwr run` started the local SuperLink from.
+    A run whose nodes do not fit stops within seconds, with the error on the terminal and in `flwr ls`."""
+    app = app_copy(tmp_path / "app", {k: v for k, v in tiny.items() if k != "num_clients"})
+    home = tmp_path / "flwr-home"
+    env = {**flower_env(home), "PYTHONPATH": str(ROOT / "src"),  # the ServerApp and ClientApps run this code
+           # a local SuperLink of our own, which never meets another FLWR_HOME's on Flower's fixed ports
+           "FLWR_LOCAL_SUPERLINK_HTTP_API_PORT": str(free_port()), "FLWR_LOCAL_CONTROL_API_PORT": str(free_port())}
+    before = sorted(ROOT.glob("runs/flower-*"))
+    flwr = str(Path(sys.executable).parent / "flwr")
+    try:
+        done = subprocess.run([flwr, "run", ".", "--stream"], cwd=app, env=env, capture_output=True, text=True,
+                              timeout=300)
+        out = done.stdout + done.stderr
+        assert done.returncode == 0 and "(2 simulated SuperNodes)" in out, out[-3000:]
+        assert "florana INFO: num_clients=0: 2 clients, one per partition the nodes hold" in out
+        run_id = re.search(r"Successfully started run (\d+)", out).group(1)
+        run_dir = app / "runs" / f"flower-{run_id}"
+        cfg = RunConfig(**tiny)  # num_clients=2, as the nodes said
+        assert tomllib.loads((run_dir / "config.toml").read_text()) == tomllib.loads(cfg.to_toml())
+        run(cfg, tmp_path / "inproc")
+        assert_same_run(run_dir, tmp_path / "inproc")
+
+        # the same federation with num_clients=3: no node fits, which stops the run at once (not after node-wait)
+        t0 = time.monotonic()
+        done = subprocess.run([flwr, "run", ".", "--stream", "--run-config", "num_clients=3"], cwd=app, env=env,
+                              capture_output=True, text=True, timeout=300)
+        seconds, out = time.monotonic() - t0, done.stdout + done.stderr
+        assert re.search(r"florana ERROR: node \d+: partition-id=\d num-partitions=2 does not fit the run's "
+                         r"num_clients=3", out), out[-3000:]
+        assert done.returncode == 0 and seconds < 120  # Flower 1.42's `flwr run` exits 0 whatever the run did
+        failed_id = re.search(r"Successfully started run (\d+)", out).group(1)
+        run_log = (app / "runs" / f"flower-{failed_id}" / "run.log").read_text()
+        assert (log_time(run_log, "ERROR") - log_time(run_log, "INFO")).total_seconds() < 30, run_log
+        listed = subprocess.run([flwr, "ls", "--format", "json"], cwd=app, env=env, capture_output=True, text=True,
+                                timeout=60)
+        status = {r["run-id"]: r["status"] for r in json.loads(listed.stdout)["runs"]}
+        assert status == {run_id: "finished:completed", failed_id: "finished:failed"}, listed.stdout
+    finally:  # `flwr run` leaves the local SuperLink running, detached: stop it and its helpers by pid
+        for pid in pids_with_env("FLWR_HOME", str(home)):
+            os.kill(pid, 9)
+    assert sorted(ROOT.glob("runs/flower-*")) == before  # nothing written into the repository
+    assert_no_leftovers("FLWR_HOME", str(home))
 
 
 # ---- deployment -------------------------------------------------------------------------------------

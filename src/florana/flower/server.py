@@ -9,6 +9,7 @@ round with `Federation.close_round`, i.e. the same aggregator, evaluation and le
 from __future__ import annotations
 
 import logging
+import sys
 import time
 from pathlib import Path
 
@@ -20,9 +21,12 @@ from florana.config import RunConfig
 from florana.errors import FloranaError
 from florana.federation.engine import Federation, LocalResult, close_run, open_run, record_round
 from florana.federation.methods import BOUNDS
-from florana.flower.wire import from_record, partition_problem, record_bytes, split_run_config, to_record
+from florana.flower.wire import (CLIENTS_FROM_NODES, from_record, partition_problem, record_bytes, split_run_config,
+                                 to_record)
 
 log = logging.getLogger("florana")
+
+QUERY_TIMEOUT_MIN = 30.0  # seconds a node gets to answer the partition query, however little node-wait is left
 
 
 def check_runtime(config: RunConfig) -> None:
@@ -40,6 +44,28 @@ def example_weight(fed: Federation, round_: int, node: int, u: int, reported) ->
         log.warning("round %d: node %d (partition %d) reported %r training examples, the server counts %d; the "
                     "server's count is the weight", round_, node, u, reported, size)
     return size
+
+
+def nodes_num_partitions(grid: Grid, wait: float) -> int:
+    """The number of partitions the connected nodes hold (their num-partitions), which num_clients=0 stands for;
+    waits up to `wait` s for a node to answer. Nodes that disagree stop the run."""
+    deadline = time.monotonic() + wait
+    while True:
+        nodes = list(grid.get_node_ids())
+        answers = ask_partitions(grid, nodes, max(deadline - time.monotonic(), QUERY_TIMEOUT_MIN)) if nodes else {}
+        sizes = {node: a[1] for node, a in answers.items() if not isinstance(a, str)}
+        if sizes:
+            break
+        if time.monotonic() >= deadline:
+            why = "".join(f"; node {node}: {a}" for node, a in sorted(answers.items()))
+            raise FloranaError(f"num_clients=0 takes the number of clients from the nodes' num-partitions, but no "
+                               f"node said which partition it holds within {wait:.0f}s ({len(nodes)} connected{why})")
+        time.sleep(0.5)
+    if len(set(sizes.values())) > 1 or min(sizes.values()) < 1:
+        said = ", ".join(f"node {node}: {n}" for node, n in sorted(sizes.items()))
+        raise FloranaError(f"num_clients=0 takes the number of clients from the nodes, but their num-partitions "
+                           f"differ or are < 1 ({said}); give every node the same num-partitions or set num_clients")
+    return next(iter(sizes.values()))
 
 
 def ask_partitions(grid: Grid, nodes: list[int], timeout: float) -> dict[int, tuple[int, int] | str]:
@@ -92,7 +118,8 @@ class FloranaStrategy(FedAvg):
             if problem is None and u in self.nodes and self.nodes[u] in online:
                 problem = f"nodes {self.nodes[u]} and {node} both claim partition-id={u}"
             if problem and strict:
-                raise FloranaError(problem)
+                raise FloranaError(f"{problem} (the nodes' num-partitions and num_clients must agree; with `flwr run`, "
+                                   "num_clients=0 takes it from the nodes)")
             if problem:
                 log.warning("%s; node %d ignored", problem, node)
                 self.ignored.add(node)
@@ -100,11 +127,15 @@ class FloranaStrategy(FedAvg):
             self.nodes[u] = node
 
     def wait_for_nodes(self, grid: Grid) -> None:
-        """Wait up to node-wait seconds for one node per partition; go on with fewer if min-nodes are there."""
+        """Ask nodes which partition they hold as they connect, for up to node-wait seconds or until there is one
+        per partition; a node that does not fit stops the run at once (waiting would not change it). Go on with
+        fewer nodes if min-nodes are there."""
         wanted, deadline = self.fed.config.num_clients, time.monotonic() + self.node_wait
-        while len(list(grid.get_node_ids())) < wanted and time.monotonic() < deadline:
+        while True:
+            self.discover(grid, timeout=max(deadline - time.monotonic(), QUERY_TIMEOUT_MIN), strict=True)
+            if len(self.nodes) >= wanted or time.monotonic() >= deadline:
+                break
             time.sleep(0.5)
-        self.discover(grid, timeout=self.node_wait, strict=True)
         if len(self.nodes) < min(self.min_nodes, wanted):
             raise FloranaError(f"only {len(self.nodes)} node(s) connected within {self.node_wait:.0f}s "
                                f"(min-nodes={self.min_nodes}, num_clients={wanted})")
@@ -180,10 +211,10 @@ def serve(grid: Grid, config: RunConfig | None, run_dir: Path, *, resume: bool =
     run_dir = Path(run_dir).resolve()
     if config is not None:
         check_runtime(config)
-    fed, start = open_run(config, run_dir, resume=resume)
-    check_runtime(fed.config)
-    log.info("run folder %s, rounds %d..%d", run_dir, start, fed.config.rounds)
     try:
+        fed, start = open_run(config, run_dir, resume=resume)
+        check_runtime(fed.config)
+        log.info("run folder %s, rounds %d..%d", run_dir, start, fed.config.rounds)
         if start <= fed.config.rounds:
             strategy = FloranaStrategy(fed, run_dir, first_round=start, min_nodes=min_nodes, node_wait=node_wait)
             strategy.wait_for_nodes(grid)
@@ -209,10 +240,34 @@ def server_app(config: RunConfig | None, run_dir: Path, **options) -> ServerApp:
 app = ServerApp()
 
 
+def show_on_terminal() -> None:
+    """Send florana's log to stderr as well, which Flower streams to `flwr run --stream`: the run folder, each round
+    and any error then show on the terminal that submitted the run, not only in run.log."""
+    if not any(getattr(h, "florana_terminal", False) for h in log.handlers):
+        handler = logging.StreamHandler(sys.stderr)
+        handler.florana_terminal = True
+        handler.setFormatter(logging.Formatter("florana %(levelname)s: %(message)s"))
+        log.addHandler(handler)
+    log.setLevel(logging.INFO)
+
+
 @app.main()
 def main(grid: Grid, context: Context) -> None:
-    """`flwr run .`: florana's config keys and the runtime keys come from the run config."""
-    config, runtime = split_run_config(dict(context.run_config))
-    serve(grid, None if runtime["resume"] else config, Path(runtime["run-dir"]), resume=bool(runtime["resume"]),
-          min_nodes=int(runtime["min-nodes"]), round_timeout=float(runtime["round-timeout"]),
-          node_wait=float(runtime["node-wait"]))
+    """`flwr run .`: florana's config keys and the runtime keys come from the run config. num_clients=0 (the
+    app's default) becomes the nodes' num-partitions before round 1, so Flower's default federation just runs."""
+    show_on_terminal()
+    run_config = dict(context.run_config)
+    try:
+        config, runtime = split_run_config(run_config, num_partitions=1)  # every key checked before nodes are asked
+        if runtime["resume"]:
+            config = None
+        elif run_config.get("num_clients") == CLIENTS_FROM_NODES:
+            n = nodes_num_partitions(grid, float(runtime["node-wait"]))
+            config, _ = split_run_config(run_config, num_partitions=n)
+            log.info("num_clients=0: %d clients, one per partition the nodes hold", n)
+    except FloranaError as e:
+        log.error("%s", e)
+        raise
+    serve(grid, config, Path(str(runtime["run-dir"]).replace("{run_id}", str(context.run_id))),
+          resume=bool(runtime["resume"]), min_nodes=int(runtime["min-nodes"]),
+          round_timeout=float(runtime["round-timeout"]), node_wait=float(runtime["node-wait"]))
