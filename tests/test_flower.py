@@ -28,7 +28,7 @@ from florana.config import FIELDS, RunConfig, default_of
 from florana.errors import FloranaError
 from florana.federation.engine import Federation, read_metrics, run
 from florana.flower.deploy import Loopback, flower_env, free_port, pids_with_env
-from florana.flower.server import FloranaStrategy
+from florana.flower.server import FloranaStrategy, nodes_num_partitions
 from florana.flower.wire import (CLIENTS_FROM_NODES, RUNTIME_KEYS, flower_run_config, from_record, split_run_config,
                                  to_record)
 from tiny import sentiment_csv, tiny_bert
@@ -179,6 +179,23 @@ def test_a_node_silent_to_the_partition_query_is_named_and_asked_again(monkeypat
     grid.awake = {10, 11, 12}
     strategy.discover(grid, timeout=3.0, strict=False)
     assert strategy.nodes == {0: 10, 1: 11} and grid.asked == [[10, 11, 12], [11]]
+
+
+def test_num_clients_from_the_nodes_and_a_misfit_stops_the_run_at_once(monkeypatch, tmp_path):
+    """num_clients=0 takes the nodes' num-partitions, which must agree; with a num_clients the nodes do not fit,
+    waiting for more nodes is pointless: the run stops as soon as a node says so, not after node-wait."""
+    for identity in ("_run_id", "_task_id", "_node_id"):
+        monkeypatch.setattr(TaskIdentity, identity, 1)
+    assert nodes_num_partitions(QueryGrid({10: (0, 2), 11: (1, 2)}), wait=1.0) == 2
+    with pytest.raises(FloranaError, match=r"num-partitions differ or are < 1 \(node 10: 2, node 11: 3\)"):
+        nodes_num_partitions(QueryGrid({10: (0, 2), 11: (1, 3)}), wait=1.0)
+    strategy = FloranaStrategy(SimpleNamespace(config=RunConfig(num_clients=3)), tmp_path, first_round=1,
+                               min_nodes=1, node_wait=120.0)
+    t0 = time.monotonic()
+    with pytest.raises(FloranaError, match="node 1[01]: partition-id=[01] num-partitions=2 does not fit the run's "
+                                           "num_clients=3"):
+        strategy.wait_for_nodes(QueryGrid({10: (0, 2), 11: (1, 2)}))
+    assert time.monotonic() - t0 < 5
 
 
 # ---- simulation -------------------------------------------------------------------------------------
