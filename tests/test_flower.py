@@ -2,25 +2,35 @@
 (plain, and TLS with SuperNode authentication), and SuperNodes killed mid-round. Each Flower run is checked
 against the in-process engine on the same config: the global adapter and every metric must be identical."""
 
+import json
+import logging
 import os
+import re
+import shutil
 import subprocess
 import sys
 import threading
 import time
 import tomllib
+from datetime import datetime
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import tomli_w
 import torch
+from flwr.app import Message, MessageType, Metadata, MetricRecord, RecordDict
+from flwr.supercore.task_identity import TaskIdentity
 from safetensors.torch import load_file
 
 from florana.aggregation import METHODS
 from florana.config import FIELDS, RunConfig, default_of
 from florana.errors import FloranaError
-from florana.federation.engine import read_metrics, run
-from florana.flower.deploy import Loopback, flower_env, pids_with_env
-from florana.flower.wire import RUNTIME_KEYS, flower_run_config, from_record, split_run_config, to_record
+from florana.federation.engine import Federation, read_metrics, run
+from florana.flower.deploy import Loopback, flower_env, free_port, pids_with_env
+from florana.flower.server import FloranaStrategy, nodes_num_partitions
+from florana.flower.wire import (CLIENTS_FROM_NODES, RUNTIME_KEYS, flower_run_config, from_record, split_run_config,
+                                 to_record)
 from tiny import sentiment_csv, tiny_bert
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -82,11 +92,16 @@ def test_run_config_keys():
     assert config == RunConfig(method="fedit", target_modules=["query", "key"]) and runtime["min-nodes"] == 3
     with pytest.raises(FloranaError, match="unknown key 'lr_max'"):
         split_run_config({"lr_max": 1.0})
+    assert split_run_config({"num_clients": 0}, num_partitions=3)[0].num_clients == 3
+    assert split_run_config({"num_clients": 4}, num_partitions=3)[0].num_clients == 4
+    with pytest.raises(FloranaError, match="num_clients=0 .* needs the nodes' num-partitions"):
+        split_run_config({"num_clients": 0})
 
 
 def test_pyproject_declares_every_config_key_with_its_default():
+    """The Flower app's defaults are florana's, but for num_clients: 0 there, one client per node partition."""
     declared = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["flwr"]["app"]["config"]
-    assert declared == {**flower_run_config(RunConfig()), **RUNTIME_KEYS}
+    assert declared == {**flower_run_config(RunConfig()), "num_clients": CLIENTS_FROM_NODES, **RUNTIME_KEYS}
     assert set(FIELDS) <= set(declared) and default_of("target_modules") == ["query", "value"]
 
 
@@ -176,6 +191,98 @@ def test_a_flower_checkpoint_resumes_in_process(tiny, tmp_path, method):
     assert_same_outputs(out, tmp_path / "inproc")
 
 
+def reply_from(node: int, content: RecordDict, message_type: str = MessageType.TRAIN) -> Message:
+    """A node's reply as the server receives it (what a Grid hands back), built without a Flower run."""
+    return Message(content, metadata=Metadata(run_id=1, message_id="", src_node_id=node, dst_node_id=0,
+                                              reply_to_message_id="m", group_id="", created_at=0.0, ttl=60.0,
+                                              message_type=message_type))
+
+
+def closed_round(cfg: RunConfig, run_dir: Path, counts: dict[int, object]) -> tuple[Federation, dict]:
+    """Round 1 of `cfg` closed by the Flower server from fabricated replies: partition u's node (id 100 + u)
+    sends a fixed update and reports counts[u] training examples."""
+    fed = Federation(cfg)
+    strategy = FloranaStrategy(fed, run_dir, first_round=1, min_nodes=1, node_wait=1.0)
+    strategy.nodes = {u: 100 + u for u in counts}
+    strategy.pending = {"metrics": fed.open_round(1, sorted(counts), []), "t0": time.perf_counter(), "down": 0}
+    replies = []
+    for u, count in counts.items():
+        g = torch.Generator().manual_seed(u)
+        update = {k: v + 0.1 * torch.randn(v.shape, generator=g) for k, v in fed.initial.items()}
+        replies.append(reply_from(100 + u, RecordDict({"update": to_record(update), "metrics": MetricRecord(
+            {"partition-id": u, "num-examples": count, "loss": 0.5, "local-accuracy": 0.5})})))
+    strategy.aggregate_train(1, replies)
+    return fed, read_metrics(run_dir)[0]
+
+
+def test_the_server_weighs_partitions_by_its_own_count_not_the_nodes(tiny, tmp_path, caplog):
+    """FedAvg weights: a node reporting a huge, negative or NaN example count neither dominates nor stops the
+    round; the server uses its own partition sizes and names the node that disagreed."""
+    cfg = RunConfig(**{**tiny, "num_clients": 3}, method="fedit", weighting="examples")
+    honest, _ = closed_round(cfg, tmp_path / "honest", {u: Federation(cfg).data.clients[u].size for u in range(3)})
+    caplog.set_level(logging.WARNING, logger="florana")
+    fed, metrics = closed_round(cfg, tmp_path / "lying", {0: 10**9, 1: -5, 2: float("nan")})
+    assert metrics["missing"] == [] and metrics["rejected"] == []
+    assert all(torch.equal(fed.global_tensors[k], honest.global_tensors[k]) for k in honest.global_tensors)
+    for u, said in ((0, "1000000000"), (1, "-5"), (2, "nan")):
+        assert f"node {100 + u} (partition {u}) reported {said} training examples, the server counts " \
+               f"{fed.data.clients[u].size}" in caplog.text
+
+
+class QueryGrid:
+    """A Grid stand-in for the partition query: node → (partition-id, num-partitions); only `awake` nodes answer."""
+
+    def __init__(self, partitions: dict[int, tuple[int, int]]):
+        self.partitions, self.awake, self.asked = partitions, set(partitions), []
+
+    def get_node_ids(self) -> list[int]:
+        return list(self.partitions)
+
+    def send_and_receive(self, messages, timeout):
+        asked = sorted(m.metadata.dst_node_id for m in messages)
+        self.asked.append(asked)
+        return [reply_from(n, RecordDict({"metrics": MetricRecord(dict(zip(("partition-id", "num-partitions"),
+                                                                          self.partitions[n])))}), MessageType.QUERY)
+                for n in asked if n in self.awake]
+
+
+def test_a_node_silent_to_the_partition_query_is_named_and_asked_again(monkeypatch, tmp_path, caplog):
+    """Only a node whose partition does not fit is ignored for good; one that does not answer in time is named
+    in a warning and asked again at the next round."""
+    for identity in ("_run_id", "_task_id", "_node_id"):  # the ServerApp's identity, which Flower sets
+        monkeypatch.setattr(TaskIdentity, identity, 1)
+    caplog.set_level(logging.WARNING, logger="florana")
+    strategy = FloranaStrategy(SimpleNamespace(config=RunConfig(num_clients=2)), tmp_path, first_round=1,
+                               min_nodes=1, node_wait=1.0)
+    grid = QueryGrid({10: (0, 2), 11: (1, 2), 12: (1, 5)})
+    grid.awake = {10, 12}
+    strategy.discover(grid, timeout=3.0, strict=False)
+    assert strategy.nodes == {0: 10} and strategy.ignored == {12}
+    assert "node 11 did not say which partition it holds (no answer within 3s); it will be asked again" in caplog.text
+    assert "node 12: partition-id=1 num-partitions=5 does not fit the run's num_clients=2; node 12 ignored" \
+        in caplog.text
+    grid.awake = {10, 11, 12}
+    strategy.discover(grid, timeout=3.0, strict=False)
+    assert strategy.nodes == {0: 10, 1: 11} and grid.asked == [[10, 11, 12], [11]]
+
+
+def test_num_clients_from_the_nodes_and_a_misfit_stops_the_run_at_once(monkeypatch, tmp_path):
+    """num_clients=0 takes the nodes' num-partitions, which must agree; with a num_clients the nodes do not fit,
+    waiting for more nodes is pointless: the run stops as soon as a node says so, not after node-wait."""
+    for identity in ("_run_id", "_task_id", "_node_id"):
+        monkeypatch.setattr(TaskIdentity, identity, 1)
+    assert nodes_num_partitions(QueryGrid({10: (0, 2), 11: (1, 2)}), wait=1.0) == 2
+    with pytest.raises(FloranaError, match=r"num-partitions differ or are < 1 \(node 10: 2, node 11: 3\)"):
+        nodes_num_partitions(QueryGrid({10: (0, 2), 11: (1, 3)}), wait=1.0)
+    strategy = FloranaStrategy(SimpleNamespace(config=RunConfig(num_clients=3)), tmp_path, first_round=1,
+                               min_nodes=1, node_wait=120.0)
+    t0 = time.monotonic()
+    with pytest.raises(FloranaError, match="node 1[01]: partition-id=[01] num-partitions=2 does not fit the run's "
+                                           "num_clients=3"):
+        strategy.wait_for_nodes(QueryGrid({10: (0, 2), 11: (1, 2)}))
+    assert time.monotonic() - t0 < 5
+
+
 # ---- simulation -------------------------------------------------------------------------------------
 @pytest.mark.parametrize("method", ["fedsa", "flora"])
 def test_simulation_agrees_with_the_in_process_engine(tiny, tmp_path, method):
@@ -218,6 +325,69 @@ def test_flwr_run_dot(tiny, tmp_path):
     run(cfg, tmp_path / "inproc")
     assert_same_run(tmp_path / "flower", tmp_path / "inproc")
     assert_no_leftovers("RAY_TMPDIR", os.environ["RAY_TMPDIR"])
+
+
+def app_copy(root: Path, config: dict) -> Path:
+    """This Flower app (pyproject.toml, README.md, configs/, src/florana/) in `root`, its declared defaults updated
+    with `config`: `flwr run .` there runs on a small config, and its relative run folders stay there."""
+    for name in ("configs", "src/florana"):
+        shutil.copytree(ROOT / name, root / name, ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copy(ROOT / "README.md", root)
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    project["tool"]["flwr"]["app"]["config"].update(config)
+    (root / "pyproject.toml").write_text(tomli_w.dumps(project))
+    return root
+
+
+def log_time(run_log: str, level: str) -> datetime:
+    """When run.log first logged at `level`."""
+    return datetime.strptime(re.search(rf"^(\S+ \S+) {level} ", run_log, re.M).group(1), "%Y-%m-%d %H:%M:%S,%f")
+
+
+def test_flwr_run_dot_out_of_the_box(tiny, tmp_path):
+    """`flwr run . --stream` with nothing else, in a fresh FLWR_HOME: Flower's default local federation (2 simulated
+    SuperNodes) sets num_clients; the run folder lands in the folder `flwr run` started the local SuperLink from.
+    A run whose nodes do not fit stops within seconds, with the error on the terminal and in `flwr ls`."""
+    app = app_copy(tmp_path / "app", {k: v for k, v in tiny.items() if k != "num_clients"})
+    home = tmp_path / "flwr-home"
+    env = {**flower_env(home), "PYTHONPATH": str(ROOT / "src"),  # the ServerApp and ClientApps run this code
+           # a local SuperLink of our own, which never meets another FLWR_HOME's on Flower's fixed ports
+           "FLWR_LOCAL_SUPERLINK_HTTP_API_PORT": str(free_port()), "FLWR_LOCAL_CONTROL_API_PORT": str(free_port())}
+    before = sorted(ROOT.glob("runs/flower-*"))
+    flwr = str(Path(sys.executable).parent / "flwr")
+    try:
+        done = subprocess.run([flwr, "run", ".", "--stream"], cwd=app, env=env, capture_output=True, text=True,
+                              timeout=300)
+        out = done.stdout + done.stderr
+        assert done.returncode == 0 and "(2 simulated SuperNodes)" in out, out[-3000:]
+        assert "florana INFO: num_clients=0: 2 clients, one per partition the nodes hold" in out
+        run_id = re.search(r"Successfully started run (\d+)", out).group(1)
+        run_dir = app / "runs" / f"flower-{run_id}"
+        cfg = RunConfig(**tiny)  # num_clients=2, as the nodes said
+        assert tomllib.loads((run_dir / "config.toml").read_text()) == tomllib.loads(cfg.to_toml())
+        run(cfg, tmp_path / "inproc")
+        assert_same_run(run_dir, tmp_path / "inproc")
+
+        # the same federation with num_clients=3: no node fits, which stops the run at once (not after node-wait)
+        t0 = time.monotonic()
+        done = subprocess.run([flwr, "run", ".", "--stream", "--run-config", "num_clients=3"], cwd=app, env=env,
+                              capture_output=True, text=True, timeout=300)
+        seconds, out = time.monotonic() - t0, done.stdout + done.stderr
+        assert re.search(r"florana ERROR: node \d+: partition-id=\d num-partitions=2 does not fit the run's "
+                         r"num_clients=3", out), out[-3000:]
+        assert done.returncode == 0 and seconds < 120  # Flower 1.42's `flwr run` exits 0 whatever the run did
+        failed_id = re.search(r"Successfully started run (\d+)", out).group(1)
+        run_log = (app / "runs" / f"flower-{failed_id}" / "run.log").read_text()
+        assert (log_time(run_log, "ERROR") - log_time(run_log, "INFO")).total_seconds() < 30, run_log
+        listed = subprocess.run([flwr, "ls", "--format", "json"], cwd=app, env=env, capture_output=True, text=True,
+                                timeout=60)
+        status = {r["run-id"]: r["status"] for r in json.loads(listed.stdout)["runs"]}
+        assert status == {run_id: "finished:completed", failed_id: "finished:failed"}, listed.stdout
+    finally:  # `flwr run` leaves the local SuperLink running, detached: stop it and its helpers by pid
+        for pid in pids_with_env("FLWR_HOME", str(home)):
+            os.kill(pid, 9)
+    assert sorted(ROOT.glob("runs/flower-*")) == before  # nothing written into the repository
+    assert_no_leftovers("FLWR_HOME", str(home))
 
 
 # ---- deployment -------------------------------------------------------------------------------------

@@ -9,6 +9,7 @@ round with `Federation.close_round`, i.e. the same aggregator, evaluation and le
 from __future__ import annotations
 
 import logging
+import sys
 import time
 from pathlib import Path
 
@@ -20,15 +21,69 @@ from florana.config import RunConfig
 from florana.errors import FloranaError
 from florana.federation.engine import Federation, LocalResult, close_run, open_run, record_round
 from florana.federation.methods import BOUNDS
-from florana.flower.wire import from_record, partition_problem, record_bytes, split_run_config, to_record
+from florana.flower.wire import (CLIENTS_FROM_NODES, from_record, partition_problem, record_bytes, split_run_config,
+                                 to_record)
 
 log = logging.getLogger("florana")
+
+QUERY_TIMEOUT_MIN = 30.0  # seconds a node gets to answer the partition query, however little node-wait is left
 
 
 def check_runtime(config: RunConfig) -> None:
     if config.method in BOUNDS:
         raise FloranaError(f"method {config.method!r} is a reference bound that pools or never shares client data; "
                            "run it in process (without --runtime flower)")
+
+
+def example_weight(fed: Federation, round_: int, node: int, u: int, reported) -> int:
+    """Partition u's aggregation weight: the server's own count of its training examples (it splits the same data
+    with the same seed). A node's reported count is only compared, never used: a lying or broken node cannot
+    outweigh the others or stop the run."""
+    size = fed.data.clients[u].size
+    if reported != size:
+        log.warning("round %d: node %d (partition %d) reported %r training examples, the server counts %d; the "
+                    "server's count is the weight", round_, node, u, reported, size)
+    return size
+
+
+def nodes_num_partitions(grid: Grid, wait: float) -> int:
+    """The number of partitions the connected nodes hold (their num-partitions), which num_clients=0 stands for;
+    waits up to `wait` s for a node to answer. Nodes that disagree stop the run."""
+    deadline = time.monotonic() + wait
+    while True:
+        nodes = list(grid.get_node_ids())
+        answers = ask_partitions(grid, nodes, max(deadline - time.monotonic(), QUERY_TIMEOUT_MIN)) if nodes else {}
+        sizes = {node: a[1] for node, a in answers.items() if not isinstance(a, str)}
+        if sizes:
+            break
+        if time.monotonic() >= deadline:
+            why = "".join(f"; node {node}: {a}" for node, a in sorted(answers.items()))
+            raise FloranaError(f"num_clients=0 takes the number of clients from the nodes' num-partitions, but no "
+                               f"node said which partition it holds within {wait:.0f}s ({len(nodes)} connected{why})")
+        time.sleep(0.5)
+    if len(set(sizes.values())) > 1 or min(sizes.values()) < 1:
+        said = ", ".join(f"node {node}: {n}" for node, n in sorted(sizes.items()))
+        raise FloranaError(f"num_clients=0 takes the number of clients from the nodes, but their num-partitions "
+                           f"differ or are < 1 ({said}); give every node the same num-partitions or set num_clients")
+    return next(iter(sizes.values()))
+
+
+def ask_partitions(grid: Grid, nodes: list[int], timeout: float) -> dict[int, tuple[int, int] | str]:
+    """Ask `nodes` which partition each holds (a query message). For each node that replied within `timeout` s:
+    (partition-id, num-partitions), or why its reply says neither (its error, or a malformed answer)."""
+    replies = grid.send_and_receive([Message(RecordDict(), message_type=MessageType.QUERY, dst_node_id=n)
+                                     for n in nodes], timeout=timeout)
+    answers: dict[int, tuple[int, int] | str] = {}
+    for reply in replies:
+        node = reply.metadata.src_node_id
+        if reply.has_error():
+            answers[node] = reply.error.reason
+            continue
+        m = reply.content.metric_records.get("metrics", {})
+        u, n = m.get("partition-id"), m.get("num-partitions")
+        ok = all(isinstance(v, int) and not isinstance(v, bool) for v in (u, n))
+        answers[node] = (u, n) if ok else f"malformed answer {dict(m)}"
+    return answers
 
 
 class FloranaStrategy(FedAvg):
@@ -45,38 +100,42 @@ class FloranaStrategy(FedAvg):
 
     # ---- nodes --------------------------------------------------------------------------------------
     def discover(self, grid: Grid, timeout: float, strict: bool) -> None:
-        """Ask every node not yet known which partition it holds (a query message). A node that does not fit
-        the run is an error before the first round (strict) and is ignored, with a warning, once rounds run."""
+        """Ask every node not yet known which partition it holds. A node whose partition does not fit the run is
+        an error before the first round (strict) and is ignored, with a warning, once rounds run; a node that does
+        not answer in time (or answers with an error) is named in a warning and asked again next time."""
         unknown = [n for n in grid.get_node_ids() if n not in self.nodes.values() and n not in self.ignored]
         if not unknown:
             return
-        replies = grid.send_and_receive([Message(RecordDict(), message_type=MessageType.QUERY, dst_node_id=n)
-                                         for n in unknown], timeout=timeout)
-        self.ignored.update(unknown)  # until it says which partition it holds
-        for reply in replies:
-            node = reply.metadata.src_node_id
-            if reply.has_error():
-                log.warning("node %d did not say which partition it holds, ignored: %s", node, reply.error.reason)
+        answers = ask_partitions(grid, unknown, timeout)
+        online = set(grid.get_node_ids())
+        for node in unknown:
+            answer = answers.get(node, f"no answer within {timeout:.0f}s")
+            if isinstance(answer, str):
+                log.warning("node %d did not say which partition it holds (%s); it will be asked again", node, answer)
                 continue
-            m = reply.content["metrics"]
-            u, n = int(m["partition-id"]), int(m["num-partitions"])
+            u, n = answer
             problem = partition_problem(node, u, n, self.fed.config.num_clients)
-            if problem is None and u in self.nodes and self.nodes[u] in grid.get_node_ids():
+            if problem is None and u in self.nodes and self.nodes[u] in online:
                 problem = f"nodes {self.nodes[u]} and {node} both claim partition-id={u}"
             if problem and strict:
-                raise FloranaError(problem)
+                raise FloranaError(f"{problem} (the nodes' num-partitions and num_clients must agree; with `flwr run`, "
+                                   "num_clients=0 takes it from the nodes)")
             if problem:
                 log.warning("%s; node %d ignored", problem, node)
+                self.ignored.add(node)
                 continue
-            self.ignored.discard(node)
             self.nodes[u] = node
 
     def wait_for_nodes(self, grid: Grid) -> None:
-        """Wait up to node-wait seconds for one node per partition; go on with fewer if min-nodes are there."""
+        """Ask nodes which partition they hold as they connect, for up to node-wait seconds or until there is one
+        per partition; a node that does not fit stops the run at once (waiting would not change it). Go on with
+        fewer nodes if min-nodes are there."""
         wanted, deadline = self.fed.config.num_clients, time.monotonic() + self.node_wait
-        while len(list(grid.get_node_ids())) < wanted and time.monotonic() < deadline:
+        while True:
+            self.discover(grid, timeout=max(deadline - time.monotonic(), QUERY_TIMEOUT_MIN), strict=True)
+            if len(self.nodes) >= wanted or time.monotonic() >= deadline:
+                break
             time.sleep(0.5)
-        self.discover(grid, timeout=self.node_wait, strict=True)
         if len(self.nodes) < min(self.min_nodes, wanted):
             raise FloranaError(f"only {len(self.nodes)} node(s) connected within {self.node_wait:.0f}s "
                                f"(min-nodes={self.min_nodes}, num_clients={wanted})")
@@ -128,7 +187,7 @@ class FloranaStrategy(FedAvg):
             up += received
             try:
                 m = reply.content.metric_records["metrics"]
-                loss, size, accuracy = float(m["loss"]), int(m["num-examples"]), m.get("local-accuracy")
+                loss, accuracy = float(m["loss"]), m.get("local-accuracy")
             except (KeyError, TypeError, ValueError) as e:
                 log.warning("round %d: node %d (partition %d) sent no usable metrics (%s); reply ignored",
                             round_, node, u, e)
@@ -139,7 +198,8 @@ class FloranaStrategy(FedAvg):
             except FloranaError as e:
                 log.warning("round %d: %s; update rejected", round_, e)
                 tensors = None
-            results[u] = LocalResult(loss, tensors, accuracy, size, received)
+            weight = example_weight(fed, round_, node, u, m.get("num-examples"))
+            results[u] = LocalResult(loss, tensors, accuracy, weight, received)
         metrics["missing"] = sorted(set(metrics["clients"]) - set(results))
         for u in metrics["missing"]:  # its base state is unknown now: it gets the whole base delta next time
             fed.synced[u] = -1
@@ -163,11 +223,11 @@ def serve(grid: Grid, config: RunConfig | None, run_dir: Path, *, resume: bool =
     run_dir = Path(run_dir).resolve()
     if config is not None:
         check_runtime(config)
-    fed, start = open_run(config, run_dir, resume=resume)
-    check_runtime(fed.config)
-    fed.synced.clear()  # the nodes of a new Flower run hold no base change yet, whatever a checkpoint says
-    log.info("run folder %s, rounds %d..%d", run_dir, start, fed.config.rounds)
     try:
+        fed, start = open_run(config, run_dir, resume=resume)
+        check_runtime(fed.config)
+        fed.synced.clear()  # the nodes of a new Flower run hold no base change yet, whatever a checkpoint says
+        log.info("run folder %s, rounds %d..%d", run_dir, start, fed.config.rounds)
         if start <= fed.config.rounds:
             strategy = FloranaStrategy(fed, run_dir, first_round=start, min_nodes=min_nodes, node_wait=node_wait)
             strategy.wait_for_nodes(grid)
@@ -193,10 +253,34 @@ def server_app(config: RunConfig | None, run_dir: Path, **options) -> ServerApp:
 app = ServerApp()
 
 
+def show_on_terminal() -> None:
+    """Send florana's log to stderr as well, which Flower streams to `flwr run --stream`: the run folder, each round
+    and any error then show on the terminal that submitted the run, not only in run.log."""
+    if not any(getattr(h, "florana_terminal", False) for h in log.handlers):
+        handler = logging.StreamHandler(sys.stderr)
+        handler.florana_terminal = True
+        handler.setFormatter(logging.Formatter("florana %(levelname)s: %(message)s"))
+        log.addHandler(handler)
+    log.setLevel(logging.INFO)
+
+
 @app.main()
 def main(grid: Grid, context: Context) -> None:
-    """`flwr run .`: florana's config keys and the runtime keys come from the run config."""
-    config, runtime = split_run_config(dict(context.run_config))
-    serve(grid, None if runtime["resume"] else config, Path(runtime["run-dir"]), resume=bool(runtime["resume"]),
-          min_nodes=int(runtime["min-nodes"]), round_timeout=float(runtime["round-timeout"]),
-          node_wait=float(runtime["node-wait"]))
+    """`flwr run .`: florana's config keys and the runtime keys come from the run config. num_clients=0 (the
+    app's default) becomes the nodes' num-partitions before round 1, so Flower's default federation just runs."""
+    show_on_terminal()
+    run_config = dict(context.run_config)
+    try:
+        config, runtime = split_run_config(run_config, num_partitions=1)  # every key checked before nodes are asked
+        if runtime["resume"]:
+            config = None
+        elif run_config.get("num_clients") == CLIENTS_FROM_NODES:
+            n = nodes_num_partitions(grid, float(runtime["node-wait"]))
+            config, _ = split_run_config(run_config, num_partitions=n)
+            log.info("num_clients=0: %d clients, one per partition the nodes hold", n)
+    except FloranaError as e:
+        log.error("%s", e)
+        raise
+    serve(grid, config, Path(str(runtime["run-dir"]).replace("{run_id}", str(context.run_id))),
+          resume=bool(runtime["resume"]), min_nodes=int(runtime["min-nodes"]),
+          round_timeout=float(runtime["round-timeout"]), node_wait=float(runtime["node-wait"]))

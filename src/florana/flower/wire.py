@@ -18,9 +18,11 @@ from torch import Tensor
 from florana.config import FIELDS, RunConfig, config_from_dict, default_of
 from florana.errors import FloranaError
 
-# run-config keys that belong to the Flower runtime rather than to a RunConfig
-RUNTIME_KEYS = {"run-dir": "runs/flower", "resume": False, "min-nodes": 1, "round-timeout": 3600.0,
+# run-config keys that belong to the Flower runtime rather than to a RunConfig; {run_id} in run-dir is Flower's run id
+RUNTIME_KEYS = {"run-dir": "runs/flower-{run_id}", "resume": False, "min-nodes": 1, "round-timeout": 3600.0,
                 "node-wait": 120.0}
+# `num_clients = 0` in a Flower run config (the app's default): one client per partition the nodes report
+CLIENTS_FROM_NODES = 0
 
 
 def to_record(tensors: dict[str, Tensor]) -> ArrayRecord:
@@ -101,9 +103,9 @@ def flower_run_config(config: RunConfig) -> dict:
     return {k: ",".join(v) if isinstance(v, list) else v for k, v in asdict(config).items()}
 
 
-def split_run_config(run_config: dict) -> tuple[RunConfig, dict]:
+def split_run_config(run_config: dict, num_partitions: int | None = None) -> tuple[RunConfig, dict]:
     """Flower's flat run config → (RunConfig, runtime options). Lists travel as comma-separated strings, since
-    Flower's config values are scalars."""
+    Flower's config values are scalars. num_clients=0 takes `num_partitions`, which the server asks the nodes for."""
     runtime = {k: run_config.get(k, v) for k, v in RUNTIME_KEYS.items()}
     data = {}
     for key, value in run_config.items():
@@ -115,4 +117,9 @@ def split_run_config(run_config: dict) -> tuple[RunConfig, dict]:
         if isinstance(default_of(key), list) and isinstance(value, str):
             value = [v.strip() for v in value.split(",") if v.strip()]
         data[key] = value
+    if data.get("num_clients") == CLIENTS_FROM_NODES:
+        if num_partitions is None:
+            raise FloranaError("run config: num_clients=0 (one client per partition the nodes report) needs the "
+                               "nodes' num-partitions, which only the ServerApp learns")
+        data["num_clients"] = num_partitions
     return config_from_dict(data, "run config"), runtime
