@@ -176,6 +176,25 @@ def test_a_resumed_flower_run_restarts_what_nodes_kept(tiny, tmp_path):
     assert_same_outputs(out, expected)
 
 
+def test_flwr_resume_names_the_run_config_values_it_ignores(tiny, tmp_path, caplog):
+    """`flwr run` hands over every key, defaults included; resume=true keeps the stored config and says which of
+    the values it was given differ, instead of dropping them silently."""
+    from flwr.app import Context
+
+    from florana.flower import server
+
+    out = tmp_path / "run"
+    run(RunConfig(**{**tiny, "rounds": 1}, method="svd"), out)
+    (out / "config.toml").write_text(RunConfig(**tiny, method="svd").to_toml())  # stopped after round 1 of 2
+    run_config = {**flower_run_config(RunConfig(**tiny, method="florana")), "resume": True, "run-dir": str(out),
+                  "node-wait": 5.0}
+    with caplog.at_level(logging.WARNING, logger="florana"):
+        server.main(LocalGrid(2), Context(run_id=7, node_id=0, node_config={}, state=RecordDict(),
+                                          run_config=run_config))
+    assert "these run-config values differ and are ignored: method 'svd' → 'florana'" in caplog.text
+    assert [m["method"] for m in read_metrics(out)] == ["svd", "svd"]
+
+
 @pytest.mark.parametrize("method", ["fedex", "svd"])
 def test_a_flower_checkpoint_resumes_in_process(tiny, tmp_path, method):
     """The other direction of checkpoint compatibility: rounds 1..2 on Flower, 3 in process, equal to a whole

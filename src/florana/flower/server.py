@@ -17,9 +17,9 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, M
 from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp.strategy import FedAvg
 
-from florana.config import RunConfig
+from florana.config import RunConfig, describe, differences
 from florana.errors import FloranaError
-from florana.federation.engine import Federation, LocalResult, close_run, open_run, record_round
+from florana.federation.engine import Federation, LocalResult, close_run, open_run, record_round, resumed_config
 from florana.federation.methods import BOUNDS
 from florana.flower.wire import (CLIENTS_FROM_NODES, from_record, partition_problem, record_bytes, split_run_config,
                                  to_record)
@@ -272,7 +272,15 @@ def main(grid: Grid, context: Context) -> None:
     run_config = dict(context.run_config)
     try:
         config, runtime = split_run_config(run_config, num_partitions=1)  # every key checked before nodes are asked
-        if runtime["resume"]:
+        run_dir = Path(str(runtime["run-dir"]).replace("{run_id}", str(context.run_id)))
+        if runtime["resume"]:  # Flower hands over every key, defaults included: say which ones are not used
+            stored = resumed_config(run_dir.resolve())
+            ignored = {k: v for k, v in differences(stored, config).items()
+                       if not (k == "num_clients" and run_config.get(k) == CLIENTS_FROM_NODES)}
+            if ignored:
+                log.warning("resume=true continues %s with its stored config; these run-config values differ and are "
+                            "ignored: %s (to extend a run: florana run --resume RUN --rounds N)", run_dir,
+                            describe(ignored))
             config = None
         elif run_config.get("num_clients") == CLIENTS_FROM_NODES:
             n = nodes_num_partitions(grid, float(runtime["node-wait"]))
@@ -281,6 +289,5 @@ def main(grid: Grid, context: Context) -> None:
     except FloranaError as e:
         log.error("%s", e)
         raise
-    serve(grid, config, Path(str(runtime["run-dir"]).replace("{run_id}", str(context.run_id))),
-          resume=bool(runtime["resume"]), min_nodes=int(runtime["min-nodes"]),
+    serve(grid, config, run_dir, resume=bool(runtime["resume"]), min_nodes=int(runtime["min-nodes"]),
           round_timeout=float(runtime["round-timeout"]), node_wait=float(runtime["node-wait"]))
