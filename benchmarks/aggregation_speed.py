@@ -345,6 +345,11 @@ def check(result, out: dict[str, Tensor], names: list[str], s: float,
     return gap, diff
 
 
+def ratio(x: float) -> str:
+    """Two decimals near 1, where they decide the answer; whole numbers for large speed-ups."""
+    return f"{x:.2f}×" if x < 10 else f"{x:.0f}×"
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--layers", type=int, default=32)
@@ -454,7 +459,7 @@ def main() -> None:
         for b in row["baselines"]:
             on = f"{b['modules']} modules" + (f", ×{M / b['modules']:g}" if b["modules"] != M else "")
             agrees = f"{'yes' if b['ok'] else 'NO'} (gap {b['gap']:.0e}, Δ {b['diff']:.0e})"
-            print(f"{head} {b['name']} | {b['seconds']:.2f} | {on} | {b['seconds'] / row['seconds']:.1f}× | "
+            print(f"{head} {b['name']} | {b['seconds']:.2f} | {on} | {ratio(b['seconds'] / row['seconds'])} | "
                   f"{b['mem'] / 2**20:.0f} | {tail} {agrees} |")
     print()
     print("speed-up: baseline s / factor-space s (above 1: factor space is faster). baseline agrees: the largest "
@@ -464,7 +469,7 @@ def main() -> None:
         for b in row["baselines"]:
             if len(b["paired"]) > 1:
                 print(f"{row['method']} vs {b['name']}: speed-up repeat by repeat "
-                      + ", ".join(f"{x:.2f}×" for x in b["paired"]))
+                      + ", ".join(ratio(x) for x in b["paired"]))
             if b["report_s"] is not None:
                 print(f"{row['method']} vs {b['name']}: {b['report_s']:.2f} s of the baseline's {b['seconds']:.2f} s "
                       f"is its floor, taken the QR way"
@@ -478,7 +483,7 @@ def main() -> None:
         b = next(b for b in row["baselines"] if b["name"] == name)
         speed = b["seconds"] / row["seconds"]
         ok = row["seconds"] <= 3.0 and speed >= least and row["mem"] <= 2.0 and b["ok"]
-        print(f"target {row['method']}: {row['seconds']:.2f} s (≤ 3 s), speed-up {speed:.1f}× over the {name} way "
+        print(f"target {row['method']}: {row['seconds']:.2f} s (≤ 3 s), speed-up {ratio(speed)} over the {name} way "
               f"(≥ {least:g}×), peak extra memory {row['mem']:.2f}× the factors (≤ 2×): {'met' if ok else 'MISSED'}")
 
 
