@@ -3,10 +3,11 @@
 32 layers × {q,k,v,o} = 128 modules of 4096×4096, LoRA r=16, U=10 clients, fp32, LoRA-like clients (a shared
 A init plus drift). For each method: wall time of the whole `aggregate_adapters` call, peak extra RSS over the
 clients' factors, and, for fedit, florana and svd, the same work done the way one would without florana's
-factor space, measured side by side in this one process. The runs interleave (each repeat runs the
-factor-space call, then its baselines), and each time is the best of its repeats: on this shared machine other
-jobs only ever add time (single runs were seen 10× slower), so the minimum is the least disturbed estimate of
-each side's own cost; the ratios of each repeat's back-to-back pair are printed too, to show the spread.
+factor space, measured side by side in this one process. The runs interleave (round-robin: each round runs
+every method's factor-space call, each followed by its baselines), and each time is the best of its rounds:
+on this shared machine other jobs only ever add time (single runs were seen 10× slower), so the minimum is
+the least disturbed estimate of each side's own cost; the ratio within each round's back-to-back pair is
+printed too, to show the spread.
 
 Like with like. florana's timed call stacks the clients' factors, runs the method and reports the exact
 relative error of its estimate, the rank-r (Eckart–Young) floor and FedIT's error on the same factors. Each
@@ -359,8 +360,10 @@ def main() -> None:
     ap.add_argument("--dense-modules", type=int, default=32, help="modules the dense baselines run on (then scaled)")
     ap.add_argument("--dense-chunk", type=int, default=2, help="modules per batched dense op (memory)")
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--repeats", type=int, default=5, help="factor-space and QR timings: the best of this many")
-    ap.add_argument("--dense-repeats", type=int, default=3, help="dense-baseline timings: the best of this many")
+    ap.add_argument("--repeats", type=int, default=5,
+                    help="rounds: factor-space and QR timings are the best of this many")
+    ap.add_argument("--dense-repeats", type=int, default=3,
+                    help="dense-baseline timings: the best of the first this many rounds")
     ap.add_argument("--methods", default="fedit,ffa,fedsa,flora,florana,svd,fedex")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -389,62 +392,71 @@ def main() -> None:
         fn(clients, one, w, s, args.rank, timers={})
     dense_als(clients, one, w, s, args.rank, sweeps={one[0]: 1}, timers={})
 
-    rows, module_reports = [], {}
-    for method in args.methods.split(","):
-        data = ffa_clients if method == "ffa" else clients
-        part = 1.0
+    methods = args.methods.split(",")
+    inputs, part = {}, {}
+    for method in methods:
+        inputs[method], part[method] = ffa_clients if method == "ffa" else clients, 1.0
         if method == "fedex":  # its dense residual is d·k per module: time it on 4 modules and scale
             keep = all_names[:4]
-            data = [LoraAdapter(a.config, {n: a.modules[n] for n in keep}) for a in data]
-            part = M / len(keep)
-        baselines = BASELINES.get(method, [])
-        times = []
-        base_times: dict[str, list[float]] = {name: [] for name, _, _ in baselines}
-        base_mem, base_out = {}, {}
-        base_timers: dict[str, list[dict[str, float]]] = {name: [] for name, _, _ in baselines}
-        for rep in range(args.repeats):
-            # the factor-space call and its baselines alternate, so both see the same machine
+            inputs[method] = [LoraAdapter(a.config, {n: a.modules[n] for n in keep}) for a in inputs[method]]
+            part[method] = M / len(keep)
+    runs = {m: {"times": [], "base": {name: {"times": [], "timers": []} for name, _, _ in BASELINES.get(m, [])}}
+            for m in methods}
+    results, module_reports = {}, {}
+    # Round-robin: every round runs every method once, each followed by its baselines; a busy minute of the
+    # shared machine then spoils one round of everything rather than all repeats of one method.
+    for rnd in range(args.repeats):
+        for method in methods:
+            run = runs[method]
+            results.pop(method, None)
             with PeakRSS() as mem:
                 t0 = time.perf_counter()
-                result = aggregate_adapters(data, method)
-                times.append(time.perf_counter() - t0)
-            if rep == 0:
-                extra = mem.extra
-            for name, fn, dense in baselines:
-                if dense and rep >= args.dense_repeats:
+                result = aggregate_adapters(inputs[method], method)
+                run["times"].append(time.perf_counter() - t0)
+            results[method] = result
+            module_reports[method] = result.report.modules
+            if rnd == 0:
+                run["extra"] = mem.extra
+            for name, fn, dense in BASELINES.get(method, []):
+                if dense and rnd >= args.dense_repeats:
                     continue
+                base = run["base"][name]
                 names = dense_names if dense else all_names
                 timers: dict[str, float] = {}
                 with PeakRSS() as mem:
                     t0 = time.perf_counter()
                     out = fn(clients, names, w, s, args.rank, chunk=args.dense_chunk,
                              sweeps={n: result.report.modules[n].get("sweeps", 0) for n in names}, timers=timers)
-                    base_times[name].append(time.perf_counter() - t0)
-                base_timers[name].append(timers)
-                if rep == 0:
-                    base_mem[name], base_out[name] = mem.extra, out
+                    base["times"].append(time.perf_counter() - t0)
+                base["timers"].append(timers)
+                if rnd == 0:
+                    base["mem"], base["out"] = mem.extra, out
                 del out
-            if rep < args.repeats - 1:
-                del result
-        seconds = min(times) * part
-        module_reports[method] = result.report.modules
-        row = {"method": method, "seconds": seconds, "mem": extra / factor_bytes if part == 1.0 else None,
+            del result
+
+    rows = []
+    for method in methods:
+        run, result = runs[method], results[method]
+        row = {"method": method, "seconds": min(run["times"]) * part[method],
+               "mem": run["extra"] / factor_bytes if part[method] == 1.0 else None,
                "error": result.report.relative_error, "floor": result.report.error_floor, "baselines": []}
-        for name, fn, dense in baselines:
+        for name, fn, dense in BASELINES.get(method, []):
+            base = run["base"][name]
             names = dense_names if dense else all_names
-            ts = base_times[name]
+            ts = base["times"]
             best = ts.index(min(ts))
             scale = dense_scale if dense else 1.0
-            paired = [b * scale / f for b, f in zip(base_times[name], times)]  # one repeat's two runs, back to back
-            gap, diff = check(result, base_out[name], names, s, module_reports.get("fedit"))
-            report_s = base_timers[name][best].get("report")  # of the fastest repeat
+            paired = [b * scale / f for b, f in zip(ts, run["times"])]  # one round's two runs, back to back
+            gap, diff = check(result, base["out"], names, s, module_reports.get("fedit"))
+            report_s = base["timers"][best].get("report")  # of the fastest round
             row["baselines"].append({
-                "name": name, "seconds": ts[best] * scale, "modules": len(names), "mem": base_mem[name],
+                "name": name, "seconds": ts[best] * scale, "modules": len(names), "mem": base["mem"],
                 "gap": gap, "diff": diff, "ok": gap <= CHECK_GAP and diff <= CHECK_ERROR,
                 "report_s": report_s * scale if report_s is not None else None, "paired": paired,
                 "sweeps": max(result.report.modules[n].get("sweeps", 0) for n in names)})
+            del base["out"]
         rows.append(row)
-        del result, base_out
+    del results
 
     print()
     print("| method | factor-space s | peak extra memory / factors | baseline | baseline s | baseline timed on | "
@@ -468,7 +480,7 @@ def main() -> None:
     for row in rows:
         for b in row["baselines"]:
             if len(b["paired"]) > 1:
-                print(f"{row['method']} vs {b['name']}: speed-up repeat by repeat "
+                print(f"{row['method']} vs {b['name']}: speed-up round by round "
                       + ", ".join(ratio(x) for x in b["paired"]))
             if b["report_s"] is not None:
                 print(f"{row['method']} vs {b['name']}: {b['report_s']:.2f} s of the baseline's {b['seconds']:.2f} s "
