@@ -279,7 +279,7 @@ def dense_als(clients, names, w, s, r, chunk=2, sweeps=None, timers=None, **_) -
         Z = torch.empty(M, d, U, k)
         rows, T_rows = Z.view(M * d, U, k), T.view(M * d, 1, k)
 
-        def system() -> tuple[Tensor, Tensor]:
+        def system(rows: Tensor = rows, T_rows: Tensor = T_rows) -> tuple[Tensor, Tensor]:
             H = torch.bmm(rows, rows.mT).view(M, d, U, U).sum(1, dtype=torch.float64)
             g = torch.bmm(T_rows, rows.mT).view(M, d, U).sum(1, dtype=torch.float64)
             return H, g
