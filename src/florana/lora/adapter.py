@@ -105,6 +105,21 @@ def with_ranks(config: dict, ranks: dict[str, int], scalings: dict[str, float]) 
     return out
 
 
+def at_rank(tensors: dict[str, Tensor], rank: int, b_factor: float = 1.0) -> dict[str, Tensor]:
+    """An adapter's tensors (under PEFT's file keys) cut to their first `rank` components: the rows of lora_A, the
+    columns of lora_B, which is also multiplied by `b_factor`; every other tensor as it is."""
+    out = {}
+    for key, t in tensors.items():
+        if key.endswith(LORA_A):
+            t = t[:rank].clone()
+        elif key.endswith(LORA_B):
+            t = t[:, :rank].clone(memory_format=torch.contiguous_format)
+            if b_factor != 1.0:
+                t = t * b_factor
+        out[key] = t
+    return out
+
+
 def base_layout(delta: Tensor, module: LoraModule, config: dict) -> Tensor:
     """ΔW (d, k) in the layout of the base weight it updates: transposed for embeddings and fan_in_fan_out."""
     return delta.mT if module.embedding or config.get("fan_in_fan_out") else delta
