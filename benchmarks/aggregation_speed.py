@@ -109,7 +109,7 @@ def main() -> None:
     ap.add_argument("--dense-modules", type=int, default=2, help="modules timed the dense way (then scaled)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--repeats", type=int, default=3, help="factor-space timings: the median of this many")
-    ap.add_argument("--methods", default="fedit,ffa,fedsa,flora,florana,svd,fedex")
+    ap.add_argument("--methods", default="fedit,ffa,fedsa,flora,florana,svd,hetlora,flexlora,fedex")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
 

@@ -282,6 +282,17 @@ def test_more_rounds_extend_a_finished_run_as_if_it_had_never_stopped(assets, tm
     assert sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir()) == ["round-0003", "round-0004"]
 
 
+@pytest.mark.parametrize("method", ["fedsa", "flexlora"])
+def test_a_mixed_rank_run_extends_as_if_it_had_never_stopped(assets, tmp_path, method):
+    """The checkpoint holds the global adapter at the largest rank and each fedsa client's own B at its rank."""
+    cfg = tiny_config(assets, method=method, rounds=3, client_ranks=[2, 4])
+    reference = run(cfg, tmp_path / "ref").history
+    run(cfg.with_overrides(rounds=2), tmp_path / "run")
+    extended = run(cfg, tmp_path / "run", resume=True).history
+    assert strip_timing(extended) == strip_timing(reference)
+    assert_same_adapter(tmp_path / "run" / "global_adapter", tmp_path / "ref" / "global_adapter")
+
+
 def test_a_resumed_run_keeps_its_config(assets, tmp_path):
     cfg = tiny_config(assets, rounds=1)
     run(cfg, tmp_path / "run")
@@ -491,8 +502,9 @@ def lora_bytes(fed, r, factors=("A", "B")):
 
 def test_a_client_trains_exactly_a_lora_of_its_own_rank(assets):
     """A rank-2 client in the run's rank-4 model trains what a PEFT model of rank 2 trains from the same start on
-    the same batches: its first 2 slots at scaling α/2, the other 2 zero before and after."""
-    cfg = tiny_config(assets, method="fedit", client_ranks=[2, 4], lr=5e-2)
+    the same batches: its first 2 slots at scaling α/2, the other 2 zero before and after (weight decay and LoRA
+    dropout included)."""
+    cfg = tiny_config(assets, method="fedit", client_ranks=[2, 4], lr=5e-2, weight_decay=0.1, lora_dropout=0.1)
     fed = engine.Federation(cfg)
     alone = engine.Federation(cfg.with_overrides(client_ranks=[]))  # lora_r=2: a PEFT model of rank 2
     assert fed.rank == 4 and fed.ranks == [2, 4, 2] and alone.rank == 2
