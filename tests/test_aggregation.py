@@ -121,9 +121,10 @@ def test_florana_never_worse_than_fedit_and_stationary(kind):
     assert Q.grad.norm().item() / scale < 1e-5
 
 
+@pytest.mark.parametrize("ranks", [None, [2, 4, 3, 4]])
 @pytest.mark.parametrize("method", ALL)
-def test_client_order_does_not_matter(method):
-    clients = make_clients(kind="shared" if method == "ffa" else "lora", seed=7)
+def test_client_order_does_not_matter(method, ranks):
+    clients = make_clients(kind="shared" if method == "ffa" else "lora", ranks=ranks, seed=7)
     w = [0.1, 0.2, 0.3, 0.4]
     order = [2, 0, 3, 1]
     a = aggregate_adapters(clients, method, weights=w)
@@ -134,17 +135,20 @@ def test_client_order_does_not_matter(method):
         torch.testing.assert_close(applied_update(a, name), applied_update(b, name), atol=1e-4, rtol=1e-4)
 
 
+@pytest.mark.parametrize("rank", [None, 5])
 @pytest.mark.parametrize("method", ALL)
-def test_identical_clients_give_back_that_client(method):
+def test_identical_clients_give_back_that_client(method, rank):
+    """Also at a global rank above the clients' (a run's largest rank): the same product, padded."""
     one = make_clients(num=1, kind="random", seed=8)[0]
-    result = aggregate_adapters([one] * 3, method)
+    result = aggregate_adapters([one] * 3, method, rank=rank)
     assert result.report.relative_error < 1e-6
     for name, m in one.modules.items():
         torch.testing.assert_close(applied_update(result, name), one.scaling(name) * (m.B.double() @ m.A.double()),
                                    atol=1e-4, rtol=1e-4)
         if method in ("fedit", "ffa", "fedsa", "florana", "fedex", "hetlora"):
-            torch.testing.assert_close(result.adapter.modules[name].A, m.A)
-            torch.testing.assert_close(result.adapter.modules[name].B, m.B)
+            torch.testing.assert_close(result.adapter.modules[name].A[: m.rank], m.A)
+            torch.testing.assert_close(result.adapter.modules[name].B[:, : m.rank], m.B)
+            assert not result.adapter.modules[name].A[m.rank:].any()
 
 
 @pytest.mark.parametrize("method", MIXED)

@@ -306,9 +306,11 @@ class Federation:
             metrics["train_loss"] = loss
         else:
             for u in sampled:
-                if self.method is not None:
-                    self.downlink(u, metrics)  # in this process every client reads the server's state directly
-                results[u], kept = self.local_update(u, self.client_start(u, round_), round_)
+                shared = None
+                if self.method is not None:  # the client starts from what was sent, as a Flower node does
+                    sent = self.downlink(u, metrics)
+                    shared = {k.split("::", 1)[1]: v for k, v in sent.items() if k.startswith("global::")}
+                results[u], kept = self.local_update(u, self.client_start(u, round_, shared), round_)
                 if kept:
                     self.personal[u] = kept
         return self.close_round(metrics, results, t0)

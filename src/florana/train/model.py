@@ -148,8 +148,10 @@ class AdapterSlots:
         out = {}
         for k, p in self.params.items():
             module = k.rsplit(".lora_", 1)[0] if ".lora_" in k else None
-            rank = self.ranks.get(module)
-            out.update(at_rank({k: p.detach()}, rank) if rank != self.slot_ranks.get(module) else {k: p.detach().clone()})
+            if module is None or self.ranks[module] == self.slot_ranks[module]:
+                out[k] = p.detach().clone()
+            else:
+                out.update(at_rank({k: p.detach()}, self.ranks[module]))
         return out
 
     def write(self, tensors: dict[str, Tensor]) -> None:
