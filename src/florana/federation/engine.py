@@ -27,7 +27,7 @@ from florana.federation.checkpoint import (latest_checkpoint, latest_round, prun
                                            write_text_atomic)
 from florana.federation.folders import check_run_folder
 from florana.federation.methods import BOUNDS
-from florana.lora.adapter import LORA_A, LORA_B, at_rank, has_non_finite
+from florana.lora.adapter import at_rank, has_non_finite, revive_dead_slots
 from florana.lora.base_delta import apply_change, dense_change, factor_change, total_change
 from florana.lora.peft_io import save_adapter
 from florana.train.local import batch_indices, train_steps
@@ -391,25 +391,6 @@ class Federation:
     def save_global(self, directory: Path) -> None:
         """The global model as a PEFT directory, plus base_update.safetensors when the method changed the base."""
         save_adapter(self.slots.adapter(self.global_tensors), directory, self.slots.base_delta)
-
-
-def revive_dead_slots(tensors: dict[str, Tensor], seed: int) -> None:
-    """Give every dead slot of an adapter (an A row and B column both zero: neither gets a gradient, so it would
-    never train) a fresh A row, drawn as PEFT draws A (kaiming-uniform, bound 1/√k), in place of the dict's entry;
-    the product B·A, and so the model, is unchanged. Dead slots come from aggregates that have no component there:
-    zero-padding when no client of that rank took part (fedit, hetlora, florana), an SVD past the aggregate's
-    rank (svd, flexlora)."""
-    g = None
-    for key in sorted(k for k in tensors if k.endswith(LORA_A)):
-        A, B = tensors[key], tensors[key[: -len(LORA_A)] + LORA_B]
-        dead = (A == 0).all(dim=1) & (B == 0).all(dim=0)
-        if bool(dead.any()):
-            g = g or torch.Generator().manual_seed(seed)
-            bound = 1.0 / math.sqrt(A.shape[1])
-            fresh = torch.empty(int(dead.sum()), A.shape[1], dtype=A.dtype).uniform_(-bound, bound, generator=g)
-            A = A.clone()
-            A[dead] = fresh
-            tensors[key] = A
 
 
 def _concat(parts: list[Encoded]) -> Encoded:
