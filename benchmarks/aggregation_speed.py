@@ -365,7 +365,7 @@ def main() -> None:
                     help="rounds: factor-space and QR timings are the best of this many")
     ap.add_argument("--dense-repeats", type=int, default=3,
                     help="dense-baseline timings: the best of the first this many rounds")
-    ap.add_argument("--methods", default="fedit,ffa,fedsa,flora,florana,svd,fedex")
+    ap.add_argument("--methods", default="fedit,ffa,fedsa,flora,florana,svd,hetlora,flexlora,fedex")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
 

@@ -67,6 +67,13 @@ def test_unknown_key_names_the_file(tmp_path):
     ({"sample_fraction": 0}, r"sample_fraction must be in \(0, 1\]"),
     ({"sample_fraction": 1.5}, r"sample_fraction must be in \(0, 1\]"),
     ({"weighting": "size"}, "weighting must be one of uniform, examples"),
+    ({"client_ranks": [4, 0]}, r"client_ranks must be positive integers, got \[4, 0\]"),
+    ({"client_ranks": [4, -8]}, "client_ranks must be positive integers"),
+    ({"client_ranks": [4, 8.0]}, r"client_ranks should be a list of integers, got \[4, 8.0\]"),
+    ({"client_ranks": [4, True]}, "client_ranks should be a list of integers"),
+    ({"client_ranks": "4,8"}, "client_ranks should be a list of integers, got '4,8'"),
+    ({"client_ranks": [4, 8, 16], "num_clients": 2},
+     "client_ranks has 3 entries for num_clients=2: give one per client, or a shorter list that is cycled"),
 ])
 def test_bad_values(data, message):
     """Every path into a RunConfig (a file, flags, code) gets the same check; a file's errors name the file."""
@@ -108,3 +115,29 @@ def test_shipped_configs_parse_and_default_matches():
     assert load_config(root / "default.toml") == RunConfig()
     smoke = load_config(root / "gsm_smollm2_smoke.toml")
     assert smoke.task == "causal_lm" and smoke.model == "smollm2"
+
+
+def test_client_ranks_one_per_client_or_cycled(tmp_path):
+    assert RunConfig(num_clients=3).ranks() == [8, 8, 8]
+    assert RunConfig(num_clients=5, client_ranks=[4, 8, 16]).ranks() == [4, 8, 16, 4, 8]
+    assert RunConfig(num_clients=2, client_ranks=[16, 4]).ranks() == [16, 4]
+    cfg = RunConfig(num_clients=3, client_ranks=[4, 8], method="hetlora")
+    path = tmp_path / "c.toml"
+    path.write_text(cfg.to_toml())
+    assert load_config(path) == cfg and "client_ranks = [\n    4,\n    8,\n]" in path.read_text()
+
+
+def test_a_method_that_refuses_mixed_ranks_is_named_with_the_key(monkeypatch):
+    """Every aggregator here accepts mixed ranks; one that does not (a method needing equal ranks) is refused
+    before anything loads, naming client_ranks, unless the ranks do not actually differ."""
+    import dataclasses
+
+    from florana.aggregation import METHODS
+
+    monkeypatch.setitem(METHODS, "strict", dataclasses.replace(METHODS["fedit"], name="strict", mixed_ranks=False))
+    with pytest.raises(FloranaError, match=r"cfg.toml: client_ranks gives the clients different ranks \[4, 8\], "
+                                           r"which method 'strict' does not accept; methods that do: fedit, "):
+        config_from_dict({"method": "strict", "client_ranks": [4, 8]}, "cfg.toml")
+    assert RunConfig(method="strict", client_ranks=[4, 4]).ranks() == [4] * 10
+    for name in ("centralized", "local", *[m for m in METHODS if m != "strict"]):
+        RunConfig(method=name, client_ranks=[4, 8])

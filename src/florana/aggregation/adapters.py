@@ -13,7 +13,7 @@ from torch import Tensor
 
 from florana.aggregation.base import Method, client_weights, weighted_mean_coefficients
 from florana.aggregation.factors import ClientFactors
-from florana.aggregation.registry import get_method
+from florana.aggregation.registry import METHODS, get_method
 from florana.errors import FloranaError
 from florana.lora.adapter import LoraAdapter, LoraModule, has_non_finite, with_ranks
 
@@ -28,8 +28,9 @@ BATCH_ELEMENTS = 1 << 19
 class Report:
     """What one aggregation did: errors relative to ‖ΔW*‖_F (overall and per module) and the wire cost.
 
-    fedit_error is FedIT's error on the very same client factors (None with mixed ranks), so any method
-    can be read against the baseline and the floor without a second run.
+    fedit_error is FedIT's error on the very same client factors (zero-padded to the global rank where ranks
+    differ), so any method can be read against the baseline and the floor without a second run. The error floor is
+    Eckart–Young's at the global rank (the largest client rank, or the rank asked for).
     """
 
     method: str
@@ -71,6 +72,11 @@ def check_clients(adapters: Sequence[LoraAdapter], labels: Sequence[str], method
                 raise FloranaError(f"{label}: {key}={a.config.get(key)!r} differs from {ref_label}'s "
                                    f"{ref.config.get(key)!r}")
     targets = _target_set(ref.config)
+    widest: dict[str, tuple[Tensor, str]] = {}  # per module, the A of the first client of the largest rank
+    for a, label in zip(adapters, labels):
+        for name, m in a.modules.items():
+            if name not in widest or m.rank > widest[name][0].shape[0]:
+                widest[name] = (m.A, label)
     for a, label in zip(adapters, labels):
         if _target_set(a.config) != targets:
             raise FloranaError(f"{label}: target_modules {a.config.get('target_modules')!r} differ from "
@@ -85,11 +91,14 @@ def check_clients(adapters: Sequence[LoraAdapter], labels: Sequence[str], method
             if m.shape != r0.shape or m.embedding != r0.embedding:
                 raise FloranaError(f"{label}: module {name}: shape {m.shape} differs from {ref_label}'s {r0.shape}")
             if m.rank != r0.rank and not method.mixed_ranks:
+                mixed = ", ".join(n for n, other in METHODS.items() if other.mixed_ranks)
                 raise FloranaError(f"{label}: module {name}: rank {m.rank} differs from {ref_label}'s {r0.rank}; "
-                                   f"{method.name} needs equal ranks (flora, fedex and svd accept mixed ranks)")
-            if not method.trains_A and not torch.allclose(m.A.float(), r0.A.float(), rtol=1e-5, atol=1e-7):
-                raise FloranaError(f"{label}: module {name}: lora_A differs from {ref_label}'s; {method.name} "
-                                   "needs every client to keep the shared frozen A")
+                                   f"{method.name} needs equal ranks ({mixed} accept mixed ranks)")
+            if not method.trains_A:  # a client of a smaller rank holds the first rows of the shared A
+                A, owner = widest[name]
+                if not torch.allclose(m.A.float(), A[: m.rank].float(), rtol=1e-5, atol=1e-7):
+                    raise FloranaError(f"{label}: module {name}: lora_A differs from {owner}'s; {method.name} needs "
+                                       "every client to keep the shared frozen A (its first r rows at rank r)")
         for key, t in a.extra.items():
             if t.shape != ref.extra[key].shape:
                 raise FloranaError(f"{label}: tensor {key}: shape {tuple(t.shape)} differs from {ref_label}'s")
@@ -104,8 +113,14 @@ def _target_set(config: dict):
 
 def aggregate_adapters(adapters: Sequence[LoraAdapter], method: str | Method,
                        weights: Sequence[float] | Tensor | None = None,
-                       labels: Sequence[str] | None = None) -> Aggregation:
-    """Aggregate client adapters with `method`; `labels` name the clients in errors (default client0, …)."""
+                       labels: Sequence[str] | None = None, *, rank: int | None = None,
+                       scaling: float | None = None) -> Aggregation:
+    """Aggregate client adapters with `method`; `labels` name the clients in errors (default client0, …).
+
+    rank: the global adapter's rank for the methods that give every client one rank (all but flora's stack), at
+    least the largest client rank (the default); a run passes its largest client rank, whichever clients a round
+    sampled. scaling: the global adapter's LoRA scaling, the same for every module (default, per module: that of
+    the first client of the largest rank; client 0's for flora, whose rank is the sum)."""
     method = get_method(method) if isinstance(method, str) else method
     labels = list(labels) if labels is not None else [f"client{u}" for u in range(len(adapters))]
     check_clients(adapters, labels, method)
@@ -126,7 +141,6 @@ def aggregate_adapters(adapters: Sequence[LoraAdapter], method: str | Method,
     base_update: dict[str, Tensor] = {}
     module_reports: dict[str, dict] = {}
     err_sq = target_sq = floor_sq = fedit_sq = 0.0
-    equal_ranks = True
     wire = _Ledger(len(adapters))
 
     for ((d, k), ranks, scales), names in batches:
@@ -135,10 +149,12 @@ def aggregate_adapters(adapters: Sequence[LoraAdapter], method: str | Method,
         B_cat, A_cat = _concatenate(adapters, names, "B", work), _concatenate(adapters, names, "A", work)
         if has_non_finite(B_cat.sum()) or has_non_finite(A_cat.sum()):  # one cheap pass; name the culprit if any
             _require_finite(adapters, labels, names)
-        clients = ClientFactors(B=B_cat, A=A_cat, ranks=ranks, scales=scales, weights=w)
-        scale = scales[0]
-        r_out = method.out_rank(ranks)
+        if rank is not None and rank < max(ranks):
+            raise FloranaError(f"the global rank {rank} is below a client's rank {max(ranks)} (module {names[0]})")
+        clients = ClientFactors(B=B_cat, A=A_cat, ranks=ranks, scales=scales, weights=w, global_rank=rank or 0)
+        scale = scaling if scaling is not None else _out_scaling(ranks, scales, method.out_rank(ranks))
         est = method.estimate(clients, scale)
+        r_out = est.coef_B.shape[-1]
         B_hat = (clients.B @ est.coef_B.to(work)).to(dtype)
         A_hat = (est.coef_A.to(work) @ clients.A).to(dtype)
         # the error reported is that of the factors as output: bf16/fp16 rounding is measured on them (it can
@@ -147,10 +163,8 @@ def aggregate_adapters(adapters: Sequence[LoraAdapter], method: str | Method,
         lowrank_sq = clients.output_error_sq(B_hat, A_hat, scale) if dtype != work else \
             clients.error_sq(est.coef_B, est.coef_A, scale)
         t_sq = clients.target_norm_sq
-        f_sq = clients.floor_sq(max(ranks))
-        equal_ranks = equal_ranks and len(set(ranks)) == 1
-        if equal_ranks:
-            fedit_sq += clients.error_sq(*weighted_mean_coefficients(clients, scale, ranks[0]), scale).sum().item()
+        f_sq = clients.floor_sq(clients.out_rank)
+        fedit_sq += clients.error_sq(*weighted_mean_coefficients(clients, scale, clients.out_rank), scale).sum().item()
         e_sq = lowrank_sq.clone()
         for i, name in enumerate(names):
             out_modules[name] = LoraModule(A=A_hat[i].contiguous(), B=B_hat[i].contiguous(),
@@ -195,12 +209,18 @@ def aggregate_adapters(adapters: Sequence[LoraAdapter], method: str | Method,
         weights=w.tolist(),
         relative_error=_relative(err_sq, target_sq),
         error_floor=_relative(floor_sq, target_sq),
-        fedit_error=_relative(fedit_sq, target_sq) if equal_ranks else None,
+        fedit_error=_relative(fedit_sq, target_sq),
         modules=module_reports,
         values_up_per_client=wire.values_up, values_down_per_client=wire.values_down,
         bytes_up_per_client=wire.bytes_up, bytes_down_per_client=wire.bytes_down,
     )
     return Aggregation(LoraAdapter(config=config, modules=out_modules, extra=extra), base_update, report)
+
+
+def _out_scaling(ranks: tuple[int, ...], scales: tuple[float, ...], method_rank: int) -> float:
+    """The global adapter's default scaling: that of the first client of the method's output rank (the largest),
+    else (flora's sum) client 0's."""
+    return scales[ranks.index(method_rank)] if method_rank in ranks else scales[0]
 
 
 def dense_residual(clients: ClientFactors, i: int, B_hat: Tensor, A_hat: Tensor, scale: float,

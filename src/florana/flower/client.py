@@ -66,14 +66,14 @@ def train(msg: Message, context: Context) -> Message:
     u, n = partition_of(context)
     if problem := partition_problem(context.node_id, u, n, fed.config.num_clients):
         raise FloranaError(problem)
-    shared = from_record(msg.content["global"], fed.wire_keys(fed.initial, up=False), source)
-    fed.global_tensors = {**fed.initial, **shared}
+    mine = fed.for_client(fed.initial, u)  # the shapes of this client's adapter, at its own rank
+    shared = from_record(msg.content["global"], fed.wire_keys(mine, up=False), source)
     fed.slots.set_base_delta(node_base_delta(fed, context, msg, int(config["base-round"])))
     fed.personal = {}
     if PERSONAL_KEY in context.state.array_records:
         kept = context.state.array_records[PERSONAL_KEY]
-        fed.personal[u] = from_record(kept, {k: fed.initial[k] for k in kept.keys()}, f"node {context.node_id} state")
-    result, kept = fed.local_update(u, fed.client_start(u, round_), round_)
+        fed.personal[u] = from_record(kept, {k: mine[k] for k in kept.keys()}, f"node {context.node_id} state")
+    result, kept = fed.local_update(u, fed.client_start(u, round_, shared), round_)
     metrics = {"partition-id": u, "num-examples": result.size, "loss": float(result.loss)}
     if result.local_accuracy is not None:  # none when the client holds no test examples or was rejected
         metrics["local-accuracy"] = float(result.local_accuracy)

@@ -26,6 +26,7 @@ from florana.flower.wire import (CLIENTS_FROM_NODES, from_record, partition_prob
 
 log = logging.getLogger("florana")
 
+ANY_CLIENTS = 1 << 16  # a client count no config check refuses, for num_clients=0 before the nodes said theirs
 QUERY_TIMEOUT_MIN = 30.0  # seconds a node gets to answer the partition query, however little node-wait is left
 
 
@@ -151,12 +152,12 @@ class FloranaStrategy(FedAvg):
         online = set(grid.get_node_ids())
         reachable = [u for u in sampled if self.nodes.get(u) in online]
         metrics = fed.open_round(round_, sampled, empty)
-        contents: dict[frozenset, RecordDict] = {}  # payloads differ only in the base change: serialised once each
+        contents: dict[tuple, RecordDict] = {}  # payloads differ only in rank and base change: serialised once each
         messages, down = [], 0
         for u in reachable:
             payload = fed.downlink(u, metrics)
             base = {k.split("::", 1)[1]: v for k, v in payload.items() if k.startswith("base::")}
-            kind = frozenset(k.rsplit(".", 1)[1] for k in base)
+            kind = (fed.ranks[u], frozenset(k.rsplit(".", 1)[1] for k in base))
             if kind not in contents:
                 contents[kind] = RecordDict({
                     "config": ConfigRecord({"toml": self.config_text, "round": round_, "base-round": fed.base_round}),
@@ -193,8 +194,8 @@ class FloranaStrategy(FedAvg):
                             round_, node, u, e)
                 continue
             try:
-                tensors = None if update is None else from_record(update, fed.wire_keys(fed.initial, up=True),
-                                                                  f"node {node} (partition {u})")
+                expected = fed.wire_keys(fed.for_client(fed.initial, u), up=True)  # at the partition's rank
+                tensors = None if update is None else from_record(update, expected, f"node {node} (partition {u})")
             except FloranaError as e:
                 log.warning("round %d: %s; update rejected", round_, e)
                 tensors = None
@@ -271,7 +272,8 @@ def main(grid: Grid, context: Context) -> None:
     show_on_terminal()
     run_config = dict(context.run_config)
     try:
-        config, runtime = split_run_config(run_config, num_partitions=1)  # every key checked before nodes are asked
+        # every key checked before nodes are asked, num_clients=0 standing for as many clients as client_ranks lists
+        config, runtime = split_run_config(run_config, num_partitions=ANY_CLIENTS)
         run_dir = Path(str(runtime["run-dir"]).replace("{run_id}", str(context.run_id)))
         if runtime["resume"]:  # Flower hands over every key, defaults included: say which ones are not used
             stored = resumed_config(run_dir.resolve())
