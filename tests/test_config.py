@@ -67,6 +67,11 @@ def test_unknown_key_names_the_file(tmp_path):
     ({"sample_fraction": 0}, r"sample_fraction must be in \(0, 1\]"),
     ({"sample_fraction": 1.5}, r"sample_fraction must be in \(0, 1\]"),
     ({"weighting": "size"}, "weighting must be one of uniform, examples"),
+    ({"fedsvd_period": 0}, "fedsvd_period must be >= 1"),
+    ({"lora_fair_lambda": -0.1}, "lora_fair_lambda must be >= 0"),
+    ({"lora_fair_steps": -1}, "lora_fair_steps must be >= 0"),
+    ({"lora_fair_lr": 0}, "lora_fair_lr must be > 0"),
+    ({"lora_fair_refit": "newton"}, "lora_fair_refit must be one of cosine, least_squares"),
 ])
 def test_bad_values(data, message):
     """Every path into a RunConfig (a file, flags, code) gets the same check; a file's errors name the file."""

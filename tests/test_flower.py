@@ -151,6 +151,36 @@ def test_flower_moves_what_the_ledger_books(tiny, tmp_path, method):
     assert_same_run(tmp_path / "flower", tmp_path / "inproc")
 
 
+def test_a_node_that_lost_the_factors_it_kept_gets_them_again(tiny, tmp_path, caplog):
+    """rolora sends each round only the frozen factor; a node keeps the other. A node whose state is gone (it
+    restarted) fails the round, naming why, and next time the server sends it every factor that changed."""
+    from florana.flower.client import GLOBAL_KEY
+    from florana.flower.server import serve
+
+    class Forgetful(LocalGrid):
+        def send_and_receive(self, messages, timeout=None):
+            for msg in messages:
+                if msg.metadata.message_type == MessageType.TRAIN and msg.content["config"]["round"] == 2:
+                    self.contexts[100].state = RecordDict()  # node 100 (partition 0) restarted
+            return super().send_and_receive(messages, timeout)
+
+    cfg = RunConfig(**{**tiny, "rounds": 3}, method="rolora")
+    grid = Forgetful(2)
+    with caplog.at_level(logging.WARNING, logger="florana"):
+        serve(grid, cfg, tmp_path / "flower", node_wait=5)
+    history = read_metrics(tmp_path / "flower")
+    assert [m["missing"] for m in history] == [[], [0], []]
+    assert "it holds the global factors of round 0; the server's payload is for round 1" in caplog.text
+    fed = Federation(cfg)
+    size = {f: sum(t.numel() * 4 for k, t in fed.initial.items() if f".lora_{f}." in k) for f in "AB"}
+    head = sum(t.numel() * 4 for k, t in fed.initial.items() if ".lora_" not in k)
+    # round 3 sends both the frozen A; partition 0 also B, which changed in round 1 while it held nothing
+    assert history[2]["bytes_down"] == 2 * (head + size["A"]) + size["B"]
+    assert set(history[2]["local_accuracy"]) == {"0", "1"} and history[2]["relative_error"] < 1e-5
+    kept = grid.contexts[100].state.array_records[GLOBAL_KEY]  # what it trained round 3 from: both factors again
+    assert {k for k in kept.keys() if ".lora_" in k} == {k for k in fed.initial if ".lora_" in k}
+
+
 def test_a_resumed_flower_run_restarts_what_nodes_kept(tiny, tmp_path):
     """A resumed run is a new Flower run, and Flower gives it fresh node states: fedsa's personal B is lost (its
     clients restart from the initial B), exactly that and nothing else. The engine with its personal state

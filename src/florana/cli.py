@@ -39,11 +39,15 @@ def aggregate(
     clients: Annotated[list[Path], typer.Argument(help="Client adapter directories (PEFT format).")],
     out: Annotated[Path, typer.Option(help="Output directory for the global PEFT adapter: new or empty, or an "
                                            "adapter folder with --force.")],
-    method: Annotated[str, typer.Option(help="fedit | ffa | fedsa | flora | fedex | florana | svd")] = "florana",
+    method: Annotated[str, typer.Option(help="fedit | ffa | fedsa | flora | fedex | florana | svd | rolora | "
+                                             "lora_fair | fedsvd")] = "florana",
     weights: Annotated[str, typer.Option(help="'uniform' or W1,W2,... (e.g. example counts).")] = "uniform",
     report: Annotated[Path | None, typer.Option(help="Write the aggregation report as JSON here.")] = None,
     force: Annotated[bool, typer.Option("--force", help="Replace the adapter files of an existing adapter folder "
                                                         "--out (its other files are kept).")] = False,
+    round_: Annotated[int, typer.Option("--round", min=1, help="The round these adapters close, where the method "
+                                                               "depends on it: rolora trains B in odd rounds (A frozen),"
+                                                               " A in even ones; fedsvd re-factors.")] = 1,
 ) -> None:
     """Aggregate client LoRA adapters into one global PEFT adapter (written atomically)."""
     from florana.aggregation import aggregate_adapters
@@ -55,7 +59,7 @@ def aggregate(
         check_output(out, clients, force)
         adapters = [load_adapter(c) for c in clients]
         result = aggregate_adapters(adapters, method, parse_weights(weights),
-                                    labels=[str(c) for c in clients])
+                                    labels=[str(c) for c in clients], round_=round_)
         save_adapter(result.adapter, out, result.base_update)
         summary = result.report.to_json()
         if report is not None:

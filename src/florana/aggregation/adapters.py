@@ -87,9 +87,11 @@ def check_clients(adapters: Sequence[LoraAdapter], labels: Sequence[str], method
             if m.rank != r0.rank and not method.mixed_ranks:
                 raise FloranaError(f"{label}: module {name}: rank {m.rank} differs from {ref_label}'s {r0.rank}; "
                                    f"{method.name} needs equal ranks (flora, fedex and svd accept mixed ranks)")
-            if not method.trains_A and not torch.allclose(m.A.float(), r0.A.float(), rtol=1e-5, atol=1e-7):
-                raise FloranaError(f"{label}: module {name}: lora_A differs from {ref_label}'s; {method.name} "
-                                   "needs every client to keep the shared frozen A")
+            for factor in ("A", "B"):
+                if not method.trains(factor) and not torch.allclose(getattr(m, factor).float(),
+                                                                    getattr(r0, factor).float(), rtol=1e-5, atol=1e-7):
+                    raise FloranaError(f"{label}: module {name}: lora_{factor} differs from {ref_label}'s; "
+                                       f"{method.name} needs every client to keep the shared frozen {factor}")
         for key, t in a.extra.items():
             if t.shape != ref.extra[key].shape:
                 raise FloranaError(f"{label}: tensor {key}: shape {tuple(t.shape)} differs from {ref_label}'s")
@@ -104,9 +106,12 @@ def _target_set(config: dict):
 
 def aggregate_adapters(adapters: Sequence[LoraAdapter], method: str | Method,
                        weights: Sequence[float] | Tensor | None = None,
-                       labels: Sequence[str] | None = None) -> Aggregation:
-    """Aggregate client adapters with `method`; `labels` name the clients in errors (default client0, …)."""
-    method = get_method(method) if isinstance(method, str) else method
+                       labels: Sequence[str] | None = None, *, round_: int = 1) -> Aggregation:
+    """Aggregate client adapters with `method`; `labels` name the clients in errors (default client0, …).
+
+    round_: the round this aggregation closes, for methods whose protocol depends on it (rolora, fedsvd).
+    """
+    method = (get_method(method) if isinstance(method, str) else method).at_round(round_)
     labels = list(labels) if labels is not None else [f"client{u}" for u in range(len(adapters))]
     check_clients(adapters, labels, method)
     w = client_weights(weights, len(adapters))

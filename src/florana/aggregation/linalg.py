@@ -73,3 +73,4 @@ def block_coefficients(ranks: tuple[int, ...], coef: Tensor, r_out: int) -> Tens
         out[:, start + idx, idx] = coef[:, u : u + 1].to(torch.float64)
         start += r
     return out
+

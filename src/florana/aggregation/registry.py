@@ -1,10 +1,11 @@
 """Every aggregator by name."""
 
-from florana.aggregation import fedex, fedit, fedsa, ffa, flora, florana, svd
+from florana.aggregation import fedex, fedit, fedsa, fedsvd, ffa, flora, florana, lora_fair, rolora, svd
 from florana.aggregation.base import Method
 from florana.errors import FloranaError
 
-METHODS: dict[str, Method] = {m.METHOD.name: m.METHOD for m in (fedit, ffa, fedsa, flora, fedex, florana, svd)}
+METHODS: dict[str, Method] = {m.METHOD.name: m.METHOD for m in (fedit, ffa, fedsa, flora, fedex, florana, svd,
+                                                                 rolora, lora_fair, fedsvd)}
 
 
 def get_method(name: str) -> Method:

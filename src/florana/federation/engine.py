@@ -19,14 +19,14 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from florana.aggregation import aggregate_adapters, get_method
+from florana.aggregation import aggregate_adapters
 from florana.config import RunConfig, describe, differences, load_config
 from florana.data import Examples, load_examples, partition, partition_stats
 from florana.errors import FloranaError
 from florana.federation.checkpoint import (latest_checkpoint, latest_round, prune_checkpoints, save_checkpoint,
                                            write_text_atomic)
 from florana.federation.folders import check_run_folder
-from florana.federation.methods import BOUNDS
+from florana.federation.methods import method_of
 from florana.lora.adapter import has_non_finite
 from florana.lora.base_delta import apply_change, dense_change, factor_change, total_change
 from florana.lora.peft_io import save_adapter
@@ -122,7 +122,7 @@ class Federation:
     def __init__(self, config: RunConfig, progress=None):
         torch.set_num_threads(config.threads)
         self.config, self.progress = config, progress
-        self.method = None if config.method in BOUNDS else get_method(config.method)
+        self.method = method_of(config)
         causal = config.task == "causal_lm"
         examples = load_examples(config.dataset, text_column=config.text_column, label_column=config.label_column,
                                  causal=causal, max_examples=config.max_examples, seed=config.seed)
@@ -138,7 +138,7 @@ class Federation:
         self.slots = AdapterSlots.of(self.model)
         self.initial = self.slots.read()
         self.modules = sorted({k.rsplit(".lora_", 1)[0] for k in self.initial if ".lora_" in k})
-        self.params = self.slots.trainable(train_A=self.method is None or self.method.trains_A)
+        self.params = self.slots.trainable()  # what a bound trains; a method's clients train what its round says
         self.changes_base = self.method is not None and self.method.changes_base
         # state that a checkpoint carries
         self.global_tensors = dict(self.initial)
@@ -147,6 +147,8 @@ class Federation:
         self.base_round = 0  # the last round that changed the base delta (slots.base_delta)
         self.last_change: dict[str, Tensor] = {}  # that round's change, as sent to clients
         self.synced: dict[int, int] = {}  # client → the base_round its base delta is at (0 when absent)
+        self.held: dict[int, int] = {}  # client → the round it last downloaded global factors at (0: the initial)
+        self.changed: dict[str, int] = {}  # factor ('A', 'B') → the last round that changed its global value
         self.history: list[dict] = []
 
     # ---- state <-> checkpoint -------------------------------------------------------------------------
@@ -160,7 +162,8 @@ class Federation:
 
     def state_meta(self) -> dict:
         return {"ledger": self.ledger, "history": self.history, "base_round": self.base_round,
-                "synced": {str(u): r for u, r in self.synced.items()}}
+                "synced": {str(u): r for u, r in self.synced.items()},
+                "held": {str(u): r for u, r in self.held.items()}, "changed": self.changed}
 
     def load_state(self, tensors: dict[str, Tensor], meta: dict) -> None:
         self.global_tensors = {k.split("::", 1)[1]: v for k, v in tensors.items() if k.startswith("global::")}
@@ -180,6 +183,8 @@ class Federation:
         self.ledger, self.history = meta["ledger"], meta["history"]
         self.base_round = meta.get("base_round", len(self.history) if delta else 0)
         self.synced = {int(u): r for u, r in meta.get("synced", {}).items()}
+        self.held = {int(u): r for u, r in meta.get("held", {}).items()}
+        self.changed = dict(meta.get("changed", {}))
 
     # ---- one round ------------------------------------------------------------------------------------
     def sample(self, round_: int) -> tuple[list[int], list[int]]:
@@ -208,19 +213,36 @@ class Federation:
                     start[k] = torch.zeros_like(v)
         return start
 
-    def wire_keys(self, tensors: dict[str, Tensor], *, up: bool) -> dict[str, Tensor]:
-        """The part of an adapter's tensors that its method sends up (client → server) or down: LoRA factors as the
-        method says, every other trainable tensor (a classification head) both ways."""
+    def wire_keys(self, tensors: dict[str, Tensor], *, up: bool, round_: int | None = None) -> dict[str, Tensor]:
+        """The part of an adapter's tensors that its method sends up (client → server) or down in round `round_`
+        (None: in some round): LoRA factors as the method says, every other trainable tensor (a classification
+        head) both ways."""
+        method = self.method if round_ is None else self.method.at_round(round_)
+
         def travels(key: str) -> bool:
-            factor = "A" if ".lora_A." in key else "B" if ".lora_B." in key else None
-            return factor is None or self.method.sends(factor, up=up)
+            factor = factor_of(key)
+            return factor is None or method.sends(factor, up=up)
         return {k: v for k, v in tensors.items() if travels(k)}
+
+    def global_down(self, u: int, round_: int) -> dict[str, Tensor]:
+        """The global tensors client u receives as round `round_` starts: what its method sends this round and, for
+        a method whose payload changes by round (rolora, fedsvd), every other factor that changed since the client
+        last downloaded (it missed a round). Other methods send every factor they share each round anyway."""
+        have = self.held.get(u, 0)  # it holds the global factors as they were when round `have` started
+
+        def needed(key: str) -> bool:
+            factor = factor_of(key)
+            return factor is not None and self.changed.get(factor, -1) >= have
+        sent = self.wire_keys(self.global_tensors, up=False, round_=round_)
+        catch_up = {k: v for k, v in self.wire_keys(self.global_tensors, up=False).items() if needed(k)}
+        return {**sent, **catch_up}
 
     def downlink(self, u: int, metrics: dict) -> dict[str, Tensor]:
         """What the server sends client u as a round starts, booked in `metrics`: the global tensors its method
-        shares and, where the method changes the base, what the client lacks of it (the last round's change, or
-        the whole delta after it missed more than one)."""
-        payload = {f"global::{k}": v for k, v in self.wire_keys(self.global_tensors, up=False).items()}
+        shares (global_down) and, where the method changes the base, what the client lacks of it (the last round's
+        change, or the whole delta after it missed more than one)."""
+        payload = {f"global::{k}": v for k, v in self.global_down(u, metrics["round"]).items()}
+        self.held[u] = metrics["round"]
         if self.changes_base:
             have = self.synced.get(u, 0)
             change = {} if have == self.base_round else self.last_change if have == self.base_round - 1 else \
@@ -249,6 +271,9 @@ class Federation:
         refuse a non-finite result, score the local model on the client's held-out part. Returns what it sends
         the server and what it keeps to itself."""
         client = self.data.clients[u]
+        if self.method is not None:  # what trains this round (ffa: B; rolora: B or A; fedsvd: B), and the head
+            method = self.method.at_round(round_)
+            self.params = self.slots.trainable(train_A=method.trains_A, train_B=method.trains_B)
         loss, tensors = self.train_client(start, client.train, self.config.local_steps,
                                           derive_seed(self.config.seed, 6, round_, u))
         if not usable(loss, tensors):
@@ -256,7 +281,7 @@ class Federation:
         accuracy = self.task.evaluate(self.model, client.test, self.config.eval_batch_size)["accuracy"]
         if self.method is None:  # a bound: nothing crosses a wire
             return LocalResult(loss, tensors, accuracy, client.size), self.personal_part(tensors)
-        upload = self.wire_keys(tensors, up=True)
+        upload = self.wire_keys(tensors, up=True, round_=round_)
         return LocalResult(loss, upload, accuracy, client.size, tensor_bytes(upload)), self.personal_part(tensors)
 
     def personal_part(self, tensors: dict[str, Tensor]) -> dict[str, Tensor]:
@@ -309,8 +334,9 @@ class Federation:
                 continue
             losses.append(res.loss)
             local_acc[u] = res.local_accuracy
-            if self.method is not None:  # what the server lacks of an adapter, it knows: frozen A, initial B
-                updates.append(self.slots.adapter({**self.initial, **res.tensors}, source=f"client{u}"))
+            if self.method is not None:  # what the server lacks of an adapter, it knows: the global factor clients
+                # held frozen (ffa's and fedsvd's A, rolora's factor of the round), fedsa's initial B
+                updates.append(self.slots.adapter({**self.global_tensors, **res.tensors}, source=f"client{u}"))
                 labels.append(f"client{u}")
                 weights.append(res.size)
         if updates:
@@ -343,7 +369,7 @@ class Federation:
 
     def aggregate(self, updates, labels, sizes, metrics) -> None:
         weights = sizes if self.config.weighting == "examples" else None
-        result = aggregate_adapters(updates, self.method, weights, labels)
+        result = aggregate_adapters(updates, self.method, weights, labels, round_=metrics["round"])
         release_memory()
         report = result.report
         if not self.method.personal_B:  # fedsa's server never sees B, so it cannot know ΔW*
@@ -353,14 +379,22 @@ class Federation:
         if change:
             self.slots.set_base_delta(apply_change(self.slots.base_delta, change))
             self.base_round, self.last_change = metrics["round"], change
-        new, shared = result.adapter.state_dict(), self.wire_keys(self.initial, up=False)
+        new, shared, old = result.adapter.state_dict(), self.wire_keys(self.initial, up=False), self.global_tensors
         # what the server does not send (flora's LoRA, ffa's A, fedsa's B) stays at its initial value
         self.global_tensors = {k: new[k].to(v.dtype) if k in shared else v for k, v in self.initial.items()}
+        for k, v in self.global_tensors.items():
+            if (factor := factor_of(k)) is not None and not torch.equal(v, old[k]):
+                self.changed[factor] = metrics["round"]
 
     # ---- outputs --------------------------------------------------------------------------------------
     def save_global(self, directory: Path) -> None:
         """The global model as a PEFT directory, plus base_update.safetensors when the method changed the base."""
         save_adapter(self.slots.adapter(self.global_tensors), directory, self.slots.base_delta)
+
+
+def factor_of(key: str) -> str | None:
+    """'A' or 'B' for an adapter tensor that is a LoRA factor, None for any other (a classification head)."""
+    return "A" if ".lora_A." in key else "B" if ".lora_B." in key else None
 
 
 def _concat(parts: list[Encoded]) -> Encoded:
