@@ -1,5 +1,7 @@
-"""rolora, lora_fair and fedsvd against dense references: what each round trains and sends, and the factors each
-server rule produces."""
+"""rolora, lora_fair, fedsvd and error feedback against dense references: what each round trains and sends, the
+factors each server rule produces, and the residual error feedback carries from round to round."""
+
+import math
 
 import pytest
 import torch
@@ -52,6 +54,7 @@ def test_round_views_say_what_trains_and_travels():
     assert ffa.at_round(7) is ffa
     with pytest.raises(FloranaError, match="fedit takes no options, got period"):
         fedit.configured(period=2)
+    assert [n for n, m in METHODS.items() if m.feeds_back] == ["fedit", "florana", "svd", "lora_fair"]
 
 
 # ---- rolora -------------------------------------------------------------------------------------------
@@ -181,3 +184,97 @@ def test_lora_fair_without_steps_is_fedit_and_refuses_an_unknown_refit():
         torch.testing.assert_close(zero.adapter.modules[name].B, fedit.adapter.modules[name].B)
     with pytest.raises(FloranaError, match="refit must be one of cosine, least_squares, got 'newton'"):
         METHODS["lora_fair"].configured(refit="newton")
+
+
+# ---- error feedback -----------------------------------------------------------------------------------
+def dense_best_rank(M, r):
+    U, S, Vh = torch.linalg.svd(M, full_matrices=False)
+    return (U[:, :r] * S[:r]) @ Vh[:r], S[r:].pow(2).sum()
+
+
+@pytest.mark.parametrize("method", ["fedit", "florana", "svd", "lora_fair"])
+def test_error_feedback_against_a_dense_reference(method):
+    """Three rounds of fresh clients: round 1 applies the method's own answer; later rounds apply the best rank r of
+    (the method's answer + the residual); the residual is the best rank r of (ΔW* + residual − applied), as its
+    report says; and Σ ΔW* − Σ applied = R_T + what the truncations dropped."""
+    names = list(make_clients(seed=0)[0].modules)
+    residual = {n: torch.zeros(12 if n != "base_model.model.mlp.up" else 16, 10, dtype=torch.float64) for n in names}
+    dropped = {n: torch.zeros_like(residual[n]) for n in names}
+    total_ideal = {n: torch.zeros_like(residual[n]) for n in names}
+    total_applied = {n: torch.zeros_like(residual[n]) for n in names}
+    state = {}
+    for t in range(1, 4):
+        clients = make_clients(kind="lora", seed=30 + t)
+        plain = aggregate_adapters(clients, method, weights=W, round_=t)
+        result = aggregate_adapters(clients, method, weights=W, round_=t, feedback=state)
+        kept_sq = drop_sq = target_sq = 0.0
+        for n in names:
+            T = ideal_update(clients, W, n)
+            answer = applied_update(plain, n)
+            got = applied_update(result, n)
+            if t == 1:
+                assert torch.equal(result.adapter.modules[n].B, plain.adapter.modules[n].B)
+                assert torch.equal(result.adapter.modules[n].A, plain.adapter.modules[n].A)
+            else:
+                expect, _ = dense_best_rank(answer + residual[n], 3)
+                torch.testing.assert_close(got, expect, atol=1e-4, rtol=1e-4)
+                # the gauge: Ã keeps the norm the method gave Â
+                assert result.adapter.modules[n].A.norm().item() == pytest.approx(
+                    plain.adapter.modules[n].A.norm().item(), rel=1e-5)
+            new, lost = dense_best_rank(T + residual[n] - got, 3)
+            R = result.feedback[n]
+            torch.testing.assert_close(R.B.double() @ R.A.double(), new, atol=1e-4, rtol=1e-4)
+            dropped[n] += T + residual[n] - got - new
+            total_ideal[n] += T
+            total_applied[n] += got
+            residual[n] = R.B.double() @ R.A.double()
+            kept_sq += new.pow(2).sum().item()
+            drop_sq += lost.item()
+            target_sq += T.pow(2).sum().item()
+        rep = result.report
+        assert rep.feedback_norm == pytest.approx(math.sqrt(kept_sq), rel=1e-4)
+        assert rep.feedback_relative == pytest.approx(math.sqrt(kept_sq / target_sq), rel=1e-4)
+        assert rep.feedback_dropped == pytest.approx(math.sqrt(drop_sq / target_sq), rel=1e-3, abs=1e-9)
+        state = result.feedback
+    for n in names:
+        torch.testing.assert_close(total_ideal[n] - total_applied[n], residual[n] + dropped[n], atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("method", ["fedit", "svd"])
+def test_error_feedback_keeps_the_sum_of_updates_closer(method):
+    """The same clients round after round: without feedback the applied sum falls behind the ideal one by the
+    round's error every round; with it the residual stays bounded and only what its rank-r truncation drops is lost
+    (measured here: after 8 rounds fedit's gap 0.64 against 1.33, svd's 0.53 against 0.92, in units of ‖ΔW*‖)."""
+    clients = make_clients(kind="lora", seed=40)
+    name = next(iter(clients[0].modules))
+    T = ideal_update(clients, W, name)
+    state, total_plain, total_fed = {}, 0, 0
+    for t in range(1, 9):
+        plain = aggregate_adapters(clients, method, weights=W, round_=t)
+        fed = aggregate_adapters(clients, method, weights=W, round_=t, feedback=state)
+        assert fed.report.feedback_relative < 1.0
+        state = fed.feedback
+        total_plain = total_plain + applied_update(plain, name)
+        total_fed = total_fed + applied_update(fed, name)
+    gap_plain = ((8 * T - total_plain).norm() / T.norm()).item()
+    gap_fed = ((8 * T - total_fed).norm() / T.norm()).item()
+    assert gap_plain == pytest.approx(8 * plain.report.modules[name]["relative_error"], rel=1e-4)
+    assert gap_fed < 0.7 * gap_plain, (gap_fed, gap_plain)
+
+
+@pytest.mark.parametrize("method, why", [("ffa", "is exact"), ("rolora", "is exact"), ("flora", "is exact"),
+                                         ("fedsa", "never sends B")])
+def test_error_feedback_is_refused_where_it_makes_no_sense(method, why):
+    clients = make_clients(kind="shared", seed=41)
+    with pytest.raises(FloranaError, match=f"error feedback needs an inexact method .*{method} {why}"):
+        aggregate_adapters(clients, method, feedback={})
+
+
+def test_error_feedback_of_exact_clients_is_zero():
+    one = make_clients(num=1, kind="random", seed=42)[0]
+    result = aggregate_adapters([one] * 3, "fedit", feedback={})
+    assert result.report.feedback_relative < 1e-6
+    again = aggregate_adapters([one] * 3, "fedit", feedback=result.feedback, round_=2)
+    for name, m in one.modules.items():
+        torch.testing.assert_close(applied_update(again, name), one.scaling(name) * (m.B.double() @ m.A.double()),
+                                   atol=1e-4, rtol=1e-4)

@@ -72,6 +72,15 @@ def test_unknown_key_names_the_file(tmp_path):
     ({"lora_fair_steps": -1}, "lora_fair_steps must be >= 0"),
     ({"lora_fair_lr": 0}, "lora_fair_lr must be > 0"),
     ({"lora_fair_refit": "newton"}, "lora_fair_refit must be one of cosine, least_squares"),
+    # error feedback only where aggregation loses something the server can see
+    ({"method": "ffa", "error_feedback": True}, "error_feedback=true does not apply to ffa: it is exact"),
+    ({"method": "rolora", "error_feedback": True}, "error_feedback=true does not apply to rolora: it is exact"),
+    ({"method": "fedsvd", "error_feedback": True}, "error_feedback=true does not apply to fedsvd: it is exact"),
+    ({"method": "fedex", "error_feedback": True}, "error_feedback=true does not apply to fedex: it is exact"),
+    ({"method": "fedsa", "error_feedback": True}, "error_feedback=true does not apply to fedsa: its server never sees B.*"
+                                                   r"\(it applies to fedit, florana, svd, lora_fair\)"),
+    ({"method": "centralized", "error_feedback": True}, "error_feedback=true needs an aggregator; centralized is a bound"),
+    ({"error_feedback": 1}, "error_feedback should be bool"),
 ])
 def test_bad_values(data, message):
     """Every path into a RunConfig (a file, flags, code) gets the same check; a file's errors name the file."""

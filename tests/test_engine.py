@@ -282,6 +282,25 @@ def test_the_base_delta_is_what_the_model_computes_with(assets):
                                    rtol=1e-5, atol=1e-5)
 
 
+def test_error_feedback_in_the_loop(assets, tmp_path):
+    """Round 1 applies the method's own answer (nothing to feed back yet); every round reports the residual's norm,
+    and the checkpoint carries the residual of every module."""
+    cfg = tiny_config(assets, method="fedit", rounds=3)
+    plain = run(cfg, tmp_path / "plain").history
+    fed = run(cfg.with_overrides(error_feedback=True), tmp_path / "fed").history
+    feedback_keys = {"feedback_norm", "feedback_relative", "feedback_dropped"}
+    assert {k: v for k, v in fed[0].items() if k not in feedback_keys | {"seconds"}} == strip_timing(plain)[0]
+    assert fed[1]["global_accuracy"] != plain[1]["global_accuracy"] or fed[1]["relative_error"] != \
+        plain[1]["relative_error"]
+    for m in fed:
+        assert m["feedback_norm"] > 0 and 0 < m["feedback_relative"] < 2 and m["feedback_dropped"] >= 0
+    assert all(k not in m for m in plain for k in feedback_keys)
+    state = load_file(tmp_path / "fed" / "checkpoints" / "round-0003" / "state.safetensors")
+    fed_modules = engine.Federation(cfg).modules
+    assert {k for k in state if k.startswith("feedback::")} == {f"feedback::{m}::{f}" for m in fed_modules
+                                                               for f in "AB"}
+
+
 def test_same_seed_same_numbers(assets, tmp_path):
     cfg = tiny_config(assets, method="florana", sample_fraction=0.67, weighting="examples")
     a = run(cfg, tmp_path / "a").history
@@ -298,6 +317,7 @@ def test_same_seed_same_numbers(assets, tmp_path):
     ("flora", {"sample_fraction": 0.67}),  # the base delta, the last change and who holds which base
     ("florana", {}),
     ("rolora", {"sample_fraction": 0.67}),  # which round each client last downloaded at, when factors changed
+    ("svd", {"error_feedback": True}),  # the residual carried into the next round
 ])
 def test_resume_after_kill_minus_9(assets, tmp_path, method, overrides):
     cfg = tiny_config(assets, method=method, rounds=6, **overrides)

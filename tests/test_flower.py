@@ -151,6 +151,19 @@ def test_flower_moves_what_the_ledger_books(tiny, tmp_path, method):
     assert_same_run(tmp_path / "flower", tmp_path / "inproc")
 
 
+def test_error_feedback_lives_on_the_server(tiny, tmp_path):
+    """The residual error feedback carries is server state: nothing more crosses the wire, and a Flower run equals
+    the in-process one."""
+    from florana.flower.server import serve
+
+    cfg = RunConfig(**{**tiny, "rounds": 3}, method="fedit", error_feedback=True)
+    serve(LocalGrid(2), cfg, tmp_path / "flower", node_wait=5)
+    run(cfg, tmp_path / "inproc")
+    assert_same_run(tmp_path / "flower", tmp_path / "inproc")
+    plain = run(RunConfig(**{**tiny, "rounds": 3}, method="fedit"), tmp_path / "plain").history
+    assert [m["bytes_down"] for m in read_metrics(tmp_path / "flower")] == [m["bytes_down"] for m in plain]
+
+
 def test_a_node_that_lost_the_factors_it_kept_gets_them_again(tiny, tmp_path, caplog):
     """rolora sends each round only the frozen factor; a node keeps the other. A node whose state is gone (it
     restarted) fails the round, naming why, and next time the server sends it every factor that changed."""

@@ -192,6 +192,7 @@ def compare(
     """Run every method × seed × α on identical partitions; write a markdown and CSV table and plots. A finished
     run of the same config is reused, an unfinished one resumed."""
     from florana.federation.compare import compare as run_compare
+    from florana.aggregation import METHODS
     from florana.federation.methods import ALL_METHODS, check_method
 
     try:
@@ -201,6 +202,8 @@ def compare(
         seed_list = _numbers(seeds, int, "--seeds")
         alphas = _numbers(alpha, float, "--alpha")
         base = build_config(config, rounds=rounds, alpha=alphas[0])
+        if methods == "all" and base.error_feedback:  # every method error feedback applies to
+            names = [n for n in names if n in METHODS and METHODS[n].feeds_back]
         with progress_for(quiet) as progress:
             rows = run_compare(base, names, seed_list, alphas, out, progress=progress, force=force)
     except FloranaError as e:

@@ -74,6 +74,9 @@ class RunConfig:
                                 (lambda v: 0 < v <= 1, "in (0, 1]"))
     weighting: str = _f("uniform", "aggregation weights: uniform (the FLoRA-NA paper) or examples (FedAvg)",
                         one_of("uniform", "examples"))
+    error_feedback: bool = _f(False, "the server keeps what aggregation lost (in rank-r factor form) and adds it to "
+                                     "the next round's target, at no cost on the wire; for the inexact methods (fedit, "
+                                     "florana, svd, lora_fair), beyond the papers")
     fedsvd_period: int = _f(1, "fedsvd: the server re-factors the global B·A by SVD (and sends the new A) after every "
                                "this many rounds", at_least(1))
     lora_fair_lambda: float = _f(0.01, "lora_fair: weight λ of ‖ΔB‖² against the cosine similarity (the paper's "
@@ -112,7 +115,7 @@ class RunConfig:
                 raise FloranaError(f"{f.name} must be {valid[1]}, got {value!r}")
         from florana.federation.methods import check_method
 
-        check_method(self.method)
+        check_method(self.method, self.error_feedback)
 
     def with_overrides(self, **overrides) -> RunConfig:
         return replace(self, **{k: v for k, v in overrides.items() if v is not None})

@@ -13,6 +13,7 @@ from torch import Tensor
 
 from florana.aggregation.base import Method, client_weights, weighted_mean_coefficients
 from florana.aggregation.factors import ClientFactors
+from florana.aggregation.feedback import feed_back
 from florana.aggregation.registry import get_method
 from florana.errors import FloranaError
 from florana.lora.adapter import LoraAdapter, LoraModule, has_non_finite, with_ranks
@@ -29,7 +30,9 @@ class Report:
     """What one aggregation did: errors relative to ‖ΔW*‖_F (overall and per module) and the wire cost.
 
     fedit_error is FedIT's error on the very same client factors (None with mixed ranks), so any method
-    can be read against the baseline and the floor without a second run.
+    can be read against the baseline and the floor without a second run. With error feedback: ‖R_t‖_F of the
+    residual kept for the next round (feedback_norm), it and what its rank-r truncation dropped relative to ‖ΔW*‖_F
+    (feedback_relative, feedback_dropped); None without.
     """
 
     method: str
@@ -37,6 +40,9 @@ class Report:
     relative_error: float
     error_floor: float
     fedit_error: float | None = None
+    feedback_norm: float | None = None
+    feedback_relative: float | None = None
+    feedback_dropped: float | None = None
     modules: dict[str, dict] = field(default_factory=dict)
     values_up_per_client: list[int] = field(default_factory=list)
     values_down_per_client: list[int] = field(default_factory=list)
@@ -53,11 +59,13 @@ class Report:
 @dataclass
 class Aggregation:
     """The global adapter, the dense base-weight updates some methods need (fedex; keyed by module name, as d×k
-    matrices like ΔW, float32 at least so that small updates survive), and the report."""
+    matrices like ΔW, float32 at least so that small updates survive), the report, and with error feedback the
+    residual to carry into the next round (per module, R = B·A as a LoraModule)."""
 
     adapter: LoraAdapter
     base_update: dict[str, Tensor]
     report: Report
+    feedback: dict[str, LoraModule] | None = None
 
 
 def check_clients(adapters: Sequence[LoraAdapter], labels: Sequence[str], method: Method) -> None:
@@ -106,12 +114,19 @@ def _target_set(config: dict):
 
 def aggregate_adapters(adapters: Sequence[LoraAdapter], method: str | Method,
                        weights: Sequence[float] | Tensor | None = None,
-                       labels: Sequence[str] | None = None, *, round_: int = 1) -> Aggregation:
+                       labels: Sequence[str] | None = None, *, round_: int = 1,
+                       feedback: dict[str, LoraModule] | None = None) -> Aggregation:
     """Aggregate client adapters with `method`; `labels` name the clients in errors (default client0, …).
 
     round_: the round this aggregation closes, for methods whose protocol depends on it (rolora, fedsvd).
+    feedback: with error feedback (feedback.py), the residual carried from the round before ({} at the first);
+    the new one is returned in Aggregation.feedback. None: no error feedback.
     """
     method = (get_method(method) if isinstance(method, str) else method).at_round(round_)
+    if feedback is not None and not method.feeds_back:
+        raise FloranaError(f"error feedback needs an inexact method whose server sees both factors; {method.name} "
+                           + ("is exact: it loses nothing to feed back" if method.exact else
+                              "never sends B to the server" if method.personal_B else "changes the base weights"))
     labels = list(labels) if labels is not None else [f"client{u}" for u in range(len(adapters))]
     check_clients(adapters, labels, method)
     w = client_weights(weights, len(adapters))
@@ -130,7 +145,8 @@ def aggregate_adapters(adapters: Sequence[LoraAdapter], method: str | Method,
     out_scales: dict[str, float] = {}
     base_update: dict[str, Tensor] = {}
     module_reports: dict[str, dict] = {}
-    err_sq = target_sq = floor_sq = fedit_sq = 0.0
+    err_sq = target_sq = floor_sq = fedit_sq = kept_sq = dropped_sq = 0.0
+    new_feedback: dict[str, LoraModule] | None = None if feedback is None else {}
     equal_ranks = True
     wire = _Ledger(len(adapters))
 
@@ -147,6 +163,13 @@ def aggregate_adapters(adapters: Sequence[LoraAdapter], method: str | Method,
         # the factors as output, rounded to the clients' dtype: the error reported is the error of these
         B_hat = (clients.B @ est.coef_B.to(work)).to(dtype)
         A_hat = (est.coef_A.to(work) @ clients.A).to(dtype)
+        if feedback is not None:
+            carried = (torch.stack([feedback[n].B for n in names]), torch.stack([feedback[n].A for n in names])) \
+                if all(n in feedback for n in names) else None
+            B_hat, A_hat, (B_R, A_R), k_sq, d_sq = feed_back(clients, B_hat, A_hat, scale, carried, r_out)
+            new_feedback.update({n: LoraModule(A=A_R[i], B=B_R[i]) for i, n in enumerate(names)})
+            kept_sq += k_sq.sum().item()
+            dropped_sq += d_sq.sum().item()
         lowrank_sq = clients.output_error_sq(B_hat, A_hat, scale)
         t_sq = clients.target_norm_sq
         f_sq = clients.floor_sq(max(ranks))
@@ -198,11 +221,14 @@ def aggregate_adapters(adapters: Sequence[LoraAdapter], method: str | Method,
         relative_error=_relative(err_sq, target_sq),
         error_floor=_relative(floor_sq, target_sq),
         fedit_error=_relative(fedit_sq, target_sq) if equal_ranks else None,
+        feedback_norm=None if feedback is None else math.sqrt(kept_sq),
+        feedback_relative=None if feedback is None else _relative(kept_sq, target_sq),
+        feedback_dropped=None if feedback is None else _relative(dropped_sq, target_sq),
         modules=module_reports,
         values_up_per_client=wire.values_up, values_down_per_client=wire.values_down,
         bytes_up_per_client=wire.bytes_up, bytes_down_per_client=wire.bytes_down,
     )
-    return Aggregation(LoraAdapter(config=config, modules=out_modules, extra=extra), base_update, report)
+    return Aggregation(LoraAdapter(config=config, modules=out_modules, extra=extra), base_update, report, new_feedback)
 
 
 def dense_residual(clients: ClientFactors, i: int, B_hat: Tensor, A_hat: Tensor, scale: float,

@@ -87,6 +87,12 @@ class Method:
         the rest from earlier rounds (rolora, fedsvd)."""
         return self.by_round is not None
 
+    @property
+    def feeds_back(self) -> bool:
+        """Error feedback makes sense: the method loses part of ΔW* (it is not exact), its server sees both
+        factors (not fedsa) and keeps no dense base change of its own (not flora, fedex)."""
+        return not (self.exact or self.personal_B or self.changes_base)
+
     def at_round(self, round_: int) -> Method:
         """The method as it acts in round `round_` (1-based); itself where every round is alike."""
         return self if self.by_round is None else self.by_round(self, round_)

@@ -27,7 +27,7 @@ from florana.federation.checkpoint import (latest_checkpoint, latest_round, prun
                                            write_text_atomic)
 from florana.federation.folders import check_run_folder
 from florana.federation.methods import method_of
-from florana.lora.adapter import has_non_finite
+from florana.lora.adapter import LoraModule, has_non_finite
 from florana.lora.base_delta import apply_change, dense_change, factor_change, total_change
 from florana.lora.peft_io import save_adapter
 from florana.train.local import batch_indices, train_steps
@@ -149,6 +149,8 @@ class Federation:
         self.synced: dict[int, int] = {}  # client → the base_round its base delta is at (0 when absent)
         self.held: dict[int, int] = {}  # client → the round it last downloaded global factors at (0: the initial)
         self.changed: dict[str, int] = {}  # factor ('A', 'B') → the last round that changed its global value
+        # error feedback: the residual carried into the next round's target, per module (None: off)
+        self.feedback: dict[str, LoraModule] | None = {} if config.error_feedback else None
         self.history: list[dict] = []
 
     # ---- state <-> checkpoint -------------------------------------------------------------------------
@@ -158,6 +160,8 @@ class Federation:
         out.update({f"last_change::{k}": v for k, v in self.last_change.items()})
         for u, tensors in self.personal.items():
             out.update({f"personal::{u}::{k}": v for k, v in tensors.items()})
+        for m, r in (self.feedback or {}).items():
+            out.update({f"feedback::{m}::A": r.A, f"feedback::{m}::B": r.B})
         return out
 
     def state_meta(self) -> dict:
@@ -167,7 +171,7 @@ class Federation:
 
     def load_state(self, tensors: dict[str, Tensor], meta: dict) -> None:
         self.global_tensors = {k.split("::", 1)[1]: v for k, v in tensors.items() if k.startswith("global::")}
-        self.personal, self.last_change, delta = {}, {}, {}
+        self.personal, self.last_change, delta, feedback = {}, {}, {}, {}
         for key, v in tensors.items():
             kind, _, rest = key.partition("::")
             if kind == "base_delta":
@@ -177,6 +181,9 @@ class Federation:
             elif kind == "personal":
                 u, _, k = rest.partition("::")
                 self.personal.setdefault(int(u), {})[k] = v
+            elif kind == "feedback":
+                m, _, factor = rest.rpartition("::")
+                feedback.setdefault(m, {})[factor] = v
             elif kind == "base":  # written before base deltas existed: the adapted base weight itself
                 delta[rest] = v.float() - self.slots.base_weight(rest).float()
         self.slots.set_base_delta(delta)
@@ -185,6 +192,8 @@ class Federation:
         self.synced = {int(u): r for u, r in meta.get("synced", {}).items()}
         self.held = {int(u): r for u, r in meta.get("held", {}).items()}
         self.changed = dict(meta.get("changed", {}))
+        if self.feedback is not None:
+            self.feedback = {m: LoraModule(A=f["A"], B=f["B"]) for m, f in feedback.items()}
 
     # ---- one round ------------------------------------------------------------------------------------
     def sample(self, round_: int) -> tuple[list[int], list[int]]:
@@ -369,12 +378,17 @@ class Federation:
 
     def aggregate(self, updates, labels, sizes, metrics) -> None:
         weights = sizes if self.config.weighting == "examples" else None
-        result = aggregate_adapters(updates, self.method, weights, labels, round_=metrics["round"])
+        result = aggregate_adapters(updates, self.method, weights, labels, round_=metrics["round"],
+                                    feedback=self.feedback)
         release_memory()
         report = result.report
         if not self.method.personal_B:  # fedsa's server never sees B, so it cannot know ΔW*
             metrics.update(relative_error=report.relative_error, error_floor=report.error_floor,
                            fedit_error=report.fedit_error)
+        if self.feedback is not None:
+            self.feedback = result.feedback
+            metrics.update(feedback_norm=report.feedback_norm, feedback_relative=report.feedback_relative,
+                           feedback_dropped=report.feedback_dropped)
         change = factor_change(result.adapter) if self.method.merges else dense_change(result.base_update)
         if change:
             self.slots.set_base_delta(apply_change(self.slots.base_delta, change))

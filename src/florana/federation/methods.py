@@ -6,6 +6,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from florana.aggregation import METHODS, Method, get_method
+from florana.errors import FloranaError
 
 if TYPE_CHECKING:
     from florana.config import RunConfig
@@ -14,9 +15,19 @@ BOUNDS = ("centralized", "local")
 ALL_METHODS = (*METHODS, *BOUNDS)
 
 
-def check_method(name: str) -> None:
-    if name not in BOUNDS:
-        get_method(name)
+def check_method(name: str, error_feedback: bool = False) -> None:
+    """An unknown name, or error feedback where it makes no sense, is an error that says why."""
+    if name in BOUNDS:
+        if error_feedback:
+            raise FloranaError(f"error_feedback=true needs an aggregator; {name} is a bound that aggregates nothing")
+        return
+    method = get_method(name)
+    if error_feedback and not method.feeds_back:
+        why = ("it is exact: aggregation loses nothing to feed back" if method.exact else
+               "its server never sees B, so it cannot know what aggregation lost" if method.personal_B else
+               "it changes the base weights")
+        usable = ", ".join(m.name for m in METHODS.values() if m.feeds_back)
+        raise FloranaError(f"error_feedback=true does not apply to {name}: {why} (it applies to {usable})")
 
 
 def method_options(config: RunConfig) -> dict:
