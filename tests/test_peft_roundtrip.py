@@ -28,8 +28,9 @@ def clients(tmp_path_factory):
     root = tmp_path_factory.mktemp("peft")
     dirs = []
     for u in range(3):
-        torch.manual_seed(100 + u)
-        model = get_peft_model(tiny_model(), LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS,
+        base = tiny_model()  # reseeds: the same base for every client
+        torch.manual_seed(100 + u)  # then each client's own factors
+        model = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS,
                                                         task_type="SEQ_CLS", init_lora_weights=False))
         with torch.no_grad():
             for p in model.parameters():
