@@ -7,8 +7,9 @@ R = B_R·A_R (rank ≤ r, the scaling folded into B_R; none before the first agg
 - Applied: s·B̃Ã = the best rank-r approximation of s·B̂Â + R_{t−1}, by Eckart–Young on the 2r-wide stack
   [s·B̂, B_R]·[Â; A_R], rescaled so that ‖Ã‖_F = ‖Â‖_F (A stays at the scale the method gives it). Without a
   residual the method's answer is kept bit for bit.
-- Kept: R_t = ΔW*_t + R_{t−1} − s·B̃Ã on the stack [B·D, B_R, −s·B̃]·[A; A_R; Ã] (Σr_u + 2r wide), truncated to rank r:
-  r(d+k) values per module, like one client's adapter; never a d×k matrix. B̃, Ã are the factors as output
+- Kept: R_t = ΔW*_t + R_{t−1} − s·B̃Ã on the stack [B·D, B_R, −s·B̃]·[A; A_R; Ã] (Σr_u + 2r wide), truncated to rank r
+  from the stack's Grams (the clients' blocks are the report's own): r(d+k) values per module, like one client's
+  adapter; never a d×k matrix, nor a copy of the clients' factors. B̃, Ã are the factors as output
   (rounded to the clients' dtype), so the accounting holds for what the clients really get.
 Round over round, Σ_t s·B̃_tÃ_t = Σ_t ΔW*_t − R_T − Σ_t E_t, where E_t is what the rank-r truncation of R_t dropped
 (`feedback_dropped` in the report). Nothing extra crosses the wire: clients receive B̃, Ã in place of B̂, Â.
@@ -25,7 +26,7 @@ import torch
 from torch import Tensor
 
 from florana.aggregation.factors import ClientFactors
-from florana.aggregation.linalg import best_rank
+from florana.aggregation.linalg import best_rank, best_rank_coefficients, cross_gram, gram
 
 
 def feed_back(clients: ClientFactors, B_hat: Tensor, A_hat: Tensor, scale: float, residual: tuple[Tensor, Tensor] | None,
@@ -43,10 +44,20 @@ def feed_back(clients: ClientFactors, B_hat: Tensor, A_hat: Tensor, scale: float
         gauge = torch.where(norm_t > 0, norm_hat / norm_t.where(norm_t > 0, 1.0), 1.0)[:, None, None]
         B_hat = (B_t.double() / (scale * gauge)).to(dtype)
         A_hat = (A_t.double() * gauge).to(dtype)
-    parts_X = [clients.B * clients.column_weights.to(work)] + ([B_R] if residual is not None else [])
-    parts_Y = [clients.A] + ([A_R] if residual is not None else [])
-    X = torch.cat(parts_X + [-scale * B_hat.to(work)], dim=-1)
-    Y = torch.cat(parts_Y + [A_hat.to(work)], dim=-2)
-    B_new, A_new, sigma_sq = best_rank(X, Y, rank)
+    # R_t's factors: the clients' stack [B·D | E] [A; F], with E = [B_R, −s·B̃] and F = [A_R; Ã] a few columns and
+    # rows; the clients' Grams are the ones every report computes, so only E's and F's are new
+    E = torch.cat(([B_R] if residual is not None else []) + [-scale * B_hat.to(work)], dim=-1)
+    F = torch.cat(([A_R] if residual is not None else []) + [A_hat.to(work)], dim=-2)
+    D = clients.column_weights
+    cross_X = D[:, None] * cross_gram(clients.B, E, rows=False)
+    gram_X = torch.cat([torch.cat([clients.gram_X, cross_X], dim=-1),
+                        torch.cat([cross_X.mT, gram(E, rows=False)], dim=-1)], dim=-2)
+    cross_Y = cross_gram(clients.A, F, rows=True)
+    gram_Y = torch.cat([torch.cat([clients.gram_A, cross_Y], dim=-1),
+                        torch.cat([cross_Y.mT, gram(F, rows=True)], dim=-1)], dim=-2)
+    coef_B, coef_A, sigma_sq = best_rank_coefficients(gram_X, gram_Y, rank)
+    R = clients.B.shape[-1]
+    B_new = clients.B @ (D[:, None] * coef_B[:, :R]).to(work) + E @ coef_B[:, R:].to(work)
+    A_new = coef_A[:, :, :R].to(work) @ clients.A + coef_A[:, :, R:].to(work) @ F
     keep = torch.float64 if work == torch.float64 else torch.float32
     return B_hat, A_hat, (B_new.to(keep), A_new.to(keep)), sigma_sq[:, :rank].sum(-1), sigma_sq[:, rank:].sum(-1)

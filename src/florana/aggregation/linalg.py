@@ -77,13 +77,21 @@ def block_coefficients(ranks: tuple[int, ...], coef: Tensor, r_out: int) -> Tens
 
 def best_rank(X: Tensor, Y: Tensor, rank: int) -> tuple[Tensor, Tensor, Tensor]:
     """The best rank-`rank` approximation of X·Y (X (M, d, n), Y (M, n, k)) as factors B (M, d, rank) and
-    A (M, rank, k), balanced (column i of B and row i of A both have norm √σ_i), with X·Y's squared singular values
-    (M, n), decreasing. Eckart–Young in factor space: X = Q·S, Z = S·Y, Z Zᵀ = S G_Y Sᵀ = U Σ² Uᵀ, B = X S⁺ U_r Σ_r^½,
-    A = Σ_r^-½ U_rᵀ S Y; O((d+k)n²), no d×k matrix. Missing ranks (n < rank, or σ = 0) are zero columns and rows."""
-    S, S_pinv = sqrt_factor(gram(X, rows=False))
-    sigma_sq, U = torch.linalg.eigh(S @ gram(Y, rows=True) @ S.mT)
+    A (M, rank, k), with X·Y's squared singular values (M, n), decreasing; see best_rank_coefficients."""
+    coef_B, coef_A, sigma_sq = best_rank_coefficients(gram(X, rows=False), gram(Y, rows=True), rank)
+    return X @ coef_B.to(X.dtype), coef_A.to(Y.dtype) @ Y, sigma_sq
+
+
+def best_rank_coefficients(gram_X: Tensor, gram_Y: Tensor, rank: int) -> tuple[Tensor, Tensor, Tensor]:
+    """Eckart–Young in factor space, from the Grams XᵀX and YYᵀ (M, n, n) of a product X·Y: coefficients with
+    B = X·coef_B (M, n, rank) and A = coef_A·Y (M, rank, n) the best rank-`rank` factors, balanced (column i of B and
+    row i of A both have norm √σ_i), and X·Y's squared singular values (M, n), decreasing. X = Q·S, Z = S·Y,
+    Z Zᵀ = S G_Y Sᵀ = U Σ² Uᵀ, B = X S⁺ U_r Σ_r^½, A = Σ_r^-½ U_rᵀ S Y: O(n³) beyond the Grams, no d×k matrix.
+    Missing ranks (n < rank, or σ = 0) are zero columns and rows."""
+    S, S_pinv = sqrt_factor(gram_X)
+    sigma_sq, U = torch.linalg.eigh(S @ gram_Y @ S.mT)
     sigma_sq, U = sigma_sq.flip(-1).clamp_min(0), U.flip(-1)
-    n = X.shape[-1]
+    n = gram_X.shape[-1]
     if n < rank:
         U = torch.cat([U, U.new_zeros(*U.shape[:-1], rank - n)], dim=-1)
         sigma = torch.cat([sigma_sq, sigma_sq.new_zeros(sigma_sq.shape[0], rank - n)], dim=-1).sqrt()
@@ -91,6 +99,4 @@ def best_rank(X: Tensor, Y: Tensor, rank: int) -> tuple[Tensor, Tensor, Tensor]:
         U, sigma = U[..., :rank], sigma_sq[:, :rank].sqrt()
     root = sigma.sqrt()
     inv_root = torch.where(root > 0, 1.0 / root.where(root > 0, 1.0), 0.0)
-    coef_B = (S_pinv @ U) * root[:, None, :]
-    coef_A = inv_root[:, :, None] * (U.mT @ S)
-    return X @ coef_B.to(X.dtype), coef_A.to(Y.dtype) @ Y, sigma_sq
+    return (S_pinv @ U) * root[:, None, :], inv_root[:, :, None] * (U.mT @ S), sigma_sq
