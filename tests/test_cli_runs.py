@@ -86,6 +86,25 @@ def test_user_mistakes_are_errors_not_tracebacks(tiny_cfg, tmp_path):
         assert "Traceback" not in res.output
 
 
+def test_compare_all_with_error_feedback_runs_the_methods_it_applies_to(tiny_cfg, tmp_path, monkeypatch):
+    from florana.federation import compare
+
+    seen = {}
+
+    def fake(base, methods, *args, **kw):
+        seen.update(base=base, methods=methods)
+        return []
+
+    monkeypatch.setattr(compare, "compare", fake)
+    config = tmp_path / "ef.toml"
+    config.write_text(tiny_cfg.read_text().replace("error_feedback = false", "error_feedback = true"))
+    res = runner.invoke(app, ["compare", "--methods", "all", "--config", str(config), "--out", str(tmp_path / "c")])
+    assert res.exit_code == 0, res.output
+    assert seen["methods"] == ["fedit", "florana", "svd", "lora_fair"] and seen["base"].error_feedback
+    res = runner.invoke(app, ["compare", "--methods", "fedit,ffa", "--config", str(config), "--out", str(tmp_path / "c")])
+    assert res.exit_code == 2 and "error_feedback=true does not apply to ffa: it is exact" in res.output
+
+
 def test_no_command_writes_into_someone_elses_folder(tiny_cfg, tmp_path):
     """run, compare and report write only into new or empty folders or florana's own; nothing is lost."""
     mine = tmp_path / "mine"

@@ -202,8 +202,10 @@ def compare(
         seed_list = _numbers(seeds, int, "--seeds")
         alphas = _numbers(alpha, float, "--alpha")
         base = build_config(config, rounds=rounds, alpha=alphas[0])
-        if methods == "all" and base.error_feedback:  # every method error feedback applies to
-            names = [n for n in names if n in METHODS and METHODS[n].feeds_back]
+        if base.error_feedback:  # 'all': every method error feedback applies to; others are an error, saying why
+            names = [n for n in names if n in METHODS and METHODS[n].feeds_back] if methods == "all" else names
+            for name in names:
+                check_method(name, error_feedback=True)
         with progress_for(quiet) as progress:
             rows = run_compare(base, names, seed_list, alphas, out, progress=progress, force=force)
     except FloranaError as e:
