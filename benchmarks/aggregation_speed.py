@@ -367,7 +367,8 @@ def main() -> None:
                     help="rounds: factor-space and QR timings are the best of this many")
     ap.add_argument("--dense-repeats", type=int, default=3,
                     help="dense-baseline timings: the best of the first this many rounds")
-    ap.add_argument("--methods", default="fedit,ffa,fedsa,flora,florana,svd,fedex,rolora,lora_fair,fedsvd,svd+ef",
+    ap.add_argument("--methods", default="fedit,ffa,fedsa,flora,florana,svd,hetlora,flexlora,fedex,rolora,lora_fair,"
+                                         "fedsvd,svd+ef",
                     help="'<method>+ef' runs it with error feedback, carrying a residual from a call before")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)

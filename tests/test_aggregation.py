@@ -1,5 +1,6 @@
 """Every aggregator against a dense reference: products, errors, error floors, bytes, invariances."""
 
+import dataclasses
 import math
 
 import pytest
@@ -11,8 +12,9 @@ from florana.aggregation import florana as florana_method
 from florana.errors import FloranaError
 
 ALL = list(METHODS)
-EQUAL_RANK_ONLY = ["fedit", "ffa", "fedsa", "florana", "rolora", "lora_fair", "fedsvd"]
 SHARED_A = ("ffa", "rolora", "fedsvd")  # need every client to hold the same A (rolora: in its odd rounds)
+MIXED = [m for m in ALL if METHODS[m].mixed_ranks]
+EQUAL_RANK_ONLY = [m for m in ALL if not METHODS[m].mixed_ranks]  # rolora, lora_fair, fedsvd
 
 
 def dense_error(result, clients, weights):
@@ -122,9 +124,14 @@ def test_florana_never_worse_than_fedit_and_stationary(kind):
     assert Q.grad.norm().item() / scale < 1e-5
 
 
+@pytest.mark.parametrize("ranks", [None, [2, 4, 3, 4]])
 @pytest.mark.parametrize("method", ALL)
-def test_client_order_does_not_matter(method):
-    clients = make_clients(kind="shared" if method in SHARED_A else "lora", seed=7)
+def test_client_order_does_not_matter(method, ranks):
+    if ranks is not None and not METHODS[method].mixed_ranks:
+        with pytest.raises(FloranaError, match=f"{method} needs equal ranks"):
+            aggregate_adapters(make_clients(kind="shared", ranks=ranks, seed=7), method)
+        return
+    clients = make_clients(kind="shared" if method in SHARED_A else "lora", ranks=ranks, seed=7)
     w = [0.1, 0.2, 0.3, 0.4]
     order = [2, 0, 3, 1]
     a = aggregate_adapters(clients, method, weights=w)
@@ -135,41 +142,223 @@ def test_client_order_does_not_matter(method):
         torch.testing.assert_close(applied_update(a, name), applied_update(b, name), atol=1e-4, rtol=1e-4)
 
 
+@pytest.mark.parametrize("rank", [None, 5])
 @pytest.mark.parametrize("method", ALL)
-def test_identical_clients_give_back_that_client(method):
+def test_identical_clients_give_back_that_client(method, rank):
+    """Also at a global rank above the clients' (a run's largest rank): the same product, padded."""
     one = make_clients(num=1, kind="random", seed=8)[0]
-    result = aggregate_adapters([one] * 3, method)
+    result = aggregate_adapters([one] * 3, method, rank=rank)
     assert result.report.relative_error < 1e-6
     for name, m in one.modules.items():
         torch.testing.assert_close(applied_update(result, name), one.scaling(name) * (m.B.double() @ m.A.double()),
                                    atol=1e-4, rtol=1e-4)
-        if method in ("fedit", "ffa", "fedsa", "florana", "fedex", "rolora", "lora_fair"):
-            torch.testing.assert_close(result.adapter.modules[name].A, m.A)
-            torch.testing.assert_close(result.adapter.modules[name].B, m.B)
+        if method in ("fedit", "ffa", "fedsa", "florana", "fedex", "hetlora", "rolora", "lora_fair"):
+            torch.testing.assert_close(result.adapter.modules[name].A[: m.rank], m.A)
+            torch.testing.assert_close(result.adapter.modules[name].B[:, : m.rank], m.B)
+            assert not result.adapter.modules[name].A[m.rank:].any()
 
 
-@pytest.mark.parametrize("method", ["flora", "fedex", "svd"])
+@pytest.mark.parametrize("method", MIXED)
 def test_mixed_ranks_and_rslora(method):
-    clients = make_clients(ranks=[2, 4, 3], kind="lora", rslora=True, seed=9)
+    clients = make_clients(ranks=[2, 4, 3], kind="shared" if method == "ffa" else "lora", rslora=True, seed=9)
     result = aggregate_adapters(clients, method)
     err, floor = dense_error(result, clients, [1 / 3] * 3)
     assert result.report.relative_error == pytest.approx(err, abs=1e-5)
-    if method == "svd":
+    if method in ("svd", "flexlora"):
         assert err == pytest.approx(floor, abs=1e-5)
-        assert result.adapter.config["r"] == 4
-    else:
+    elif METHODS[method].exact:
         assert err < 1e-6
+    if method != "flora":
+        assert result.adapter.config["r"] == 4
     if method == "flora":
         assert result.adapter.config["r"] == 9
         # the scaling survives the rank change: alpha / sqrt(9) == client 0's alpha / sqrt(2)
         assert result.adapter.scaling(next(iter(result.adapter.modules))) == pytest.approx(6 / 2 ** 0.5)
 
 
-@pytest.mark.parametrize("method", EQUAL_RANK_ONLY)
-def test_methods_that_need_equal_ranks_refuse_mixed_ones(method):
+def test_a_method_that_needs_equal_ranks_refuses_mixed_ones():
+    strict = dataclasses.replace(METHODS["fedit"], name="strict", mixed_ranks=False)
     clients = make_clients(ranks=[2, 4], kind="shared", seed=10)
-    with pytest.raises(FloranaError, match=rf"client1: module .* rank 4 differs .* {method} needs equal ranks"):
-        aggregate_adapters(clients, method)
+    with pytest.raises(FloranaError, match=r"client1: module .* rank 4 differs .* strict needs equal ranks \(fedit, "):
+        aggregate_adapters(clients, strict)
+
+
+@pytest.mark.parametrize("method", EQUAL_RANK_ONLY)
+def test_the_methods_that_need_equal_ranks_refuse_mixed_ones_by_name(method):
+    """rolora, lora_fair and fedsvd take clients of one rank; mixed ones are refused naming the method and those
+    that accept them."""
+    assert EQUAL_RANK_ONLY == ["rolora", "lora_fair", "fedsvd"]
+    clients = make_clients(ranks=[2, 4], kind="shared", seed=10)
+    with pytest.raises(FloranaError, match=rf"client1: module .* rank 4 differs .* {method} needs equal ranks \(fedit, "
+                                           r"ffa, fedsa, flora, fedex, florana, svd, hetlora, flexlora accept"):
+        aggregate_adapters(clients, method, round_=2)
+
+
+# ---- mixed ranks against dense references ----------------------------------------------------------------
+RANKS = [2, 4, 3]
+W = [0.2, 0.5, 0.3]
+
+
+def pad_B(B, r):
+    return torch.cat([B.double(), torch.zeros(B.shape[0], r - B.shape[1], dtype=torch.float64)], dim=1)
+
+
+def pad_A(A, r):
+    return torch.cat([A.double(), torch.zeros(r - A.shape[0], A.shape[1], dtype=torch.float64)], dim=0)
+
+
+def padded_means(clients, name, weights, scale, r):
+    """HetLoRA's padding, densely: Σ w_u s_u [B_u 0] / scale and Σ w_u [A_u; 0]."""
+    B = sum(w * a.scaling(name) * pad_B(a.modules[name].B, r) for w, a in zip(weights, clients)) / scale
+    A = sum(w * pad_A(a.modules[name].A, r) for w, a in zip(weights, clients))
+    return B, A
+
+
+def best_rank(T, r):
+    U, S, Vh = torch.linalg.svd(T)
+    return (U[:, :r] * S[:r]) @ Vh[:r]
+
+
+@pytest.mark.parametrize("method", MIXED)
+def test_mixed_ranks_match_dense_references(method):
+    """Clients of ranks 2, 4, 3 with α/r scalings (3, 1.5, 2): each method's factors and products against the same
+    computation done densely on zero-padded factors; the global adapter has rank 4 at the rank-4 client's scaling."""
+    clients = make_clients(ranks=RANKS, kind="shared" if method == "ffa" else "lora", seed=20)
+    result = aggregate_adapters(clients, method, weights=W)
+    err, floor = dense_error(result, clients, W)
+    assert result.report.relative_error == pytest.approx(err, abs=1e-5)
+    assert result.report.error_floor == pytest.approx(floor, abs=1e-5)
+    out = result.adapter
+    for name in clients[0].modules:
+        T = ideal_update(clients, W, name)
+        m = out.modules[name]
+        B, A = m.B.double(), m.A.double()
+        if method == "flora":
+            assert m.rank == 9
+            continue
+        assert m.rank == 4 and out.scaling(name) == pytest.approx(1.5)
+        if method in ("fedit", "fedsa", "fedex", "hetlora"):
+            weights = W
+            if method == "hetlora":  # w'_u ∝ w_u ‖s_u B_u A_u‖_F per module
+                norms = [a.scaling(name) * (a.modules[name].B.double() @ a.modules[name].A.double()).norm()
+                         for a in clients]
+                raw = torch.tensor([w * n for w, n in zip(W, norms)])
+                weights = (raw / raw.sum()).tolist()
+                assert result.report.modules[name]["hetlora_weights"] == pytest.approx(weights, rel=1e-9)
+            B_ref, A_ref = padded_means(clients, name, weights, 1.5, 4)
+            torch.testing.assert_close(B, B_ref, rtol=1e-5, atol=1e-6)
+            torch.testing.assert_close(A, A_ref, rtol=1e-5, atol=1e-6)
+        if method == "ffa":  # exact: the shared A at rank 4 is the rank-4 client's, B the padded mean
+            assert torch.equal(m.A, clients[1].modules[name].A)
+            torch.testing.assert_close(B, padded_means(clients, name, W, 1.5, 4)[0], rtol=1e-5, atol=1e-6)
+        if method == "florana":  # never worse than padded FedIT, and stationary on the padded factors
+            B_f, A_f = padded_means(clients, name, W, 1.5, 4)
+            assert (T - applied_update(result, name)).norm() <= (T - 1.5 * B_f @ A_f).norm() * (1 + 1e-6)
+            rep = result.report.modules[name]
+            P = torch.tensor(rep["P"], dtype=torch.float64, requires_grad=True)
+            Q = torch.tensor(rep["Q"], dtype=torch.float64, requires_grad=True)
+            Bs = [a.scaling(name) * pad_B(a.modules[name].B, 4) for a in clients]
+            As = [pad_A(a.modules[name].A, 4) for a in clients]
+            loss = (sum(q * b for q, b in zip(Q, Bs)) @ sum(p * a for p, a in zip(P, As)) - T).pow(2).sum()
+            loss.backward()
+            assert P.grad.norm().item() / T.pow(2).sum().item() < 1e-5
+            assert Q.grad.norm().item() / T.pow(2).sum().item() < 1e-5
+        if method in ("svd", "flexlora"):  # Eckart–Young at rank 4, and a client's first r components at rank r
+            torch.testing.assert_close(1.5 * B @ A, best_rank(T, 4), rtol=1e-4, atol=1e-5)
+            for r in RANKS:
+                torch.testing.assert_close(1.5 * B[:, :r] @ A[:r], best_rank(T, r), rtol=1e-4, atol=1e-5)
+        if method == "flexlora":  # the paper's split: A = V_rᵀ (orthonormal rows), s·B = U_r Σ_r
+            torch.testing.assert_close(A @ A.T, torch.eye(4, dtype=torch.float64), rtol=0, atol=1e-5)
+            S = torch.linalg.svdvals(T)[:4]
+            torch.testing.assert_close((1.5 * B).norm(dim=0), S, rtol=1e-4, atol=1e-6)
+        if METHODS[method].exact:
+            torch.testing.assert_close(applied_update(result, name), T, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("method", MIXED)
+def test_a_global_rank_above_the_clients_pads_or_fills(method):
+    """A run asks for its largest rank whatever clients a round sampled: the methods that pad add zero components;
+    svd and flexlora give ΔW*'s best rank 6 (ΔW* has rank 2+4+3); flora's stack is what it is."""
+    clients = make_clients(ranks=RANKS, kind="shared" if method == "ffa" else "lora", seed=21)
+    base = aggregate_adapters(clients, method, weights=W)
+    wide = aggregate_adapters(clients, method, weights=W, rank=6)
+    err, _ = dense_error(wide, clients, W)
+    assert wide.report.relative_error == pytest.approx(err, abs=1e-5)
+    for name in clients[0].modules:
+        m = wide.adapter.modules[name]
+        if method == "flora":
+            assert m.rank == 9
+            continue
+        assert m.rank == 6 and wide.adapter.scaling(name) == pytest.approx(1.5)  # the rank-4 client's scaling
+        T = ideal_update(clients, W, name)
+        if method in ("svd", "flexlora"):
+            torch.testing.assert_close(applied_update(wide, name), best_rank(T, 6), rtol=1e-4, atol=1e-5)
+        else:
+            assert not m.B[:, 4:].any() and not m.A[4:].any()
+            torch.testing.assert_close(m.B[:, :4], base.adapter.modules[name].B)
+            torch.testing.assert_close(m.A[:4], base.adapter.modules[name].A)
+    with pytest.raises(FloranaError, match="the global rank 3 is below a client's rank 4"):
+        aggregate_adapters(clients, method, weights=W, rank=3)
+
+
+def test_wide_rank_is_floored_at_that_rank():
+    clients = make_clients(ranks=RANKS, kind="lora", seed=21)
+    rep = aggregate_adapters(clients, "svd", weights=W, rank=6).report
+    name = next(iter(clients[0].modules))
+    T = ideal_update(clients, W, name)
+    S = torch.linalg.svdvals(T)
+    assert rep.modules[name]["error_floor"] == pytest.approx((S[6:].pow(2).sum().sqrt() / T.norm()).item(), abs=1e-6)
+
+
+def test_flexlora_completes_zero_singular_values_inside_the_clients_span():
+    """ΔW* of rank 2 (the second client's B is zero) at global rank 4: the two components past ΔW*'s rank have zero
+    B columns and A rows that complete V orthonormally inside the span of the clients' A rows, so every slot of a
+    client's A is a unit vector that can train (not a dead zero row)."""
+    clients = make_clients(num=2, rank=2, kind="random", seed=22)
+    for name, m in clients[1].modules.items():
+        clients[1].modules[name] = type(m)(A=m.A, B=torch.zeros_like(m.B))
+    result = aggregate_adapters(clients, "flexlora", rank=4)
+    for name in clients[0].modules:
+        m = result.adapter.modules[name]
+        A, B = m.A.double(), m.B.double()
+        torch.testing.assert_close(A @ A.T, torch.eye(4, dtype=torch.float64), rtol=0, atol=1e-5)
+        assert B[:, 2:].abs().max() < 1e-5 * B[:, :2].abs().max()
+        span = torch.cat([a.modules[name].A.double() for a in clients])  # the rows of A lie in the clients' span
+        coef = torch.linalg.lstsq(span.T, A.T).solution
+        torch.testing.assert_close(span.T @ coef, A.T, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(applied_update(result, name), ideal_update(clients, [0.5, 0.5], name),
+                                   rtol=1e-5, atol=1e-6)
+
+
+def test_ffa_with_mixed_ranks_needs_the_shared_a_prefix():
+    clients = make_clients(ranks=[2, 4], kind="shared", seed=23)
+    name = next(iter(clients[0].modules))
+    m = clients[0].modules[name]
+    clients[0].modules[name] = type(m)(A=m.A + 0.1, B=m.B)
+    with pytest.raises(FloranaError, match=rf"client0: module {name}: lora_A differs from client1's; ffa needs every "
+                                           r"client to keep the shared frozen A \(its first r rows at rank r\)"):
+        aggregate_adapters(clients, "ffa")
+
+
+def test_bytes_with_mixed_ranks():
+    """Each client sends and receives at its own rank (it gets the first r_u global components): r_u(d+k) per
+    module for the methods that send both factors; flora sends every client the whole stack."""
+    clients = make_clients(ranks=RANKS, kind="shared", extra=True, seed=24)
+    d_k = [(12, 10), (12, 10), (12, 10), (16, 10)]
+    head, R = 2 * 10, sum(RANKS)
+    per = {
+        "ffa": lambda r: (sum(r * d for d, k in d_k), sum(r * d for d, k in d_k)),
+        "fedsa": lambda r: (sum(r * k for d, k in d_k), sum(r * k for d, k in d_k)),
+        "flora": lambda r: (sum(r * (d + k) for d, k in d_k), sum(R * (d + k) for d, k in d_k)),
+        "fedex": lambda r: (sum(r * (d + k) for d, k in d_k), sum(r * (d + k) + d * k for d, k in d_k)),
+    }
+    both = lambda r: (sum(r * (d + k) for d, k in d_k), sum(r * (d + k) for d, k in d_k))  # noqa: E731
+    for method in MIXED:
+        rep = aggregate_adapters(clients, method, rank=8).report
+        expect = [per.get(method, both)(r) for r in RANKS]
+        assert rep.values_up_per_client == [up + head for up, _ in expect], method
+        assert rep.values_down_per_client == [down + head for _, down in expect], method
+        assert rep.bytes_down_per_client == [4 * (down + head) for _, down in expect], method
 
 
 def test_bytes_on_the_wire():
@@ -181,6 +370,8 @@ def test_bytes_on_the_wire():
         "fedit": (sum(r * (d + k) for d, k in d_k), sum(r * (d + k) for d, k in d_k)),
         "florana": (sum(r * (d + k) for d, k in d_k), sum(r * (d + k) for d, k in d_k)),
         "svd": (sum(r * (d + k) for d, k in d_k), sum(r * (d + k) for d, k in d_k)),
+        "hetlora": (sum(r * (d + k) for d, k in d_k), sum(r * (d + k) for d, k in d_k)),
+        "flexlora": (sum(r * (d + k) for d, k in d_k), sum(r * (d + k) for d, k in d_k)),
         "ffa": (sum(r * d for d, k in d_k), sum(r * d for d, k in d_k)),
         "fedsa": (sum(r * k for d, k in d_k), sum(r * k for d, k in d_k)),
         "flora": (sum(r * (d + k) for d, k in d_k), sum(3 * r * (d + k) for d, k in d_k)),

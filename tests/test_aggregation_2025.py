@@ -54,7 +54,8 @@ def test_round_views_say_what_trains_and_travels():
     assert ffa.at_round(7) is ffa
     with pytest.raises(FloranaError, match="fedit takes no options, got period"):
         fedit.configured(period=2)
-    assert [n for n, m in METHODS.items() if m.feeds_back] == ["fedit", "florana", "svd", "lora_fair"]
+    assert [n for n, m in METHODS.items() if m.feeds_back] == ["fedit", "florana", "svd", "hetlora", "flexlora",
+                                                               "lora_fair"]
 
 
 # ---- rolora -------------------------------------------------------------------------------------------
@@ -192,11 +193,15 @@ def dense_best_rank(M, r):
     return (U[:, :r] * S[:r]) @ Vh[:r], S[r:].pow(2).sum()
 
 
-@pytest.mark.parametrize("method", ["fedit", "florana", "svd", "lora_fair"])
-def test_error_feedback_against_a_dense_reference(method):
+@pytest.mark.parametrize("method, ranks", [(m, None) for m in ("fedit", "florana", "svd", "lora_fair", "hetlora",
+                                                                  "flexlora")]
+                         + [(m, [2, 4, 3, 4]) for m in ("fedit", "florana", "svd", "hetlora", "flexlora")])
+def test_error_feedback_against_a_dense_reference(method, ranks):
     """Three rounds of fresh clients: round 1 applies the method's own answer; later rounds apply the best rank r of
     (the method's answer + the residual); the residual is the best rank r of (ΔW* + residual − applied), as its
-    report says; and Σ ΔW* − Σ applied = R_T + what the truncations dropped."""
+    report says; and Σ ΔW* − Σ applied = R_T + what the truncations dropped. With mixed ranks r is the global
+    rank (the largest client rank), and the residual follows the global adapter."""
+    r = max(ranks or [3])
     names = list(make_clients(seed=0)[0].modules)
     residual = {n: torch.zeros(12 if n != "base_model.model.mlp.up" else 16, 10, dtype=torch.float64) for n in names}
     dropped = {n: torch.zeros_like(residual[n]) for n in names}
@@ -204,7 +209,7 @@ def test_error_feedback_against_a_dense_reference(method):
     total_applied = {n: torch.zeros_like(residual[n]) for n in names}
     state = {}
     for t in range(1, 4):
-        clients = make_clients(kind="lora", seed=30 + t)
+        clients = make_clients(kind="lora", ranks=ranks, seed=30 + t)
         plain = aggregate_adapters(clients, method, weights=W, round_=t)
         result = aggregate_adapters(clients, method, weights=W, round_=t, feedback=state)
         kept_sq = drop_sq = target_sq = 0.0
@@ -216,12 +221,12 @@ def test_error_feedback_against_a_dense_reference(method):
                 assert torch.equal(result.adapter.modules[n].B, plain.adapter.modules[n].B)
                 assert torch.equal(result.adapter.modules[n].A, plain.adapter.modules[n].A)
             else:
-                expect, _ = dense_best_rank(answer + residual[n], 3)
+                expect, _ = dense_best_rank(answer + residual[n], r)
                 torch.testing.assert_close(got, expect, atol=1e-4, rtol=1e-4)
                 # the gauge: Ã keeps the norm the method gave Â
                 assert result.adapter.modules[n].A.norm().item() == pytest.approx(
                     plain.adapter.modules[n].A.norm().item(), rel=1e-5)
-            new, lost = dense_best_rank(T + residual[n] - got, 3)
+            new, lost = dense_best_rank(T + residual[n] - got, r)
             R = result.feedback[n]
             torch.testing.assert_close(R.B.double() @ R.A.double(), new, atol=1e-4, rtol=1e-4)
             dropped[n] += T + residual[n] - got - new

@@ -64,6 +64,45 @@ def test_compare_then_report(tiny_cfg, tmp_path):
     assert res.exit_code == 0, res.output
 
 
+def test_client_ranks_on_the_command_line(tiny_cfg, tmp_path, monkeypatch):
+    """`run --client-ranks` trains clients of their own ranks under every method (`compare --methods all` with
+    them runs the new aggregators too); bad ranks and a method that cannot take them are errors naming the key."""
+    out = tmp_path / "cmp"
+    res = runner.invoke(app, ["compare", "--methods", "all", "--config", str(tiny_cfg), "--rounds", "1",
+                              "--client-ranks", "2,4", "--out", str(out), "--quiet"])
+    assert res.exit_code == 0, res.output
+    from florana.federation.methods import ALL_METHODS
+
+    assert {"hetlora", "flexlora"} <= set(ALL_METHODS)
+    assert sorted(p.name for p in out.glob("*-seed0")) == sorted(f"{m}-alpha0.5-seed0" for m in ALL_METHODS)
+    for m in ALL_METHODS:
+        assert "client_ranks = [\n    2,\n    4,\n]" in (out / f"{m}-alpha0.5-seed0" / "config.toml").read_text()
+    assert "| hetlora | 0.5 | 1 |" in (out / "summary.md").read_text()
+    adapter = json.loads((out / "flexlora-alpha0.5-seed0" / "global_adapter" / "adapter_config.json").read_text())
+    assert adapter["r"] == 4
+
+    res = runner.invoke(app, ["run", "--config", str(tiny_cfg), "--client-ranks", "2,4", "--method", "hetlora",
+                              "--out", str(tmp_path / "run"), "--quiet"])
+    assert res.exit_code == 0, res.output
+    import dataclasses
+
+    from florana.aggregation import METHODS
+
+    monkeypatch.setitem(METHODS, "strict", dataclasses.replace(METHODS["fedit"], name="strict", mixed_ranks=False))
+    for ranks, message in [("2,0", "client_ranks must be positive integers, got [2, 0]"),
+                           ("2,4,8,16", "client_ranks has 4 entries for num_clients=3"),
+                           ("2,x", "--client-ranks takes comma-separated numbers, got '2,x'")]:
+        res = runner.invoke(app, ["run", "--config", str(tiny_cfg), "--client-ranks", ranks, "--out",
+                                  str(tmp_path / "bad"), "--quiet"])
+        assert res.exit_code == 2 and message in " ".join(res.output.split()), (ranks, res.output)
+    res = runner.invoke(app, ["run", "--config", str(tiny_cfg), "--client-ranks", "2,4", "--method", "strict",
+                              "--out", str(tmp_path / "bad"), "--quiet"])
+    assert res.exit_code == 2 and "Traceback" not in res.output
+    assert "client_ranks gives the clients different ranks [2, 4], which method 'strict' does not accept" in \
+        " ".join(res.output.split())
+    assert not (tmp_path / "bad").exists()
+
+
 def test_user_mistakes_are_errors_not_tracebacks(tiny_cfg, tmp_path):
     bad = tmp_path / "bad.toml"
     bad.write_text(tiny_cfg.read_text() + "colour = 'blue'\n")

@@ -78,9 +78,21 @@ def test_unknown_key_names_the_file(tmp_path):
     ({"method": "fedsvd", "error_feedback": True}, "error_feedback=true does not apply to fedsvd: it is exact"),
     ({"method": "fedex", "error_feedback": True}, "error_feedback=true does not apply to fedex: it is exact"),
     ({"method": "fedsa", "error_feedback": True}, "error_feedback=true does not apply to fedsa: its server never sees B.*"
-                                                   r"\(it applies to fedit, florana, svd, lora_fair\)"),
+                                                   r"\(it applies to fedit, florana, svd, hetlora, flexlora, lora_fair\)"),
     ({"method": "centralized", "error_feedback": True}, "error_feedback=true needs an aggregator; centralized is a bound"),
     ({"error_feedback": 1}, "error_feedback should be bool"),
+    ({"client_ranks": [4, 0]}, r"client_ranks must be positive integers, got \[4, 0\]"),
+    ({"client_ranks": [4, -8]}, "client_ranks must be positive integers"),
+    ({"client_ranks": [4, 8.0]}, r"client_ranks should be a list of integers, got \[4, 8.0\]"),
+    ({"client_ranks": [4, True]}, "client_ranks should be a list of integers"),
+    ({"client_ranks": "4,8"}, "client_ranks should be a list of integers, got '4,8'"),
+    ({"client_ranks": [4, 8, 16], "num_clients": 2},
+     "client_ranks has 3 entries for num_clients=2: give one per client, or a shorter list that is cycled"),
+    # the new methods need equal ranks, named with the methods that accept mixed ones
+    ({"method": "rolora", "client_ranks": [2, 4]}, "client_ranks gives the clients different ranks \\[2, 4\\], which "
+                                                   "method 'rolora' does not accept; methods that do: fedit, ffa"),
+    ({"method": "lora_fair", "client_ranks": [2, 4]}, r"client_ranks .* \[2, 4\], which method 'lora_fair' does not"),
+    ({"method": "fedsvd", "client_ranks": [4, 2]}, r"client_ranks .* \[2, 4\], which method 'fedsvd' does not"),
 ])
 def test_bad_values(data, message):
     """Every path into a RunConfig (a file, flags, code) gets the same check; a file's errors name the file."""
@@ -122,3 +134,29 @@ def test_shipped_configs_parse_and_default_matches():
     assert load_config(root / "default.toml") == RunConfig()
     smoke = load_config(root / "gsm_smollm2_smoke.toml")
     assert smoke.task == "causal_lm" and smoke.model == "smollm2"
+
+
+def test_client_ranks_one_per_client_or_cycled(tmp_path):
+    assert RunConfig(num_clients=3).ranks() == [8, 8, 8]
+    assert RunConfig(num_clients=5, client_ranks=[4, 8, 16]).ranks() == [4, 8, 16, 4, 8]
+    assert RunConfig(num_clients=2, client_ranks=[16, 4]).ranks() == [16, 4]
+    cfg = RunConfig(num_clients=3, client_ranks=[4, 8], method="hetlora")
+    path = tmp_path / "c.toml"
+    path.write_text(cfg.to_toml())
+    assert load_config(path) == cfg and "client_ranks = [\n    4,\n    8,\n]" in path.read_text()
+
+
+def test_a_method_that_refuses_mixed_ranks_is_named_with_the_key(monkeypatch):
+    """A method that does not accept mixed ranks (rolora, lora_fair, fedsvd, or one added later) is refused
+    before anything loads, naming client_ranks, unless the ranks do not actually differ."""
+    import dataclasses
+
+    from florana.aggregation import METHODS
+
+    monkeypatch.setitem(METHODS, "strict", dataclasses.replace(METHODS["fedit"], name="strict", mixed_ranks=False))
+    with pytest.raises(FloranaError, match=r"cfg.toml: client_ranks gives the clients different ranks \[4, 8\], "
+                                           r"which method 'strict' does not accept; methods that do: fedit, "):
+        config_from_dict({"method": "strict", "client_ranks": [4, 8]}, "cfg.toml")
+    assert RunConfig(method="strict", client_ranks=[4, 4]).ranks() == [4] * 10
+    for name in ("centralized", "local", *[m for m in METHODS if METHODS[m].mixed_ranks]):
+        RunConfig(method=name, client_ranks=[4, 8])

@@ -19,7 +19,9 @@ from florana.config import RunConfig, load_config
 from florana.errors import FloranaError
 from florana.federation import engine
 from florana.federation.engine import read_metrics, run
-from florana.federation.methods import ALL_METHODS
+from florana.aggregation import METHODS
+from florana.federation.methods import ALL_METHODS, BOUNDS
+from florana.lora import load_adapter
 from tiny import arithmetic_jsonl, sentiment_csv, tiny_bert, tiny_bert_bf16, tiny_llama
 
 
@@ -115,7 +117,7 @@ def effective_weights(fed) -> dict[str, torch.Tensor]:
         if m in fed.slots.base_delta:
             W = W + fed.slots.base_delta[m].double()
         B, A = fed.global_tensors[f"{m}.lora_B.weight"], fed.global_tensors[f"{m}.lora_A.weight"]
-        out[m] = W + fed.slots.adapter().scaling(m) * (B.double() @ A.double())
+        out[m] = W + fed.slots.scaling(m, fed.rank) * (B.double() @ A.double())
     return out
 
 
@@ -301,6 +303,24 @@ def test_error_feedback_in_the_loop(assets, tmp_path):
                                                                for f in "AB"}
 
 
+@pytest.mark.parametrize("method", ["hetlora", "flexlora"])
+def test_error_feedback_with_mixed_ranks_in_the_loop(assets, tmp_path, method):
+    """Clients of ranks 2 and 4: the residual is kept at the global rank (4), round 1 is the method's own answer,
+    the wire is the plain run's to the byte (each client still downloads its first r_u components)."""
+    cfg = tiny_config(assets, method=method, rounds=3, client_ranks=[2, 4], sample_fraction=0.67)
+    plain = run(cfg, tmp_path / "plain").history
+    fed = run(cfg.with_overrides(error_feedback=True), tmp_path / "fed").history
+    feedback_keys = {"feedback_norm", "feedback_relative", "feedback_dropped"}
+    assert {k: v for k, v in fed[0].items() if k not in feedback_keys | {"seconds"}} == strip_timing(plain)[0]
+    assert [m["bytes_down"] for m in fed] == [m["bytes_down"] for m in plain]
+    assert [m["bytes_up"] for m in fed] == [m["bytes_up"] for m in plain]
+    for m in fed:
+        assert m["feedback_norm"] > 0 and 0 < m["feedback_relative"] < 2 and m["feedback_dropped"] >= 0
+    state = load_file(tmp_path / "fed" / "checkpoints" / "round-0003" / "state.safetensors")
+    residual = [v for k, v in state.items() if k.startswith("feedback::") and k.endswith("::A")]
+    assert residual and all(v.shape[0] == 4 for v in residual)
+
+
 def test_same_seed_same_numbers(assets, tmp_path):
     cfg = tiny_config(assets, method="florana", sample_fraction=0.67, weighting="examples")
     a = run(cfg, tmp_path / "a").history
@@ -375,6 +395,17 @@ def test_more_rounds_extend_a_finished_run_as_if_it_had_never_stopped(assets, tm
     assert_same_adapter(tmp_path / "run" / "global_adapter", tmp_path / "ref" / "global_adapter")
     # the newest keep_checkpoints (2) checkpoints stay, older ones go
     assert sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir()) == ["round-0003", "round-0004"]
+
+
+@pytest.mark.parametrize("method", ["fedsa", "flexlora"])
+def test_a_mixed_rank_run_extends_as_if_it_had_never_stopped(assets, tmp_path, method):
+    """The checkpoint holds the global adapter at the largest rank and each fedsa client's own B at its rank."""
+    cfg = tiny_config(assets, method=method, rounds=3, client_ranks=[2, 4])
+    reference = run(cfg, tmp_path / "ref").history
+    run(cfg.with_overrides(rounds=2), tmp_path / "run")
+    extended = run(cfg, tmp_path / "run", resume=True).history
+    assert strip_timing(extended) == strip_timing(reference)
+    assert_same_adapter(tmp_path / "run" / "global_adapter", tmp_path / "ref" / "global_adapter")
 
 
 def test_a_resumed_run_keeps_its_config(assets, tmp_path):
@@ -572,3 +603,159 @@ def test_final_number_scoring():
     assert final_number("The answer is 1,250") == "1250"
     assert final_number("no digits") is None
     assert final_number("3.50") == "3.5"
+
+
+# ---- clients of different ranks ------------------------------------------------------------------------
+def lora_bytes(fed, r, factors=("A", "B")):
+    """Bytes of one client's LoRA factors at rank r (float32), over all modules."""
+    total = 0
+    for m in fed.modules:
+        d, k = fed.initial[f"{m}.lora_B.weight"].shape[0], fed.initial[f"{m}.lora_A.weight"].shape[1]
+        total += 4 * r * ((k if "A" in factors else 0) + (d if "B" in factors else 0))
+    return total
+
+
+def test_a_client_trains_exactly_a_lora_of_its_own_rank(assets):
+    """A rank-2 client in the run's rank-4 model trains what a PEFT model of rank 2 trains from the same start on
+    the same batches: its first 2 slots at scaling α/2, the other 2 zero before and after (weight decay and LoRA
+    dropout included)."""
+    cfg = tiny_config(assets, method="fedit", client_ranks=[2, 4], lr=5e-2, weight_decay=0.1, lora_dropout=0.1)
+    fed = engine.Federation(cfg)
+    alone = engine.Federation(cfg.with_overrides(client_ranks=[]))  # lora_r=2: a PEFT model of rank 2
+    assert fed.rank == 4 and fed.ranks == [2, 4, 2] and alone.rank == 2
+    start = fed.client_start(0, 1)
+    assert all(t.shape[0] == 2 for k, t in start.items() if ".lora_A." in k)
+    data = fed.data.clients[0].train
+    loss, trained = fed.train_client(start, data, 4, seed=3)
+    loss_alone, trained_alone = alone.train_client(start, data, 4, seed=3)
+    assert loss == pytest.approx(loss_alone, rel=1e-6)
+    assert trained.keys() == trained_alone.keys()
+    for k in trained:
+        assert trained[k].shape == trained_alone[k].shape
+        torch.testing.assert_close(trained[k], trained_alone[k], rtol=1e-5, atol=1e-6)
+        assert not torch.equal(trained[k], start[k])  # it did train
+    m = fed.modules[0]
+    assert fed.model.get_submodule(m).scaling["default"] == pytest.approx(cfg.lora_alpha / 2)
+    A, B = fed.slots.params[f"{m}.lora_A.weight"], fed.slots.params[f"{m}.lora_B.weight"]
+    assert A.shape[0] == 4 and not A[2:].any() and not B[:, 2:].any()
+    fed.slots.write(fed.global_tensors)  # the global adapter: all 4 slots, scaling α/4
+    assert fed.model.get_submodule(m).scaling["default"] == pytest.approx(cfg.lora_alpha / 4)
+
+
+@pytest.mark.parametrize("method", ALL_METHODS)
+def test_mixed_ranks_run_for_every_method(assets, tmp_path, method):
+    """Clients of ranks 2, 4, 2: the global adapter has rank 4, each client uploads at its own rank and downloads
+    its method's share at its own rank (the ledger books r_u, not the global rank), exact methods stay exact.
+    rolora, lora_fair and fedsvd take equal ranks only: refused by name before the run starts."""
+    if method not in BOUNDS and not METHODS[method].mixed_ranks:
+        with pytest.raises(FloranaError, match=rf"client_ranks gives the clients different ranks \[2, 4\], which "
+                                               f"method '{method}' does not accept"):
+            tiny_config(assets, method=method, client_ranks=[2, 4], rounds=3, sample_fraction=0.67)
+        return
+    cfg = tiny_config(assets, method=method, client_ranks=[2, 4], rounds=3, sample_fraction=0.67)
+    result = run(cfg, tmp_path / "run")
+    fed = engine.Federation(cfg)
+    head = sum(t.numel() * 4 for k, t in fed.initial.items() if ".lora_" not in k)
+    factors = {"ffa": ("B",), "fedsa": ("A",)}.get(method, ("A", "B"))
+    dk = sum(4 * (fed.initial[f"{m}.lora_B.weight"].shape[0] * fed.initial[f"{m}.lora_A.weight"].shape[1])
+             for m in fed.modules)
+    for i, m in enumerate(result.history):
+        ranks = [fed.ranks[u] for u in m["clients"]]
+        if method in BOUNDS:
+            assert m["bytes_up"] == m["bytes_down"] == 0
+            continue
+        assert m["bytes_up"] == sum(lora_bytes(fed, r, factors) + head for r in ranks)
+        down = {"flora": 0}.get(method, sum(lora_bytes(fed, r, factors) for r in ranks)) + head * len(ranks)
+        if method == "flora" and i > 0:  # the last round's stack; a client that missed it gets the whole delta
+            previous = result.history[i - 1]
+            stack = sum(lora_bytes(fed, fed.ranks[v]) for v in previous["clients"])
+            down += sum(stack if u in previous["clients"] or i == 1 else dk for u in m["clients"])
+        if method == "fedex" and i > 0:
+            down += dk * len(ranks)  # its dense residual (or the whole delta: the same size)
+        assert m["bytes_down"] == down, (i, m["clients"])
+        if METHODS[method].exact:
+            assert m["relative_error"] < 1e-5
+    saved = load_adapter(tmp_path / "run" / "global_adapter")
+    assert saved.config["r"] == 4 and all(mod.rank == 4 for mod in saved.modules.values())
+    assert saved.scaling(fed.modules[0]) == pytest.approx(cfg.lora_alpha / 4)
+
+
+@pytest.mark.parametrize("method", ["fedit", "hetlora", "florana", "svd", "flexlora", "fedex", "ffa", "fedsa"])
+def test_what_a_client_of_a_smaller_rank_receives(assets, method):
+    """Each client gets the first r_u components of the global factors (flexlora's: ΔW*'s top r_u, its own SVD
+    slice), with B carried to its own scaling so that s_u·B_u·A_u = s·B̂[:, :r_u]Â[:r_u]; a client of the global
+    rank gets the global factors themselves."""
+    cfg = tiny_config(assets, method=method, client_ranks=[2, 4])
+    fed = engine.Federation(cfg)
+    fed.round(1)
+    s, s_u = cfg.lora_alpha / 4, cfg.lora_alpha / 2
+    for u in (0, 1):
+        got = {k.split("::", 1)[1]: v for k, v in fed.downlink(u, {"bytes_down": 0, "round": 2}).items()
+               if k.startswith("global::")}
+        start = fed.client_start(u, 2, got)
+        for m in fed.modules:
+            a, b = f"{m}.lora_A.weight", f"{m}.lora_B.weight"
+            A, B = fed.global_tensors[a].double(), fed.global_tensors[b].double()
+            assert (a in got) == METHODS[method].trains_A and (b in got) == (not METHODS[method].personal_B)
+            if u == 1:
+                assert all(torch.equal(got[k], fed.global_tensors[k]) for k in got)
+                continue
+            assert start[a].shape[0] == 2 and start[b].shape[1] == 2
+            if a in got and b in got:
+                torch.testing.assert_close(s_u * got[b].double() @ got[a].double(), s * B[:, :2] @ A[:2])
+            elif b in got:  # ffa: the frozen shared A, rows 0..2
+                torch.testing.assert_close(s_u * got[b].double(), s * B[:, :2])
+                assert torch.equal(start[a], fed.initial[a][:2])
+            else:  # fedsa: A's first rows; B stays the client's own
+                assert torch.equal(got[a], fed.global_tensors[a][:2])
+            if method == "flexlora":  # the global factors are ΔW*'s SVD: the first 2 are its best rank 2
+                U, S, Vh = torch.linalg.svd(s * B @ A)
+                torch.testing.assert_close(s * B[:, :2] @ A[:2], (U[:, :2] * S[:2]) @ Vh[:2], rtol=1e-4, atol=1e-6)
+
+
+def test_a_dead_slot_is_revived_without_changing_the_product(assets):
+    """fedit's global components 2..4 are zero after a round in which no rank-4 client took part; a client of rank
+    4 then starts with fresh A rows there (B columns zero, so its start product is the global one) instead of two
+    slots that would never get a gradient."""
+    cfg = tiny_config(assets, method="fedit", client_ranks=[2, 2, 4])
+    fed = engine.Federation(cfg)
+    metrics = fed.open_round(1, [0, 1], [])
+    results = {u: fed.local_update(u, fed.client_start(u, 1), 1)[0] for u in (0, 1)}
+    fed.close_round(metrics, results, 0.0)
+    m = fed.modules[0]
+    a, b = f"{m}.lora_A.weight", f"{m}.lora_B.weight"
+    assert not fed.global_tensors[a][2:].any() and not fed.global_tensors[b][:, 2:].any()
+    start = fed.client_start(2, 2)
+    assert (start[a][2:] != 0).all() and not start[b][:, 2:].any()
+    assert start[a][2:].abs().max() <= 1 / math.sqrt(start[a].shape[1])
+    assert torch.equal(start[a][:2], fed.global_tensors[a][:2])
+    assert torch.equal(fed.client_start(2, 2)[a], start[a])  # seeded by (seed, round, client)
+    assert not torch.equal(fed.client_start(2, 3)[a], start[a])
+
+
+@pytest.mark.parametrize("method", ["ffa", "flora", "fedex"])
+def test_exact_methods_stay_exact_with_mixed_ranks(assets, method, monkeypatch):
+    """The global model moves by exactly Σ_u w_u s_u B_u A_u of the clients' trained factors, each at its own rank
+    and scaling α/r_u, computed densely here."""
+    cfg = tiny_config(assets, method=method, client_ranks=[2, 4], weighting="examples")
+    fed = engine.Federation(cfg)
+    trained = {}
+    real = engine.Federation.train_client
+
+    def record(self, start, data, steps, seed):
+        loss, tensors = real(self, start, data, steps, seed)
+        trained[next(u for u, c in enumerate(self.data.clients) if c.train is data)] = tensors
+        return loss, tensors
+
+    monkeypatch.setattr(engine.Federation, "train_client", record)
+    for r in (1, 2):
+        before = {m: fed.slots.base_weight(m).double() + fed.slots.base_delta.get(m, 0) for m in fed.modules}
+        trained.clear()
+        fed.round(r)
+        after = effective_weights(fed)
+        sizes = {u: fed.data.clients[u].size for u in trained}
+        for m in fed.modules:
+            ideal = sum(sizes[u] / sum(sizes.values()) * cfg.lora_alpha / fed.ranks[u] *
+                        (t[f"{m}.lora_B.weight"].double() @ t[f"{m}.lora_A.weight"].double())
+                        for u, t in trained.items())
+            assert ((after[m] - before[m] - ideal).norm() / ideal.norm()).item() < 1e-5, (m, r)

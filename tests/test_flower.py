@@ -96,6 +96,17 @@ def test_run_config_keys():
     assert split_run_config({"num_clients": 4}, num_partitions=3)[0].num_clients == 4
     with pytest.raises(FloranaError, match="num_clients=0 .* needs the nodes' num-partitions"):
         split_run_config({"num_clients": 0})
+    # client_ranks travels as '4,8,16' (Flower's values are scalars), '' for none
+    assert split_run_config({"client_ranks": "4, 8,16"})[0].client_ranks == [4, 8, 16]
+    assert split_run_config({"client_ranks": ""})[0].client_ranks == []
+    assert split_run_config({"client_ranks": 4})[0].client_ranks == [4]
+    assert flower_run_config(RunConfig(client_ranks=[4, 8]))["client_ranks"] == "4,8"
+    with pytest.raises(FloranaError, match="client_ranks should be comma-separated integers, got '4,x'"):
+        split_run_config({"client_ranks": "4,x"})
+    # before the nodes say how many partitions there are, num_clients=0 fits any client_ranks
+    from florana.flower.server import ANY_CLIENTS
+
+    assert split_run_config({"num_clients": 0, "client_ranks": "2,4"}, ANY_CLIENTS)[0].client_ranks == [2, 4]
 
 
 def test_pyproject_declares_every_config_key_with_its_default():
@@ -151,16 +162,17 @@ def test_flower_moves_what_the_ledger_books(tiny, tmp_path, method):
     assert_same_run(tmp_path / "flower", tmp_path / "inproc")
 
 
-def test_error_feedback_lives_on_the_server(tiny, tmp_path):
+@pytest.mark.parametrize("method, ranks", [("fedit", []), ("hetlora", [2, 4])])
+def test_error_feedback_lives_on_the_server(tiny, tmp_path, method, ranks):
     """The residual error feedback carries is server state: nothing more crosses the wire, and a Flower run equals
-    the in-process one."""
+    the in-process one (also with clients of different ranks, each downloading at its own)."""
     from florana.flower.server import serve
 
-    cfg = RunConfig(**{**tiny, "rounds": 3}, method="fedit", error_feedback=True)
+    cfg = RunConfig(**{**tiny, "rounds": 3, "client_ranks": ranks}, method=method, error_feedback=True)
     serve(LocalGrid(2), cfg, tmp_path / "flower", node_wait=5)
     run(cfg, tmp_path / "inproc")
     assert_same_run(tmp_path / "flower", tmp_path / "inproc")
-    plain = run(RunConfig(**{**tiny, "rounds": 3}, method="fedit"), tmp_path / "plain").history
+    plain = run(RunConfig(**{**tiny, "rounds": 3, "client_ranks": ranks}, method=method), tmp_path / "plain").history
     assert [m["bytes_down"] for m in read_metrics(tmp_path / "flower")] == [m["bytes_down"] for m in plain]
 
 
@@ -192,6 +204,21 @@ def test_a_node_that_lost_the_factors_it_kept_gets_them_again(tiny, tmp_path, ca
     assert set(history[2]["local_accuracy"]) == {"0", "1"} and history[2]["relative_error"] < 1e-5
     kept = grid.contexts[100].state.array_records[GLOBAL_KEY]  # what it trained round 3 from: both factors again
     assert {k for k in kept.keys() if ".lora_" in k} == {k for k in fed.initial if ".lora_" in k}
+
+
+@pytest.mark.parametrize("method", sorted(m for m in METHODS if METHODS[m].mixed_ranks))
+def test_flower_moves_what_the_ledger_books_with_mixed_ranks(tiny, tmp_path, method):
+    """Clients of ranks 2, 4, 2 (client_ranks cycled): every node trains, uploads and downloads at its own rank
+    through the real strategy and ClientApp, and the Flower run equals the in-process one bit for bit."""
+    from florana.flower.server import serve
+
+    cfg = RunConfig(**{**tiny, "num_clients": 3, "rounds": 3, "sample_fraction": 0.67, "client_ranks": [2, 4]},
+                    method=method)
+    serve(LocalGrid(3), cfg, tmp_path / "flower", node_wait=5)
+    run(cfg, tmp_path / "inproc")
+    assert_same_run(tmp_path / "flower", tmp_path / "inproc")
+    sampled = [set(m["clients"]) for m in read_metrics(tmp_path / "flower")]
+    assert any(1 in c for c in sampled) and any(c & {0, 2} for c in sampled)  # both ranks took part
 
 
 def test_a_resumed_flower_run_restarts_what_nodes_kept(tiny, tmp_path):

@@ -39,8 +39,8 @@ def aggregate(
     clients: Annotated[list[Path], typer.Argument(help="Client adapter directories (PEFT format).")],
     out: Annotated[Path, typer.Option(help="Output directory for the global PEFT adapter: new or empty, or an "
                                            "adapter folder with --force.")],
-    method: Annotated[str, typer.Option(help="fedit | ffa | fedsa | flora | fedex | florana | svd | rolora | "
-                                             "lora_fair | fedsvd")] = "florana",
+    method: Annotated[str, typer.Option(help="fedit | ffa | fedsa | flora | fedex | florana | svd | hetlora | "
+                                             "flexlora | rolora | lora_fair | fedsvd")] = "florana",
     weights: Annotated[str, typer.Option(help="'uniform' or W1,W2,... (e.g. example counts).")] = "uniform",
     report: Annotated[Path | None, typer.Option(help="Write the aggregation report as JSON here.")] = None,
     force: Annotated[bool, typer.Option("--force", help="Replace the adapter files of an existing adapter folder "
@@ -119,6 +119,8 @@ def run(
     task: Annotated[str | None, typer.Option(help="classification | causal_lm")] = None,
     text_column: Annotated[str | None, typer.Option()] = None,
     label_column: Annotated[str | None, typer.Option()] = None,
+    client_ranks: Annotated[str | None, typer.Option(help="Each client's LoRA rank, e.g. 4,8,16 (a shorter list "
+                                                          "is cycled over the clients).")] = None,
     quiet: Annotated[bool, typer.Option("--quiet", help="Log lines only, no progress display.")] = False,
     runtime: Annotated[str, typer.Option(help="inprocess (one process) | flower (Flower's simulation engine on "
                                               "Ray, one virtual SuperNode per client).")] = "inprocess",
@@ -126,10 +128,11 @@ def run(
 ) -> None:
     """Federated LoRA fine-tuning (offline MiniLM + Rotten Tomatoes by default), in one process or on Flower.
     With --resume, flags and --config must match the run's config, except --rounds, which extends it."""
-    flags = dict(method=method, rounds=rounds, seed=seed, alpha=alpha, num_clients=num_clients,
-                 local_steps=local_steps, partition=partition, dataset=dataset, model=model, task=task,
-                 text_column=text_column, label_column=label_column)
     try:
+        flags = dict(method=method, rounds=rounds, seed=seed, alpha=alpha, num_clients=num_clients,
+                     local_steps=local_steps, partition=partition, dataset=dataset, model=model, task=task,
+                     text_column=text_column, label_column=label_column,
+                     client_ranks=None if client_ranks is None else _numbers(client_ranks, int, "--client-ranks"))
         if resume is not None:
             extend_run(resume, config, flags)
             cfg = None
@@ -185,6 +188,8 @@ def compare(
     config: ConfigOpt = None,
     out: Annotated[Path, typer.Option(help="Folder for the runs, summary.md/csv and plots/.")] = Path("runs/compare"),
     rounds: Annotated[int | None, typer.Option()] = None,
+    client_ranks: Annotated[str | None, typer.Option(help="Each client's LoRA rank, e.g. 4,8,16 (cycled over the "
+                                                          "clients).")] = None,
     quiet: Annotated[bool, typer.Option("--quiet")] = False,
     force: Annotated[bool, typer.Option("--force", help="Redo a run whose folder holds another config (it is "
                                                         "removed first).")] = False,
@@ -193,7 +198,7 @@ def compare(
     run of the same config is reused, an unfinished one resumed."""
     from florana.federation.compare import compare as run_compare
     from florana.aggregation import METHODS
-    from florana.federation.methods import ALL_METHODS, check_method
+    from florana.federation.methods import ALL_METHODS, check_method, check_ranks
 
     try:
         names = list(ALL_METHODS) if methods == "all" else [m.strip() for m in methods.split(",") if m.strip()]
@@ -201,11 +206,16 @@ def compare(
             check_method(name)
         seed_list = _numbers(seeds, int, "--seeds")
         alphas = _numbers(alpha, float, "--alpha")
-        base = build_config(config, rounds=rounds, alpha=alphas[0])
+        ranks = None if client_ranks is None else _numbers(client_ranks, int, "--client-ranks")
+        base = build_config(config, rounds=rounds, alpha=alphas[0], client_ranks=ranks)
         if base.error_feedback:  # 'all': every method error feedback applies to; others are an error, saying why
             names = [n for n in names if n in METHODS and METHODS[n].feeds_back] if methods == "all" else names
             for name in names:
                 check_method(name, error_feedback=True)
+        if len(set(base.ranks())) > 1:  # likewise 'all' with mixed ranks: the methods that accept them
+            names = [n for n in names if n not in METHODS or METHODS[n].mixed_ranks] if methods == "all" else names
+            for name in names:
+                check_ranks(name, base.ranks())
         with progress_for(quiet) as progress:
             rows = run_compare(base, names, seed_list, alphas, out, progress=progress, force=force)
     except FloranaError as e:

@@ -60,8 +60,8 @@ class RunConfig:
     client_test_max: int = _f(100, "at most this many held-out examples per client are evaluated each round",
                               at_least(0))
     # federation
-    method: str = _f("florana", "fedit | ffa | fedsa | flora | fedex | florana | svd | rolora | lora_fair | fedsvd | "
-                     "centralized | local")
+    method: str = _f("florana", "fedit | ffa | fedsa | flora | fedex | florana | svd | hetlora | flexlora | rolora | "
+                                "lora_fair | fedsvd | centralized | local")
     num_clients: int = _f(10, "number of clients", at_least(1))
     partition: str = _f("dirichlet", "iid | dirichlet (label skew, alpha) | shards (shards_per_client labels "
                         "each) | quantity (sizes ~ Dirichlet(alpha), labels iid)",
@@ -76,7 +76,7 @@ class RunConfig:
                         one_of("uniform", "examples"))
     error_feedback: bool = _f(False, "the server keeps what aggregation lost (in rank-r factor form) and adds it to "
                                      "the next round's target, at no cost on the wire; for the inexact methods (fedit, "
-                                     "florana, svd, lora_fair), beyond the papers")
+                                     "florana, svd, hetlora, flexlora, lora_fair), beyond the papers")
     fedsvd_period: int = _f(1, "fedsvd: the server re-factors the global B·A by SVD (and sends the new A) after every "
                                "this many rounds", at_least(1))
     lora_fair_lambda: float = _f(0.01, "lora_fair: weight λ of ‖ΔB‖² against the cosine similarity (the paper's "
@@ -92,7 +92,11 @@ class RunConfig:
     eval_batch_size: int = _f(64, "evaluation batch size", at_least(1))
     lr: float = _f(2e-3, "AdamW learning rate (LoRA factors and the head)", above(0))
     weight_decay: float = _f(0.0, "AdamW weight decay", at_least(0))
-    lora_r: int = _f(8, "LoRA rank", at_least(1))
+    lora_r: int = _f(8, "LoRA rank of every client (unless client_ranks gives them)", at_least(1))
+    client_ranks: list[int] = _f([], "each client's LoRA rank, one per client or a shorter list cycled over the "
+                                 "clients (e.g. [4, 8, 16]); each trains with its own scaling alpha/r (or "
+                                 "alpha/sqrt(r)), the global adapter has the largest; empty: every client has "
+                                 "lora_r", (lambda v: all(x >= 1 for x in v), "positive integers"))
     lora_alpha: float = _f(16.0, "LoRA alpha (scaling alpha/r, or alpha/sqrt(r) with rslora)", above(0))
     rslora: bool = _f(False, "rank-stabilised scaling alpha/sqrt(r)")
     lora_dropout: float = _f(0.0, "dropout on the LoRA path", FRACTION)
@@ -113,9 +117,19 @@ class RunConfig:
             valid = f.metadata["valid"]
             if valid is not None and not valid[0](value):
                 raise FloranaError(f"{f.name} must be {valid[1]}, got {value!r}")
-        from florana.federation.methods import check_method
+        from florana.federation.methods import check_method, check_ranks
 
         check_method(self.method, self.error_feedback)
+        if len(self.client_ranks) > self.num_clients:
+            raise FloranaError(f"client_ranks has {len(self.client_ranks)} entries for num_clients="
+                               f"{self.num_clients}: give one per client, or a shorter list that is cycled")
+        check_ranks(self.method, self.ranks())
+
+    def ranks(self) -> list[int]:
+        """Each client's LoRA rank: client_ranks cycled over the clients, or lora_r for all."""
+        if not self.client_ranks:
+            return [self.lora_r] * self.num_clients
+        return [self.client_ranks[u % len(self.client_ranks)] for u in range(self.num_clients)]
 
     def with_overrides(self, **overrides) -> RunConfig:
         return replace(self, **{k: v for k, v in overrides.items() if v is not None})
@@ -145,7 +159,10 @@ def _typed(key: str, kind: str, value):
         return value
     if kind == "list" and isinstance(value, list) and all(isinstance(x, str) and x.strip() for x in value):
         return list(value)
-    what = "a list of non-empty strings" if kind == "list" else kind
+    if kind == "list[int]" and isinstance(value, list) and all(isinstance(x, numbers.Integral) and
+                                                               not isinstance(x, bool) for x in value):
+        return [int(x) for x in value]
+    what = {"list": "a list of non-empty strings", "list[int]": "a list of integers"}.get(kind, kind)
     raise FloranaError(f"{key} should be {what}, got {value!r}")
 
 

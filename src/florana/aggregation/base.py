@@ -45,8 +45,10 @@ class Method:
     """A federated-LoRA aggregator and the training semantics that go with it.
 
     name: registry key. paper: citation. estimate(clients, scale) -> Estimate, where scale is the
-    output adapter's LoRA scaling. out_rank(ranks) -> the global adapter's rank. wire(r_u, r_out, d, k) -> Wire.
-    mixed_ranks: accepts clients of different ranks. exact: the update it applies equals ΔW* (given its
+    output adapter's LoRA scaling. out_rank(ranks) -> the global adapter's rank (flora's Σ r_u; the others' largest
+    client rank, or `clients.out_rank` when a run asks for more). wire(r_u, r_out, d, k) -> Wire.
+    mixed_ranks: accepts clients of different ranks (those that pad send client u the first r_u components of
+    the global factors, so it downloads at its own rank). exact: the update it applies equals ΔW* (given its
     preconditions). trains_A / trains_B / personal_B / merges / residual: how clients train under it (ffa freezes
     A; fedsa keeps each client's B; flora merges the product into the base and restarts LoRA each round; fedex adds
     the dense residual ΔW* − scale·B̂Â to the base).
@@ -121,22 +123,26 @@ class Method:
 
 
 def full_wire(r: int, r_out: int, d: int, k: int) -> Wire:
-    """Both factors up and both down: FedIT's cost, which FLoRA-NA and svd keep."""
-    return Wire(up=r * (d + k), down=r_out * (d + k))
+    """Both factors up and both down: FedIT's cost, which FLoRA-NA and svd keep. A client of rank r below the
+    global rank r_out receives the first r components of the global factors: r(d+k) each way."""
+    return Wire(up=r * (d + k), down=min(r, r_out) * (d + k))
 
 
 def factor_wire(up: str, down: str) -> Callable[[int, int, int, int], Wire]:
-    """The cost of sending the factors named in `up` and `down` ('A', 'B', 'AB'): B is d×r, A is r×k."""
+    """The cost of sending the factors named in `up` and `down` ('A', 'B', 'AB'): B is d×r, A is r×k. A client of
+    rank r below the global rank r_out receives the first r components of the global factors, as in full_wire."""
     def size(factors: str, r: int, d: int, k: int) -> int:
         return r * ((d if "B" in factors else 0) + (k if "A" in factors else 0))
 
-    return lambda r, r_out, d, k: Wire(up=size(up, r, d, k), down=size(down, r_out, d, k))
+    return lambda r, r_out, d, k: Wire(up=size(up, r, d, k), down=size(down, min(r, r_out), d, k))
 
 
-def weighted_mean_coefficients(clients: ClientFactors, scale: float, r_out: int) -> tuple[Tensor, Tensor]:
-    """FedIT's combination: B̂ = Σ w_u s_u B_u / scale, Â = Σ w_u A_u (smaller ranks zero-padded to r_out)."""
+def weighted_mean_coefficients(clients: ClientFactors, scale: float, r_out: int,
+                               weights: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """FedIT's combination: B̂ = Σ w_u s_u B_u / scale, Â = Σ w_u A_u, smaller ranks zero-padded to r_out
+    (HetLoRA's padding). `weights` (M, U) replace the clients' weights per module (hetlora's)."""
     M = clients.B.shape[0]
-    w = clients.weights.to(torch.float64).expand(M, -1)
+    w = (clients.weights if weights is None else weights).to(torch.float64).expand(M, -1)
     s = torch.tensor(clients.scales, dtype=torch.float64)
     coef_B = block_coefficients(clients.ranks, w * s / scale, r_out)
     coef_A = block_coefficients(clients.ranks, w, r_out).mT

@@ -18,6 +18,9 @@ class ClientFactors:
 
     B is (M, d, R) and A is (M, R, k) with R = Σ_u r_u; client u owns columns (of B) and rows (of A)
     `blocks[u]`. `scales` are the clients' LoRA scalings s_u, `weights` the aggregation weights w_u (sum 1).
+    `global_rank` is the rank asked of the global adapter (0: the largest client rank); methods whose output has
+    one rank for every client (all but flora's stack) produce `out_rank` components, zero-padded where they have
+    fewer: a run asks for its largest client rank, whichever clients a round sampled.
     The ideal aggregate of module m is ΔW*_m = Σ_u w_u s_u B_u A_u = (B·D)A with D = diag(column_weights).
     Grams and the spectrum of ΔW* are computed once and shared by every method and the report.
     """
@@ -27,6 +30,12 @@ class ClientFactors:
     ranks: tuple[int, ...]
     scales: tuple[float, ...]
     weights: Tensor
+    global_rank: int = 0
+
+    @property
+    def out_rank(self) -> int:
+        """The global adapter's rank for methods that pad: at least the largest client rank."""
+        return max(self.global_rank, *self.ranks)
 
     @property
     def num_clients(self) -> int:

@@ -2,7 +2,9 @@
 
 Singhal et al., "FedEx-LoRA: Exact Aggregation for Federated and Efficient Fine-Tuning of Foundation
 Models", ACL 2025, https://arxiv.org/abs/2410.09432. Exact, at the price of a dense d×k download per module.
-Clients of different ranks are zero-padded to the largest rank; the residual makes that exact too.
+Clients of different ranks are zero-padded to the largest rank; the residual makes that exact too. The global
+model (base + residual + s·B̂Â) is exact; a client of rank r_u < r_max starts from it less the components
+r_u..r_max it cannot hold (it gets the first r_u, as in fedit).
 """
 
 from florana.aggregation.base import Estimate, Method, Wire, weighted_mean_coefficients
@@ -10,11 +12,11 @@ from florana.aggregation.factors import ClientFactors
 
 
 def estimate(clients: ClientFactors, scale: float) -> Estimate:
-    return Estimate(*weighted_mean_coefficients(clients, scale, max(clients.ranks)))
+    return Estimate(*weighted_mean_coefficients(clients, scale, clients.out_rank))
 
 
 def wire(r: int, r_out: int, d: int, k: int) -> Wire:
-    return Wire(up=r * (d + k), down=r_out * (d + k) + d * k)
+    return Wire(up=r * (d + k), down=min(r, r_out) * (d + k) + d * k)
 
 
 METHOD = Method(name="fedex", paper="arXiv:2410.09432", estimate=estimate, wire=wire, mixed_ranks=True,

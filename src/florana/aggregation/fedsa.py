@@ -3,6 +3,7 @@
 Guo et al., "Selective Aggregation for Low-Rank Adaptation in Federated Learning", ICLR 2025,
 https://arxiv.org/abs/2410.01463. Only A crosses the wire. The global model used to evaluate the federation
 pairs Â with B̄ = Σ w_u s_u B_u (computed at the server of a simulation; a deployment never sends B).
+Mixed ranks as fedit: Â zero-padded to the largest rank; client u gets its first r_u rows and keeps its own B.
 """
 
 from florana.aggregation.base import Method, Wire
@@ -10,7 +11,8 @@ from florana.aggregation.fedit import estimate
 
 
 def wire(r: int, r_out: int, d: int, k: int) -> Wire:
-    return Wire(up=r * k, down=r_out * k)
+    return Wire(up=r * k, down=min(r, r_out) * k)
 
 
-METHOD = Method(name="fedsa", paper="arXiv:2410.01463", estimate=estimate, wire=wire, personal_B=True)
+METHOD = Method(name="fedsa", paper="arXiv:2410.01463", estimate=estimate, wire=wire, mixed_ranks=True,
+                personal_B=True)

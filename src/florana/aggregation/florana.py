@@ -16,6 +16,8 @@ The paper leaves the solver open; ours, per module and per round:
   1e-12·tr(H)/U guards singular systems).
 - Gauge (cQ, P/c) fixed by Σ_u P_u = 1: Â stays an affine combination of the clients' A's.
 - Stop when no module improves by more than tol·‖ΔW*‖², or after max_iter sweeps.
+- Mixed ranks: every client's factors are zero-padded to the largest rank (HetLoRA's padding), i.e. its Gram
+  blocks are; the fit above runs unchanged on the padded blocks, and its start P = Q = w is padded FedIT.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ from torch import Tensor
 
 from florana.aggregation.base import Estimate, Method, full_wire
 from florana.aggregation.factors import ClientFactors
-from florana.aggregation.linalg import block_coefficients
+from florana.aggregation.linalg import block_coefficients, padded_blocks
 
 MAX_ITER = 200
 TOL = 1e-10
@@ -33,7 +35,8 @@ RIDGE = 1e-12
 
 
 def blocks(gram: Tensor, num_clients: int) -> Tensor:
-    """(M, U·r, U·r) Gram → (M, U, r, U, r): block [u, :, u', :] is client u's factor against client u''s."""
+    """(M, U·r, U·r) Gram of equal ranks → (M, U, r, U, r): block [u, :, u', :] is client u's factor against
+    client u''s (linalg.padded_blocks does it for mixed ranks)."""
     M, R, _ = gram.shape
     return gram.view(M, num_clients, R // num_clients, num_clients, R // num_clients)
 
@@ -102,14 +105,13 @@ def solve_weights(Gb: Tensor, Ga: Tensor, w: Tensor, max_iter: int = MAX_ITER, t
 
 
 def estimate(clients: ClientFactors, scale: float) -> Estimate:
-    r = clients.uniform_rank
-    s = torch.repeat_interleave(torch.tensor(clients.scales, dtype=torch.float64), r)
-    U = clients.num_clients
-    Gb = blocks(clients.gram_B * s[:, None] * s[None, :], U)
-    P, Q, sweeps = solve_weights(Gb, blocks(clients.gram_A, U), clients.weights.to(torch.float64))
-    coef_B = block_coefficients(clients.ranks, Q * torch.tensor(clients.scales, dtype=torch.float64) / scale, r)
-    coef_A = block_coefficients(clients.ranks, P, r).mT
+    r, ranks = clients.out_rank, clients.ranks
+    s = torch.repeat_interleave(torch.tensor(clients.scales, dtype=torch.float64), torch.tensor(ranks))
+    Gb = padded_blocks(clients.gram_B * s[:, None] * s[None, :], ranks)
+    P, Q, sweeps = solve_weights(Gb, padded_blocks(clients.gram_A, ranks), clients.weights.to(torch.float64))
+    coef_B = block_coefficients(ranks, Q * torch.tensor(clients.scales, dtype=torch.float64) / scale, r)
+    coef_A = block_coefficients(ranks, P, r).mT
     return Estimate(coef_B, coef_A, info={"P": P, "Q": Q, "sweeps": sweeps})
 
 
-METHOD = Method(name="florana", paper="arXiv:2509.26399", estimate=estimate, wire=full_wire)
+METHOD = Method(name="florana", paper="arXiv:2509.26399", estimate=estimate, wire=full_wire, mixed_ranks=True)

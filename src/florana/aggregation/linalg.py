@@ -7,6 +7,7 @@ float64; the big factors stay in their own dtype and are only read through Grams
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 # Grams are accumulated in float64 so that errors of near-exact estimates are not lost to cancellation;
@@ -100,3 +101,24 @@ def best_rank_coefficients(gram_X: Tensor, gram_Y: Tensor, rank: int) -> tuple[T
     root = sigma.sqrt()
     inv_root = torch.where(root > 0, 1.0 / root.where(root > 0, 1.0), 0.0)
     return (S_pinv @ U) * root[:, None, :], inv_root[:, :, None] * (U.mT @ S), sigma_sq
+
+
+def padded_blocks(gram: Tensor, ranks: tuple[int, ...]) -> Tensor:
+    """(M, R, R) Gram of clients' factors concatenated along the rank axis (R = Σ_u r_u) → (M, U, r, U, r) with
+    r = max r_u: block [u, :, u', :] is client u's factor against client u''s, each zero-padded to rank r (HetLoRA's
+    padding: a client of rank r_u has zero components r_u..r). A view when the ranks are equal."""
+    M, U, r = gram.shape[0], len(ranks), max(ranks)
+    if len(set(ranks)) == 1:
+        return gram.view(M, U, r, U, r)
+    idx = torch.cat([u * r + torch.arange(ru) for u, ru in enumerate(ranks)])
+    out = gram.new_zeros(M, U * r, U * r)
+    out[:, idx[:, None], idx[None, :]] = gram
+    return out.view(M, U, r, U, r)
+
+
+def pad_rank(coef_B: Tensor, coef_A: Tensor, rank: int) -> tuple[Tensor, Tensor]:
+    """Coefficients (M, R, r'), (M, r', R) zero-padded to `rank` ≥ r' output components (unchanged when r' ≥ rank)."""
+    extra = rank - coef_B.shape[-1]
+    if extra <= 0:
+        return coef_B, coef_A
+    return F.pad(coef_B, (0, extra)), F.pad(coef_A, (0, 0, 0, extra))

@@ -27,7 +27,7 @@ from florana.federation.checkpoint import (latest_checkpoint, latest_round, prun
                                            write_text_atomic)
 from florana.federation.folders import check_run_folder
 from florana.federation.methods import method_of
-from florana.lora.adapter import LoraModule, has_non_finite
+from florana.lora.adapter import LoraModule, at_rank, has_non_finite, revive_dead_slots
 from florana.lora.base_delta import apply_change, dense_change, factor_change, total_change
 from florana.lora.peft_io import save_adapter
 from florana.train.local import batch_indices, train_steps
@@ -127,7 +127,9 @@ class Federation:
         examples = load_examples(config.dataset, text_column=config.text_column, label_column=config.label_column,
                                  causal=causal, max_examples=config.max_examples, seed=config.seed)
         test, trains, tests, stats = split_data(examples, config)
-        lora = {"r": config.lora_r, "lora_alpha": config.lora_alpha, "lora_dropout": config.lora_dropout,
+        self.ranks = config.ranks()  # each client's LoRA rank; the model's LoRA has the largest, the global rank
+        self.rank = max(self.ranks)
+        lora = {"r": self.rank, "lora_alpha": config.lora_alpha, "lora_dropout": config.lora_dropout,
                 "use_rslora": config.rslora, "target_modules": list(config.target_modules)}
         self.model, tokenizer = load_model(config.task, config.model, len(examples.label_names), lora, config.seed)
         self.task = (CausalLMTask(tokenizer, config.max_length, config.bf16, config.max_new_tokens) if causal else
@@ -206,9 +208,28 @@ class Federation:
         rng = np.random.default_rng(derive_seed(self.config.seed, 4, round_))
         return sorted(rng.choice(eligible, size=k, replace=False).tolist()), empty
 
-    def client_start(self, u: int, round_: int) -> dict[str, Tensor]:
-        """What client u's adapter holds before local training, by its method's semantics."""
-        start = dict(self.personal.get(u, self.initial)) if self.config.method == "local" else dict(self.global_tensors)
+    def for_client(self, tensors: dict[str, Tensor], u: int) -> dict[str, Tensor]:
+        """Client u's view of adapter tensors held at the global rank: their first r_u components, B carried from
+        the global scaling s to the client's s_u so that the product is kept (s_u·B_u·A_u = s·B̂[:, :r_u]Â[:r_u]);
+        every other tensor as it is. The tensors themselves for a client of the global rank. Every method's download
+        is this view of the global factors (flexlora's are ΔW*'s SVD, so a client gets its top r_u components)."""
+        r = self.ranks[u]
+        if r == self.rank:
+            return tensors
+        m = self.modules[0]  # a run's scaling rule is the same for every module
+        return at_rank(tensors, r, self.slots.scaling(m, self.rank) / self.slots.scaling(m, r))
+
+    def client_start(self, u: int, round_: int, shared: dict[str, Tensor] | None = None) -> dict[str, Tensor]:
+        """What client u's adapter holds before local training, by its method's semantics, at its own rank.
+        `shared` is what the server sent it (the global part of `downlink`); by default this process's server
+        state, as the in-process run has it."""
+        if self.config.method == "local":
+            start = dict(self.personal.get(u, self.for_client(self.initial, u)))
+        else:
+            if shared is None:
+                shared = self.for_client(self.global_tensors, u)
+                shared = shared if self.method is None else self.wire_keys(shared, up=False)
+            start = {**self.for_client(self.initial, u), **shared}
         if self.method is not None and self.method.personal_B and u in self.personal:
             start.update(self.personal[u])
         if self.method is not None and self.method.merges:  # flora: a fresh LoRA every round
@@ -220,6 +241,8 @@ class Federation:
                     start[k] = a.uniform_(-bound, bound, generator=g)
                 elif ".lora_B." in k:
                     start[k] = torch.zeros_like(v)
+        elif self.method is not None and self.method.at_round(round_).trains_A:  # never a frozen, shared A
+            revive_dead_slots(start, derive_seed(self.config.seed, 7, round_, u))
         return start
 
     def wire_keys(self, tensors: dict[str, Tensor], *, up: bool, round_: int | None = None) -> dict[str, Tensor]:
@@ -248,9 +271,10 @@ class Federation:
 
     def downlink(self, u: int, metrics: dict) -> dict[str, Tensor]:
         """What the server sends client u as a round starts, booked in `metrics`: the global tensors its method
-        shares (global_down) and, where the method changes the base, what the client lacks of it (the last round's
-        change, or the whole delta after it missed more than one)."""
-        payload = {f"global::{k}": v for k, v in self.global_down(u, metrics["round"]).items()}
+        shares (global_down) at its own rank (for_client) and, where the method changes the base, what the client
+        lacks of it (the last round's change, or the whole delta after it missed more than one)."""
+        shared = self.for_client(self.global_down(u, metrics["round"]), u)
+        payload = {f"global::{k}": v for k, v in shared.items()}
         self.held[u] = metrics["round"]
         if self.changes_base:
             have = self.synced.get(u, 0)
@@ -316,9 +340,14 @@ class Federation:
             metrics["train_loss"] = loss
         else:
             for u in sampled:
-                if self.method is not None:
-                    self.downlink(u, metrics)  # in this process every client reads the server's state directly
-                results[u], kept = self.local_update(u, self.client_start(u, round_), round_)
+                shared = None
+                if self.method is not None:  # the client starts from what was sent, as a Flower node does
+                    sent = self.downlink(u, metrics)
+                    shared = {k.split("::", 1)[1]: v for k, v in sent.items() if k.startswith("global::")}
+                    if self.method.varies:  # rolora, fedsvd: the factors a payload leaves out are those the client
+                        # holds, unchanged since it last downloaded (global_down's catch-up), as a Flower node keeps
+                        shared = {**self.wire_keys(self.for_client(self.global_tensors, u), up=False), **shared}
+                results[u], kept = self.local_update(u, self.client_start(u, round_, shared), round_)
                 if kept:
                     self.personal[u] = kept
         return self.close_round(metrics, results, t0)
@@ -344,8 +373,9 @@ class Federation:
             losses.append(res.loss)
             local_acc[u] = res.local_accuracy
             if self.method is not None:  # what the server lacks of an adapter, it knows: the global factor clients
-                # held frozen (ffa's and fedsvd's A, rolora's factor of the round), fedsa's initial B
-                updates.append(self.slots.adapter({**self.global_tensors, **res.tensors}, source=f"client{u}"))
+                # held frozen (ffa's and fedsvd's A, rolora's factor of the round), fedsa's initial B, at r_u
+                updates.append(self.slots.adapter({**self.for_client(self.global_tensors, u), **res.tensors},
+                                                  source=f"client{u}"))
                 labels.append(f"client{u}")
                 weights.append(res.size)
         if updates:
@@ -378,8 +408,11 @@ class Federation:
 
     def aggregate(self, updates, labels, sizes, metrics) -> None:
         weights = sizes if self.config.weighting == "examples" else None
-        result = aggregate_adapters(updates, self.method, weights, labels, round_=metrics["round"],
-                                    feedback=self.feedback)
+        # the global adapter keeps the run's largest rank whichever clients were sampled (flora's is its stack)
+        result = aggregate_adapters(updates, self.method, weights, labels,
+                                    rank=None if self.method.merges else self.rank,
+                                    scaling=self.slots.scaling(self.modules[0], self.rank),
+                                    round_=metrics["round"], feedback=self.feedback)
         release_memory()
         report = result.report
         if not self.method.personal_B:  # fedsa's server never sees B, so it cannot know ΔW*

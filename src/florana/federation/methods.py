@@ -43,3 +43,12 @@ def method_options(config: RunConfig) -> dict:
 def method_of(config: RunConfig) -> Method | None:
     """The run's aggregator with its options; None for a bound."""
     return None if config.method in BOUNDS else get_method(config.method).configured(**method_options(config))
+
+
+def check_ranks(name: str, ranks: list[int]) -> None:
+    """Clients of different ranks need a method that accepts them (the bounds do: `local` trains each client at
+    its own rank, `centralized` one adapter at the largest). rolora, lora_fair and fedsvd do not (yet)."""
+    if len(set(ranks)) > 1 and name not in BOUNDS and not get_method(name).mixed_ranks:
+        accepted = ", ".join(n for n, m in METHODS.items() if m.mixed_ranks)
+        raise FloranaError(f"client_ranks gives the clients different ranks {sorted(set(ranks))}, which method "
+                           f"{name!r} does not accept; methods that do: {accepted}, centralized, local")

@@ -68,14 +68,14 @@ def train(msg: Message, context: Context) -> Message:
     u, n = partition_of(context)
     if problem := partition_problem(context.node_id, u, n, fed.config.num_clients):
         raise FloranaError(problem)
-    shared = node_global(fed, context, msg.content["global"], int(config["held-round"]), round_)
-    fed.global_tensors = {**fed.initial, **shared}
+    mine = fed.for_client(fed.initial, u)  # the shapes of this client's adapter, at its own rank
+    shared = node_global(fed, context, msg.content["global"], int(config["held-round"]), round_, mine)
     fed.slots.set_base_delta(node_base_delta(fed, context, msg, int(config["base-round"])))
     fed.personal = {}
     if PERSONAL_KEY in context.state.array_records:
         kept = context.state.array_records[PERSONAL_KEY]
-        fed.personal[u] = from_record(kept, {k: fed.initial[k] for k in kept.keys()}, f"node {context.node_id} state")
-    result, kept = fed.local_update(u, fed.client_start(u, round_), round_)
+        fed.personal[u] = from_record(kept, {k: mine[k] for k in kept.keys()}, f"node {context.node_id} state")
+    result, kept = fed.local_update(u, fed.client_start(u, round_, shared), round_)
     metrics = {"partition-id": u, "num-examples": result.size, "loss": float(result.loss)}
     if result.local_accuracy is not None:  # none when the client holds no test examples or was rejected
         metrics["local-accuracy"] = float(result.local_accuracy)
@@ -87,13 +87,15 @@ def train(msg: Message, context: Context) -> Message:
     return Message(content, reply_to=msg)
 
 
-def node_global(fed: Federation, context: Context, record, held_round: int, round_: int) -> dict[str, Tensor]:
+def node_global(fed: Federation, context: Context, record, held_round: int, round_: int,
+                mine: dict[str, Tensor]) -> dict[str, Tensor]:
     """The global tensors this node trains from. Most methods send all they share every round. rolora and fedsvd
     send what changed (the factor frozen this round, a refreshed A), so the node keeps the global factors in its
     state and adds what the server sent to the ones it holds from round `held_round`, when it last downloaded
     (0: it holds the initial ones). A node whose state is not at that round (e.g. it restarted) fails the round, and
-    the server sends it every factor that changed next time."""
-    allowed = fed.wire_keys(fed.initial, up=False)
+    the server sends it every factor that changed next time. `mine`: the client's adapter tensors at its own rank,
+    which give the shapes the payload must have."""
+    allowed = fed.wire_keys(mine, up=False)
     if not fed.method.varies:
         return from_record(record, allowed, "server message")
     sent = from_record(record, allowed, "server message", subset=True)

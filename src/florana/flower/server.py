@@ -26,6 +26,7 @@ from florana.flower.wire import (CLIENTS_FROM_NODES, from_record, partition_prob
 
 log = logging.getLogger("florana")
 
+ANY_CLIENTS = 1 << 16  # a client count no config check refuses, for num_clients=0 before the nodes said theirs
 QUERY_TIMEOUT_MIN = 30.0  # seconds a node gets to answer the partition query, however little node-wait is left
 
 
@@ -151,7 +152,8 @@ class FloranaStrategy(FedAvg):
         online = set(grid.get_node_ids())
         reachable = [u for u in sampled if self.nodes.get(u) in online]
         metrics = fed.open_round(round_, sampled, empty)
-        # payloads differ only in the base change and (rolora, fedsvd) in the factors a node missed: each serialised once
+        # payloads differ only in rank, the base change and (rolora, fedsvd) the factors a node missed: each
+        # serialised once
         records: dict[tuple, dict[str, ArrayRecord]] = {}
         messages, down = [], 0
         for u in reachable:
@@ -159,7 +161,7 @@ class FloranaStrategy(FedAvg):
             payload = fed.downlink(u, metrics)
             part = {kind: {k.split("::", 1)[1]: v for k, v in payload.items() if k.startswith(f"{kind}::")}
                     for kind in ("global", "base")}
-            key = (frozenset(part["global"]), frozenset(k.rsplit(".", 1)[1] for k in part["base"]))
+            key = (fed.ranks[u], frozenset(part["global"]), frozenset(k.rsplit(".", 1)[1] for k in part["base"]))
             if key not in records:
                 records[key] = {kind: to_record(t) for kind, t in part.items() if t or kind == "global"}
             content = RecordDict({"config": ConfigRecord({"toml": self.config_text, "round": round_,
@@ -195,8 +197,8 @@ class FloranaStrategy(FedAvg):
                             round_, node, u, e)
                 continue
             try:
-                tensors = None if update is None else from_record(
-                    update, fed.wire_keys(fed.initial, up=True, round_=round_), f"node {node} (partition {u})")
+                expected = fed.wire_keys(fed.for_client(fed.initial, u), up=True, round_=round_)  # at its rank
+                tensors = None if update is None else from_record(update, expected, f"node {node} (partition {u})")
             except FloranaError as e:
                 log.warning("round %d: %s; update rejected", round_, e)
                 tensors = None
@@ -275,7 +277,8 @@ def main(grid: Grid, context: Context) -> None:
     show_on_terminal()
     run_config = dict(context.run_config)
     try:
-        config, runtime = split_run_config(run_config, num_partitions=1)  # every key checked before nodes are asked
+        # every key checked before nodes are asked, num_clients=0 standing for as many clients as client_ranks lists
+        config, runtime = split_run_config(run_config, num_partitions=ANY_CLIENTS)
         run_dir = Path(str(runtime["run-dir"]).replace("{run_id}", str(context.run_id)))
         if runtime["resume"]:  # Flower hands over every key, defaults included: say which ones are not used
             stored = resumed_config(run_dir.resolve())

@@ -102,7 +102,17 @@ def partition_problem(node: int, partition_id: int, num_partitions: int, num_cli
 
 def flower_run_config(config: RunConfig) -> dict:
     """The config as Flower run-config values, which are scalars: lists become comma-separated strings."""
-    return {k: ",".join(v) if isinstance(v, list) else v for k, v in asdict(config).items()}
+    return {k: ",".join(map(str, v)) if isinstance(v, list) else v for k, v in asdict(config).items()}
+
+
+def _integers(key: str, value) -> list:
+    """A list of integers given as '4,8,16' (Flower's config values are scalars) or as one integer."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        return [value]
+    try:
+        return [int(x) for x in value.split(",") if x.strip()]
+    except (AttributeError, ValueError):
+        raise FloranaError(f"run config: {key} should be comma-separated integers, got {value!r}") from None
 
 
 def split_run_config(run_config: dict, num_partitions: int | None = None) -> tuple[RunConfig, dict]:
@@ -116,7 +126,9 @@ def split_run_config(run_config: dict, num_partitions: int | None = None) -> tup
         if key not in FIELDS:
             raise FloranaError(f"run config: unknown key {key!r}; florana keys: {', '.join(FIELDS)}; runtime "
                                f"keys: {', '.join(RUNTIME_KEYS)}")
-        if isinstance(default_of(key), list) and isinstance(value, str):
+        if FIELDS[key].type == "list[int]":
+            value = _integers(key, value)
+        elif isinstance(default_of(key), list) and isinstance(value, str):
             value = [v.strip() for v in value.split(",") if v.strip()]
         data[key] = value
     if data.get("num_clients") == CLIENTS_FROM_NODES:

@@ -105,6 +105,40 @@ def with_ranks(config: dict, ranks: dict[str, int], scalings: dict[str, float]) 
     return out
 
 
+def at_rank(tensors: dict[str, Tensor], rank: int, b_factor: float = 1.0) -> dict[str, Tensor]:
+    """An adapter's tensors (under PEFT's file keys) cut to their first `rank` components: the rows of lora_A, the
+    columns of lora_B, which is also multiplied by `b_factor`; every other tensor as it is."""
+    out = {}
+    for key, t in tensors.items():
+        if key.endswith(LORA_A):
+            t = t[:rank].clone()
+        elif key.endswith(LORA_B):
+            t = t[:, :rank].clone(memory_format=torch.contiguous_format)
+            if b_factor != 1.0:
+                t = t * b_factor
+        out[key] = t
+    return out
+
+
+def revive_dead_slots(tensors: dict[str, Tensor], seed: int) -> None:
+    """Give every dead slot of an adapter's tensors (PEFT's file keys; an A row and B column both zero: neither gets a
+    gradient, so it would never train) a fresh A row, drawn as PEFT draws A (kaiming-uniform, bound 1/√k), replacing
+    the dict's entry (the tensors themselves are not modified); the product B·A, and so the model, is unchanged.
+    Dead slots come from aggregates that have no component there: zero-padding when no client of that rank took
+    part (fedit, hetlora, florana), an SVD past the aggregate's rank (svd, flexlora)."""
+    g = None
+    for key in sorted(k for k in tensors if k.endswith(LORA_A)):
+        A, B = tensors[key], tensors[key[: -len(LORA_A)] + LORA_B]
+        dead = (A == 0).all(dim=1) & (B == 0).all(dim=0)
+        if bool(dead.any()):
+            g = g or torch.Generator().manual_seed(seed)
+            bound = 1.0 / math.sqrt(A.shape[1])
+            fresh = torch.empty(int(dead.sum()), A.shape[1], dtype=A.dtype).uniform_(-bound, bound, generator=g)
+            A = A.clone()
+            A[dead] = fresh
+            tensors[key] = A
+
+
 def base_layout(delta: Tensor, module: LoraModule, config: dict) -> Tensor:
     """ΔW (d, k) in the layout of the base weight it updates: transposed for embeddings and fan_in_fan_out."""
     return delta.mT if module.embedding or config.get("fan_in_fan_out") else delta

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from florana.errors import FloranaError
-from florana.lora.adapter import PEFT_PREFIX, LoraAdapter
+from florana.lora.adapter import LORA_A, LORA_B, PEFT_PREFIX, LoraAdapter, at_rank, module_scaling
 from florana.lora.peft_io import adapter_from_state_dict
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -90,13 +90,22 @@ def refuse_unsupported_lora(model) -> None:
 class AdapterSlots:
     """The adapter tensors of the live PEFT model under their file keys, the base weights LoRA adapts, and the
     base delta: a dense change of those base weights (flora's merges, fedex's residuals) that the model adds in
-    its forward pass, in float32, rather than rounding it into base weights of lower precision."""
+    its forward pass, in float32, rather than rounding it into base weights of lower precision.
+
+    The model's LoRA has the run's largest client rank; it holds an adapter of any rank r up to that in its first
+    r slots, with the other slots zero, computed at rank r's own scaling (α/r, or α/√r). A slot whose A row and B
+    column are both zero gets no gradient (each factor's gradient goes through the other), and AdamW leaves a
+    zero parameter with a zero gradient at zero, weight decay included: a client of rank r trains exactly a
+    rank-r LoRA (tested against a PEFT model of rank r), in one model, at the cost of r_max − r idle slots."""
 
     model: object
     params: dict[str, Tensor]
     config: dict
     base_delta: dict[str, Tensor] = field(default_factory=dict)
     hooked: set = field(default_factory=set)
+    ranks: dict[str, int] = field(default_factory=dict)  # module → rank of the adapter the model holds now
+    slot_ranks: dict[str, int] = field(default_factory=dict)  # module → its number of slots
+    full_scaling: dict[str, float] = field(default_factory=dict)  # module → PEFT's scaling at the slots' rank
 
     @classmethod
     def of(cls, model) -> AdapterSlots:
@@ -106,7 +115,18 @@ class AdapterSlots:
             key = _file_key(name)
             if key is not None:
                 params[key] = p
-        return cls(model, params, peft_config_dict(model))
+        slots = cls(model, params, peft_config_dict(model))
+        for key, p in params.items():
+            if key.endswith(LORA_A):
+                module = key[: -len(LORA_A)]
+                slots.slot_ranks[module] = slots.ranks[module] = p.shape[0]
+                slots.full_scaling[module] = model.get_submodule(module).scaling["default"]
+        return slots
+
+    def scaling(self, module: str, rank: int) -> float:
+        """The LoRA scaling of `module` at `rank` (PEFT's own at the slots' rank)."""
+        return self.full_scaling[module] if rank == self.slot_ranks[module] else \
+            module_scaling(self.config, module, rank)
 
     def set_base_delta(self, delta: dict[str, Tensor]) -> None:
         """From now on module m computes with W0 + delta[m] (ΔW layout, d×k); an empty dict restores W0."""
@@ -124,12 +144,42 @@ class AdapterSlots:
         return hook
 
     def read(self) -> dict[str, Tensor]:
-        return {k: p.detach().clone() for k, p in self.params.items()}
+        """The adapter the model holds, at the rank it was written at."""
+        out = {}
+        for k, p in self.params.items():
+            module = k.rsplit(".lora_", 1)[0] if ".lora_" in k else None
+            if module is None or self.ranks[module] == self.slot_ranks[module]:
+                out[k] = p.detach().clone()
+            else:
+                out.update(at_rank({k: p.detach()}, self.ranks[module]))
+        return out
 
     def write(self, tensors: dict[str, Tensor]) -> None:
+        """Load an adapter whose LoRA rank is at most the slots' (the first r slots; the rest zeroed) and compute
+        each module at that rank's scaling."""
+        written: dict[str, int] = {}
         with torch.no_grad():
             for k, t in tensors.items():
-                self.params[k].copy_(t)
+                p = self.params[k]
+                if t.shape == p.shape:
+                    p.copy_(t)
+                elif k.endswith(LORA_A) and t.shape[0] <= p.shape[0] and t.shape[1:] == p.shape[1:]:
+                    p.zero_()
+                    p[: t.shape[0]].copy_(t)
+                elif k.endswith(LORA_B) and t.shape[1] <= p.shape[1] and t.shape[0] == p.shape[0]:
+                    p.zero_()
+                    p[:, : t.shape[1]].copy_(t)
+                else:
+                    raise FloranaError(f"adapter tensor {k} of shape {tuple(t.shape)} does not fit the model's "
+                                       f"{tuple(p.shape)}")
+                module, rank = (k[: -len(LORA_A)], t.shape[0]) if k.endswith(LORA_A) else \
+                    (k[: -len(LORA_B)], t.shape[1]) if k.endswith(LORA_B) else (None, None)
+                if module is not None and written.setdefault(module, rank) != rank:
+                    raise FloranaError(f"adapter module {module}: lora_A and lora_B have different ranks")
+        for module, rank in written.items():
+            if rank != self.ranks[module]:
+                self.model.get_submodule(module).scaling["default"] = self.scaling(module, rank)
+                self.ranks[module] = rank
 
     def adapter(self, tensors: dict[str, Tensor] | None = None, source: str = "model") -> LoraAdapter:
         return adapter_from_state_dict(self.config, tensors if tensors is not None else self.read(), source)
