@@ -37,7 +37,9 @@ Baselines, with X = [w_1 s B_1 … w_U s B_U] (d×Ur), Y = [A_1; …; A_U] (Ur×
 The dense ALS holds (U+1) d×k fp32 matrices per module (704 MiB here), so the dense baselines run
 `--dense-chunk` modules at a time on the first `--dense-modules` modules and are scaled linearly to all (their
 work is per module and the same in every module).
-fedex's dense residual (8 GiB at this size) is timed on 4 modules and scaled.
+fedex's dense residual (8 GiB at this size) is timed on 4 modules and scaled. ffa, rolora and fedsvd get the
+clients with a shared A (rolora's round 1, fedsvd's re-factoring round); `svd+ef` is svd with error feedback,
+carrying the residual a call before left (its re-factoring of answer + residual, and the new residual's truncation).
 
 Targets, per method for florana and svd:
 - ≤ 3 s for the 128 modules on this 2-core machine, and peak extra memory ≤ 2× the clients' factors
@@ -365,12 +367,15 @@ def main() -> None:
                     help="rounds: factor-space and QR timings are the best of this many")
     ap.add_argument("--dense-repeats", type=int, default=3,
                     help="dense-baseline timings: the best of the first this many rounds")
-    ap.add_argument("--methods", default="fedit,ffa,fedsa,flora,florana,svd,hetlora,flexlora,fedex")
+    ap.add_argument("--methods", default="fedit,ffa,fedsa,flora,florana,svd,hetlora,flexlora,fedex,rolora,lora_fair,"
+                                         "fedsvd,svd+ef",
+                    help="'<method>+ef' runs it with error feedback, carrying a residual from a call before")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
 
     clients = make_clients(args.layers, args.clients, args.rank, args.dim)
-    if "ffa" in args.methods:  # ffa needs the shared frozen A
+    shared_A = ("ffa", "rolora", "fedsvd")  # need the shared frozen A (rolora: in round 1, as timed here)
+    if any(m in args.methods for m in shared_A):
         ffa_clients = [LoraAdapter(a.config, {n: LoraModule(A=clients[0].modules[n].A, B=m.B)
                                               for n, m in a.modules.items()}) for a in clients]
     all_names = list(clients[0].modules)
@@ -396,7 +401,7 @@ def main() -> None:
     methods = args.methods.split(",")
     inputs, part = {}, {}
     for method in methods:
-        inputs[method], part[method] = ffa_clients if method == "ffa" else clients, 1.0
+        inputs[method], part[method] = ffa_clients if method in shared_A else clients, 1.0
         if method == "fedex":  # its dense residual is d·k per module: time it on 4 modules and scale
             keep = all_names[:4]
             inputs[method] = [LoraAdapter(a.config, {n: a.modules[n] for n in keep}) for a in inputs[method]]
@@ -404,6 +409,7 @@ def main() -> None:
     runs = {m: {"times": [], "base": {name: {"times": [], "timers": []} for name, _, _ in BASELINES.get(m, [])}}
             for m in methods}
     results, module_reports = {}, {}
+    feedback = {m: aggregate_adapters(inputs[m], m[:-3], feedback={}).feedback for m in methods if m.endswith("+ef")}
     # Round-robin: every round runs every method once, each followed by its baselines; a busy minute of the
     # shared machine then spoils one round of everything rather than all repeats of one method.
     for rnd in range(args.repeats):
@@ -412,7 +418,7 @@ def main() -> None:
             results.pop(method, None)
             with PeakRSS() as mem:
                 t0 = time.perf_counter()
-                result = aggregate_adapters(inputs[method], method)
+                result = aggregate_adapters(inputs[method], method.removesuffix("+ef"), feedback=feedback.get(method))
                 run["times"].append(time.perf_counter() - t0)
             results[method] = result
             module_reports[method] = result.report.modules

@@ -12,7 +12,9 @@ from florana.aggregation import florana as florana_method
 from florana.errors import FloranaError
 
 ALL = list(METHODS)
+SHARED_A = ("ffa", "rolora", "fedsvd")  # need every client to hold the same A (rolora: in its odd rounds)
 MIXED = [m for m in ALL if METHODS[m].mixed_ranks]
+EQUAL_RANK_ONLY = [m for m in ALL if not METHODS[m].mixed_ranks]  # rolora, lora_fair, fedsvd
 
 
 def dense_error(result, clients, weights):
@@ -28,7 +30,7 @@ def dense_error(result, clients, weights):
 
 
 def usable(method, kind):
-    return not (method == "ffa" and kind != "shared")
+    return not (method in SHARED_A and kind != "shared")
 
 
 @pytest.mark.parametrize("kind", ["random", "lora", "shared"])
@@ -36,7 +38,8 @@ def usable(method, kind):
 def test_reported_error_and_floor_match_dense_reference(method, kind):
     clients = make_clients(kind=kind, seed=1)
     if not usable(method, kind):
-        with pytest.raises(FloranaError, match="client1: module .*lora_A differs"):
+        with pytest.raises(FloranaError, match=f"client1: module .*lora_A differs.*{method} needs every client to "
+                                               "keep the shared frozen A"):
             aggregate_adapters(clients, method)
         return
     w = [0.1, 0.2, 0.3, 0.4]
@@ -124,7 +127,11 @@ def test_florana_never_worse_than_fedit_and_stationary(kind):
 @pytest.mark.parametrize("ranks", [None, [2, 4, 3, 4]])
 @pytest.mark.parametrize("method", ALL)
 def test_client_order_does_not_matter(method, ranks):
-    clients = make_clients(kind="shared" if method == "ffa" else "lora", ranks=ranks, seed=7)
+    if ranks is not None and not METHODS[method].mixed_ranks:
+        with pytest.raises(FloranaError, match=f"{method} needs equal ranks"):
+            aggregate_adapters(make_clients(kind="shared", ranks=ranks, seed=7), method)
+        return
+    clients = make_clients(kind="shared" if method in SHARED_A else "lora", ranks=ranks, seed=7)
     w = [0.1, 0.2, 0.3, 0.4]
     order = [2, 0, 3, 1]
     a = aggregate_adapters(clients, method, weights=w)
@@ -145,7 +152,7 @@ def test_identical_clients_give_back_that_client(method, rank):
     for name, m in one.modules.items():
         torch.testing.assert_close(applied_update(result, name), one.scaling(name) * (m.B.double() @ m.A.double()),
                                    atol=1e-4, rtol=1e-4)
-        if method in ("fedit", "ffa", "fedsa", "florana", "fedex", "hetlora"):
+        if method in ("fedit", "ffa", "fedsa", "florana", "fedex", "hetlora", "rolora", "lora_fair"):
             torch.testing.assert_close(result.adapter.modules[name].A[: m.rank], m.A)
             torch.testing.assert_close(result.adapter.modules[name].B[:, : m.rank], m.B)
             assert not result.adapter.modules[name].A[m.rank:].any()
@@ -174,6 +181,17 @@ def test_a_method_that_needs_equal_ranks_refuses_mixed_ones():
     clients = make_clients(ranks=[2, 4], kind="shared", seed=10)
     with pytest.raises(FloranaError, match=r"client1: module .* rank 4 differs .* strict needs equal ranks \(fedit, "):
         aggregate_adapters(clients, strict)
+
+
+@pytest.mark.parametrize("method", EQUAL_RANK_ONLY)
+def test_the_methods_that_need_equal_ranks_refuse_mixed_ones_by_name(method):
+    """rolora, lora_fair and fedsvd take clients of one rank; mixed ones are refused naming the method and those
+    that accept them."""
+    assert EQUAL_RANK_ONLY == ["rolora", "lora_fair", "fedsvd"]
+    clients = make_clients(ranks=[2, 4], kind="shared", seed=10)
+    with pytest.raises(FloranaError, match=rf"client1: module .* rank 4 differs .* {method} needs equal ranks \(fedit, "
+                                           r"ffa, fedsa, flora, fedex, florana, svd, hetlora, flexlora accept"):
+        aggregate_adapters(clients, method, round_=2)
 
 
 # ---- mixed ranks against dense references ----------------------------------------------------------------
@@ -358,7 +376,13 @@ def test_bytes_on_the_wire():
         "fedsa": (sum(r * k for d, k in d_k), sum(r * k for d, k in d_k)),
         "flora": (sum(r * (d + k) for d, k in d_k), sum(3 * r * (d + k) for d, k in d_k)),
         "fedex": (sum(r * (d + k) for d, k in d_k), sum(r * (d + k) + d * k for d, k in d_k)),
+        "lora_fair": (sum(r * (d + k) for d, k in d_k), sum(r * (d + k) for d, k in d_k)),
+        # round 1 (the default): rolora's clients train B and send it, which comes back averaged; fedsvd's server
+        # re-factors (period 1), so A comes down too
+        "rolora": (sum(r * d for d, k in d_k), sum(r * d for d, k in d_k)),
+        "fedsvd": (sum(r * d for d, k in d_k), sum(r * (d + k) for d, k in d_k)),
     }
+    assert set(expect) == set(METHODS)
     for method, (up, down) in expect.items():
         rep = aggregate_adapters(clients, method).report
         assert rep.values_up_per_client == [up + head] * 3, method
@@ -383,16 +407,16 @@ def test_bfloat16_clients_keep_their_dtype():
     assert result.report.bytes_up_per_client[0] == 2 * result.report.values_up_per_client[0]
 
 
-@pytest.mark.parametrize("method", ["ffa", "flora", "fedex", "florana", "svd"])
+@pytest.mark.parametrize("method", ["ffa", "flora", "fedex", "florana", "svd", "rolora", "fedsvd", "lora_fair"])
 def test_bfloat16_outputs_report_the_error_they_really_have(method):
     """The report measures the factors as output (rounded to bf16), and fedex's residual is kept in float32, so
     the exact methods are exact only where their outputs are: the report says which."""
-    clients = make_clients(kind="shared" if method == "ffa" else "lora", seed=8, dtype=torch.bfloat16)
+    clients = make_clients(kind="shared" if method in SHARED_A else "lora", seed=8, dtype=torch.bfloat16)
     w = [0.1, 0.2, 0.3, 0.4]
     result = aggregate_adapters(clients, method, weights=w)
     err, _ = dense_error(result, clients, w)  # densely, from the bf16 outputs themselves
     assert result.report.relative_error == pytest.approx(err, rel=1e-3, abs=1e-7)
-    if method in ("ffa", "flora"):
+    if method in ("ffa", "flora", "rolora", "fedsvd"):
         assert err > 1e-4  # bf16 factors are not exact, whatever the method promises in exact arithmetic
     if method == "fedex":
         assert all(t.dtype == torch.float32 for t in result.base_update.values())

@@ -73,20 +73,29 @@ def test_client_ranks_on_the_command_line(tiny_cfg, tmp_path, monkeypatch):
     assert res.exit_code == 0, res.output
     from florana.federation.methods import ALL_METHODS
 
+    from florana.aggregation import METHODS
+
     assert {"hetlora", "flexlora"} <= set(ALL_METHODS)
-    assert sorted(p.name for p in out.glob("*-seed0")) == sorted(f"{m}-alpha0.5-seed0" for m in ALL_METHODS)
-    for m in ALL_METHODS:
+    # 'all' with mixed ranks: the methods that accept them (not rolora, lora_fair, fedsvd) and the bounds
+    mixed = [m for m in ALL_METHODS if m not in METHODS or METHODS[m].mixed_ranks]
+    assert set(ALL_METHODS) - set(mixed) == {"rolora", "lora_fair", "fedsvd"}
+    assert sorted(p.name for p in out.glob("*-seed0")) == sorted(f"{m}-alpha0.5-seed0" for m in mixed)
+    for m in mixed:
         assert "client_ranks = [\n    2,\n    4,\n]" in (out / f"{m}-alpha0.5-seed0" / "config.toml").read_text()
     assert "| hetlora | 0.5 | 1 |" in (out / "summary.md").read_text()
     adapter = json.loads((out / "flexlora-alpha0.5-seed0" / "global_adapter" / "adapter_config.json").read_text())
     assert adapter["r"] == 4
 
+    # a listed method that needs equal ranks is an error before any run starts
+    res = runner.invoke(app, ["compare", "--methods", "fedit,rolora", "--config", str(tiny_cfg), "--rounds", "1",
+                              "--client-ranks", "2,4", "--out", str(tmp_path / "cmp2"), "--quiet"])
+    assert res.exit_code == 2 and "which method 'rolora' does not accept" in " ".join(res.output.split())
+    assert not (tmp_path / "cmp2").exists()
+
     res = runner.invoke(app, ["run", "--config", str(tiny_cfg), "--client-ranks", "2,4", "--method", "hetlora",
                               "--out", str(tmp_path / "run"), "--quiet"])
     assert res.exit_code == 0, res.output
     import dataclasses
-
-    from florana.aggregation import METHODS
 
     monkeypatch.setitem(METHODS, "strict", dataclasses.replace(METHODS["fedit"], name="strict", mixed_ranks=False))
     for ranks, message in [("2,0", "client_ranks must be positive integers, got [2, 0]"),
@@ -123,6 +132,26 @@ def test_user_mistakes_are_errors_not_tracebacks(tiny_cfg, tmp_path):
         assert res.exit_code == 2, (args, res.output)
         assert message in res.output
         assert "Traceback" not in res.output
+
+
+def test_compare_all_with_error_feedback_runs_the_methods_it_applies_to(tiny_cfg, tmp_path, monkeypatch):
+    from florana.federation import compare
+
+    seen = {}
+
+    def fake(base, methods, *args, **kw):
+        seen.update(base=base, methods=methods)
+        return []
+
+    monkeypatch.setattr(compare, "compare", fake)
+    config = tmp_path / "ef.toml"
+    config.write_text(tiny_cfg.read_text().replace("error_feedback = false", "error_feedback = true"))
+    res = runner.invoke(app, ["compare", "--methods", "all", "--config", str(config), "--out", str(tmp_path / "c")])
+    assert res.exit_code == 0, res.output
+    assert seen["methods"] == ["fedit", "florana", "svd", "hetlora", "flexlora", "lora_fair"]
+    assert seen["base"].error_feedback
+    res = runner.invoke(app, ["compare", "--methods", "fedit,ffa", "--config", str(config), "--out", str(tmp_path / "c")])
+    assert res.exit_code == 2 and "error_feedback=true does not apply to ffa: it is exact" in res.output
 
 
 def test_no_command_writes_into_someone_elses_folder(tiny_cfg, tmp_path):

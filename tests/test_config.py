@@ -67,6 +67,20 @@ def test_unknown_key_names_the_file(tmp_path):
     ({"sample_fraction": 0}, r"sample_fraction must be in \(0, 1\]"),
     ({"sample_fraction": 1.5}, r"sample_fraction must be in \(0, 1\]"),
     ({"weighting": "size"}, "weighting must be one of uniform, examples"),
+    ({"fedsvd_period": 0}, "fedsvd_period must be >= 1"),
+    ({"lora_fair_lambda": -0.1}, "lora_fair_lambda must be >= 0"),
+    ({"lora_fair_steps": -1}, "lora_fair_steps must be >= 0"),
+    ({"lora_fair_lr": 0}, "lora_fair_lr must be > 0"),
+    ({"lora_fair_refit": "newton"}, "lora_fair_refit must be one of cosine, least_squares"),
+    # error feedback only where aggregation loses something the server can see
+    ({"method": "ffa", "error_feedback": True}, "error_feedback=true does not apply to ffa: it is exact"),
+    ({"method": "rolora", "error_feedback": True}, "error_feedback=true does not apply to rolora: it is exact"),
+    ({"method": "fedsvd", "error_feedback": True}, "error_feedback=true does not apply to fedsvd: it is exact"),
+    ({"method": "fedex", "error_feedback": True}, "error_feedback=true does not apply to fedex: it is exact"),
+    ({"method": "fedsa", "error_feedback": True}, "error_feedback=true does not apply to fedsa: its server never sees B.*"
+                                                   r"\(it applies to fedit, florana, svd, hetlora, flexlora, lora_fair\)"),
+    ({"method": "centralized", "error_feedback": True}, "error_feedback=true needs an aggregator; centralized is a bound"),
+    ({"error_feedback": 1}, "error_feedback should be bool"),
     ({"client_ranks": [4, 0]}, r"client_ranks must be positive integers, got \[4, 0\]"),
     ({"client_ranks": [4, -8]}, "client_ranks must be positive integers"),
     ({"client_ranks": [4, 8.0]}, r"client_ranks should be a list of integers, got \[4, 8.0\]"),
@@ -74,6 +88,11 @@ def test_unknown_key_names_the_file(tmp_path):
     ({"client_ranks": "4,8"}, "client_ranks should be a list of integers, got '4,8'"),
     ({"client_ranks": [4, 8, 16], "num_clients": 2},
      "client_ranks has 3 entries for num_clients=2: give one per client, or a shorter list that is cycled"),
+    # the new methods need equal ranks, named with the methods that accept mixed ones
+    ({"method": "rolora", "client_ranks": [2, 4]}, "client_ranks gives the clients different ranks \\[2, 4\\], which "
+                                                   "method 'rolora' does not accept; methods that do: fedit, ffa"),
+    ({"method": "lora_fair", "client_ranks": [2, 4]}, r"client_ranks .* \[2, 4\], which method 'lora_fair' does not"),
+    ({"method": "fedsvd", "client_ranks": [4, 2]}, r"client_ranks .* \[2, 4\], which method 'fedsvd' does not"),
 ])
 def test_bad_values(data, message):
     """Every path into a RunConfig (a file, flags, code) gets the same check; a file's errors name the file."""
@@ -128,7 +147,7 @@ def test_client_ranks_one_per_client_or_cycled(tmp_path):
 
 
 def test_a_method_that_refuses_mixed_ranks_is_named_with_the_key(monkeypatch):
-    """Every aggregator here accepts mixed ranks; one that does not (a method needing equal ranks) is refused
+    """A method that does not accept mixed ranks (rolora, lora_fair, fedsvd, or one added later) is refused
     before anything loads, naming client_ranks, unless the ranks do not actually differ."""
     import dataclasses
 
@@ -139,5 +158,5 @@ def test_a_method_that_refuses_mixed_ranks_is_named_with_the_key(monkeypatch):
                                            r"which method 'strict' does not accept; methods that do: fedit, "):
         config_from_dict({"method": "strict", "client_ranks": [4, 8]}, "cfg.toml")
     assert RunConfig(method="strict", client_ranks=[4, 4]).ranks() == [4] * 10
-    for name in ("centralized", "local", *[m for m in METHODS if m != "strict"]):
+    for name in ("centralized", "local", *[m for m in METHODS if METHODS[m].mixed_ranks]):
         RunConfig(method=name, client_ranks=[4, 8])

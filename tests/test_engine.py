@@ -74,7 +74,7 @@ def test_every_method_runs_and_writes_its_outputs(assets, tmp_path, method):
     assert json.loads((out / "partition.json").read_text())[0]["size"] > 0
     has_base_update = (out / "global_adapter" / "base_update.safetensors").exists()
     assert has_base_update == (method in ("flora", "fedex"))
-    if method in ("flora", "fedex", "ffa"):
+    if method in ("flora", "fedex", "ffa", "rolora", "fedsvd"):
         exact_error = [m["relative_error"] for m in history]
         assert max(exact_error) < 1e-5  # exact methods are exact inside the real loop too
 
@@ -122,7 +122,7 @@ def effective_weights(fed) -> dict[str, torch.Tensor]:
 
 
 @pytest.mark.parametrize("model", ["bert", "bert-bf16"])
-@pytest.mark.parametrize("method", ["flora", "fedex", "ffa"])
+@pytest.mark.parametrize("method", ["flora", "fedex", "ffa", "rolora", "fedsvd"])
 def test_exact_methods_are_exact_inside_the_loop(assets, method, model, monkeypatch):
     """After each round the model's effective weight W0 + ΔW moved by exactly Σ_u w_u s_u B_u A_u of the clients'
     trained factors, computed here densely from what they trained, on a float32 and a bfloat16 base model."""
@@ -163,6 +163,82 @@ def test_exact_methods_are_exact_inside_the_loop(assets, method, model, monkeypa
         assert not torch.equal(starts[0][0][a_key], starts[1][0][a_key])
         assert not torch.equal(starts[0][0][a_key], starts[0][1][a_key])
         assert all(bool((v == 0).all()) for st in starts for c in st.values() for k, v in c.items() if ".lora_B." in k)
+
+
+def test_rounds_train_and_send_what_the_method_says(assets, monkeypatch):
+    """rolora trains B in odd rounds (A frozen at its shared value) and A in even ones, uploading only the trained
+    factor; fedsvd trains B only and re-factors after every fedsvd_period-th round (A gets orthonormal rows)."""
+    cfg = tiny_config(assets, rounds=4)
+    trained = []
+    real = engine.train_steps
+
+    def record(model, params, *args, **kw):
+        names = {id(p): k for k, p in fed.slots.params.items()}
+        trained.append({"A" if ".lora_A." in names[id(p)] else "B" if ".lora_B." in names[id(p)] else "head"
+                        for p in params})
+        return real(model, params, *args, **kw)
+
+    monkeypatch.setattr(engine, "train_steps", record)
+    fed = engine.Federation(cfg.with_overrides(method="rolora"))
+    keys = {f: [k for k in fed.initial if f".lora_{f}." in k] for f in "AB"}
+    before = dict(fed.global_tensors)
+    for r in (1, 2, 3, 4):
+        trained.clear()
+        fed.round(r)
+        moved = {f: any(not torch.equal(fed.global_tensors[k], before[k]) for k in keys[f]) for f in "AB"}
+        expect = "B" if r % 2 else "A"
+        assert moved == {"A": expect == "A", "B": expect == "B"}, r
+        assert all(t == {expect, "head"} for t in trained), (r, trained)
+        assert set(fed.local_update(0, fed.client_start(0, r), r)[0].tensors) == \
+            set(keys[expect]) | {k for k in fed.initial if ".lora_" not in k}
+        before = dict(fed.global_tensors)
+
+    fed = engine.Federation(cfg.with_overrides(method="fedsvd", fedsvd_period=2))
+    A0 = {k: fed.global_tensors[k] for k in keys["A"]}
+    for r in (1, 2, 3):
+        trained.clear()
+        fed.round(r)
+        assert all(t == {"B", "head"} for t in trained)
+        same_A = all(torch.equal(fed.global_tensors[k], A0[k]) for k in keys["A"])
+        assert same_A == (r != 2), r  # re-factored after round 2 only; round 3 keeps round 2's A
+        if r >= 2:
+            for k in keys["A"]:
+                A = fed.global_tensors[k].double()
+                torch.testing.assert_close(A @ A.T, torch.eye(A.shape[0], dtype=torch.float64), atol=1e-5, rtol=0)
+        if r == 2:
+            A0 = {k: fed.global_tensors[k] for k in keys["A"]}
+
+
+@pytest.mark.parametrize("method", ["rolora", "fedsvd"])
+def test_the_ledger_books_the_factors_clients_missed(assets, method):
+    """rolora sends the round's frozen factor, fedsvd B (and A after a re-factoring); a client that missed rounds
+    also gets every factor that changed since it last downloaded. Checked against a count of what each sampled
+    client lacks, round by round, with half the clients sampled."""
+    cfg = tiny_config(assets, method=method, num_clients=4, rounds=6, sample_fraction=0.5, fedsvd_period=2)
+    fed = engine.Federation(cfg)
+    nbytes = lambda keys: sum(fed.initial[k].numel() * 4 for k in keys)  # noqa: E731 (float32 throughout)
+    size = {f: nbytes(k for k in fed.initial if f".lora_{f}." in k) for f in "AB"}
+    head = nbytes(k for k in fed.initial if ".lora_" not in k)
+    last_down, changed, caught_up = {}, {}, 0
+    for r in range(1, 7):
+        sampled, _ = fed.sample(r)
+        if method == "rolora":
+            sent = {"A" if r % 2 else "B"}
+        else:
+            sent = {"B", "A"} if r > 1 and (r - 1) % 2 == 0 else {"B"}
+        expected = 0
+        for u in sampled:
+            lacks = {f for f, at in changed.items() if at >= last_down.get(u, 0)}
+            caught_up += bool(lacks - sent)
+            expected += head + sum(size[f] for f in sent | lacks)
+            last_down[u] = r
+        metrics = fed.round(r)
+        assert metrics["bytes_down"] == expected, r
+        up = {"A"} if method == "rolora" and r % 2 == 0 else {"B"}
+        assert metrics["bytes_up"] == len(sampled) * (head + sum(size[f] for f in up))
+        changes = up | ({"A"} if method == "fedsvd" and r % 2 == 0 else set())
+        changed.update({f: r for f in changes})
+    assert caught_up > 0, "this seed should make some client catch up"
 
 
 @pytest.mark.parametrize("method", ["flora", "fedex"])
@@ -208,6 +284,43 @@ def test_the_base_delta_is_what_the_model_computes_with(assets):
                                    rtol=1e-5, atol=1e-5)
 
 
+def test_error_feedback_in_the_loop(assets, tmp_path):
+    """Round 1 applies the method's own answer (nothing to feed back yet); every round reports the residual's norm,
+    and the checkpoint carries the residual of every module."""
+    cfg = tiny_config(assets, method="fedit", rounds=3)
+    plain = run(cfg, tmp_path / "plain").history
+    fed = run(cfg.with_overrides(error_feedback=True), tmp_path / "fed").history
+    feedback_keys = {"feedback_norm", "feedback_relative", "feedback_dropped"}
+    assert {k: v for k, v in fed[0].items() if k not in feedback_keys | {"seconds"}} == strip_timing(plain)[0]
+    assert fed[1]["global_accuracy"] != plain[1]["global_accuracy"] or fed[1]["relative_error"] != \
+        plain[1]["relative_error"]
+    for m in fed:
+        assert m["feedback_norm"] > 0 and 0 < m["feedback_relative"] < 2 and m["feedback_dropped"] >= 0
+    assert all(k not in m for m in plain for k in feedback_keys)
+    state = load_file(tmp_path / "fed" / "checkpoints" / "round-0003" / "state.safetensors")
+    fed_modules = engine.Federation(cfg).modules
+    assert {k for k in state if k.startswith("feedback::")} == {f"feedback::{m}::{f}" for m in fed_modules
+                                                               for f in "AB"}
+
+
+@pytest.mark.parametrize("method", ["hetlora", "flexlora"])
+def test_error_feedback_with_mixed_ranks_in_the_loop(assets, tmp_path, method):
+    """Clients of ranks 2 and 4: the residual is kept at the global rank (4), round 1 is the method's own answer,
+    the wire is the plain run's to the byte (each client still downloads its first r_u components)."""
+    cfg = tiny_config(assets, method=method, rounds=3, client_ranks=[2, 4], sample_fraction=0.67)
+    plain = run(cfg, tmp_path / "plain").history
+    fed = run(cfg.with_overrides(error_feedback=True), tmp_path / "fed").history
+    feedback_keys = {"feedback_norm", "feedback_relative", "feedback_dropped"}
+    assert {k: v for k, v in fed[0].items() if k not in feedback_keys | {"seconds"}} == strip_timing(plain)[0]
+    assert [m["bytes_down"] for m in fed] == [m["bytes_down"] for m in plain]
+    assert [m["bytes_up"] for m in fed] == [m["bytes_up"] for m in plain]
+    for m in fed:
+        assert m["feedback_norm"] > 0 and 0 < m["feedback_relative"] < 2 and m["feedback_dropped"] >= 0
+    state = load_file(tmp_path / "fed" / "checkpoints" / "round-0003" / "state.safetensors")
+    residual = [v for k, v in state.items() if k.startswith("feedback::") and k.endswith("::A")]
+    assert residual and all(v.shape[0] == 4 for v in residual)
+
+
 def test_same_seed_same_numbers(assets, tmp_path):
     cfg = tiny_config(assets, method="florana", sample_fraction=0.67, weighting="examples")
     a = run(cfg, tmp_path / "a").history
@@ -223,6 +336,8 @@ def test_same_seed_same_numbers(assets, tmp_path):
     ("fedsa", {}),  # each client's personal B is in the checkpoint
     ("flora", {"sample_fraction": 0.67}),  # the base delta, the last change and who holds which base
     ("florana", {}),
+    ("rolora", {"sample_fraction": 0.67}),  # which round each client last downloaded at, when factors changed
+    ("svd", {"error_feedback": True}),  # the residual carried into the next round
 ])
 def test_resume_after_kill_minus_9(assets, tmp_path, method, overrides):
     cfg = tiny_config(assets, method=method, rounds=6, **overrides)
@@ -530,7 +645,13 @@ def test_a_client_trains_exactly_a_lora_of_its_own_rank(assets):
 @pytest.mark.parametrize("method", ALL_METHODS)
 def test_mixed_ranks_run_for_every_method(assets, tmp_path, method):
     """Clients of ranks 2, 4, 2: the global adapter has rank 4, each client uploads at its own rank and downloads
-    its method's share at its own rank (the ledger books r_u, not the global rank), exact methods stay exact."""
+    its method's share at its own rank (the ledger books r_u, not the global rank), exact methods stay exact.
+    rolora, lora_fair and fedsvd take equal ranks only: refused by name before the run starts."""
+    if method not in BOUNDS and not METHODS[method].mixed_ranks:
+        with pytest.raises(FloranaError, match=rf"client_ranks gives the clients different ranks \[2, 4\], which "
+                                               f"method '{method}' does not accept"):
+            tiny_config(assets, method=method, client_ranks=[2, 4], rounds=3, sample_fraction=0.67)
+        return
     cfg = tiny_config(assets, method=method, client_ranks=[2, 4], rounds=3, sample_fraction=0.67)
     result = run(cfg, tmp_path / "run")
     fed = engine.Federation(cfg)
@@ -569,7 +690,7 @@ def test_what_a_client_of_a_smaller_rank_receives(assets, method):
     fed.round(1)
     s, s_u = cfg.lora_alpha / 4, cfg.lora_alpha / 2
     for u in (0, 1):
-        got = {k.split("::", 1)[1]: v for k, v in fed.downlink(u, {"bytes_down": 0}).items()
+        got = {k.split("::", 1)[1]: v for k, v in fed.downlink(u, {"bytes_down": 0, "round": 2}).items()
                if k.startswith("global::")}
         start = fed.client_start(u, 2, got)
         for m in fed.modules:

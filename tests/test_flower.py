@@ -162,6 +162,50 @@ def test_flower_moves_what_the_ledger_books(tiny, tmp_path, method):
     assert_same_run(tmp_path / "flower", tmp_path / "inproc")
 
 
+@pytest.mark.parametrize("method, ranks", [("fedit", []), ("hetlora", [2, 4])])
+def test_error_feedback_lives_on_the_server(tiny, tmp_path, method, ranks):
+    """The residual error feedback carries is server state: nothing more crosses the wire, and a Flower run equals
+    the in-process one (also with clients of different ranks, each downloading at its own)."""
+    from florana.flower.server import serve
+
+    cfg = RunConfig(**{**tiny, "rounds": 3, "client_ranks": ranks}, method=method, error_feedback=True)
+    serve(LocalGrid(2), cfg, tmp_path / "flower", node_wait=5)
+    run(cfg, tmp_path / "inproc")
+    assert_same_run(tmp_path / "flower", tmp_path / "inproc")
+    plain = run(RunConfig(**{**tiny, "rounds": 3, "client_ranks": ranks}, method=method), tmp_path / "plain").history
+    assert [m["bytes_down"] for m in read_metrics(tmp_path / "flower")] == [m["bytes_down"] for m in plain]
+
+
+def test_a_node_that_lost_the_factors_it_kept_gets_them_again(tiny, tmp_path, caplog):
+    """rolora sends each round only the frozen factor; a node keeps the other. A node whose state is gone (it
+    restarted) fails the round, naming why, and next time the server sends it every factor that changed."""
+    from florana.flower.client import GLOBAL_KEY
+    from florana.flower.server import serve
+
+    class Forgetful(LocalGrid):
+        def send_and_receive(self, messages, timeout=None):
+            for msg in messages:
+                if msg.metadata.message_type == MessageType.TRAIN and msg.content["config"]["round"] == 2:
+                    self.contexts[100].state = RecordDict()  # node 100 (partition 0) restarted
+            return super().send_and_receive(messages, timeout)
+
+    cfg = RunConfig(**{**tiny, "rounds": 3}, method="rolora")
+    grid = Forgetful(2)
+    with caplog.at_level(logging.WARNING, logger="florana"):
+        serve(grid, cfg, tmp_path / "flower", node_wait=5)
+    history = read_metrics(tmp_path / "flower")
+    assert [m["missing"] for m in history] == [[], [0], []]
+    assert "it holds the global factors of round 0; the server's payload is for round 1" in caplog.text
+    fed = Federation(cfg)
+    size = {f: sum(t.numel() * 4 for k, t in fed.initial.items() if f".lora_{f}." in k) for f in "AB"}
+    head = sum(t.numel() * 4 for k, t in fed.initial.items() if ".lora_" not in k)
+    # round 3 sends both the frozen A; partition 0 also B, which changed in round 1 while it held nothing
+    assert history[2]["bytes_down"] == 2 * (head + size["A"]) + size["B"]
+    assert set(history[2]["local_accuracy"]) == {"0", "1"} and history[2]["relative_error"] < 1e-5
+    kept = grid.contexts[100].state.array_records[GLOBAL_KEY]  # what it trained round 3 from: both factors again
+    assert {k for k in kept.keys() if ".lora_" in k} == {k for k in fed.initial if ".lora_" in k}
+
+
 @pytest.mark.parametrize("method", sorted(m for m in METHODS if METHODS[m].mixed_ranks))
 def test_flower_moves_what_the_ledger_books_with_mixed_ranks(tiny, tmp_path, method):
     """Clients of ranks 2, 4, 2 (client_ranks cycled): every node trains, uploads and downloads at its own rank

@@ -28,8 +28,9 @@ def clients(tmp_path_factory):
     root = tmp_path_factory.mktemp("peft")
     dirs = []
     for u in range(3):
-        torch.manual_seed(100 + u)
-        model = get_peft_model(tiny_model(), LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS,
+        base = tiny_model()  # reseeds: the same base for every client
+        torch.manual_seed(100 + u)  # then each client's own factors
+        model = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS,
                                                         task_type="SEQ_CLS", init_lora_weights=False))
         with torch.no_grad():
             for p in model.parameters():
@@ -64,7 +65,7 @@ def merged_weights(out_dir):
     return dict(model.named_parameters())
 
 
-@pytest.mark.parametrize("method", ["fedit", "florana", "svd", "flora", "fedex"])
+@pytest.mark.parametrize("method", ["fedit", "florana", "svd", "flora", "fedex", "lora_fair"])
 def test_peft_loads_the_aggregate(clients, tmp_path, method):
     out = tmp_path / "global"
     report = tmp_path / "report.json"
@@ -94,6 +95,15 @@ def test_peft_loads_the_aggregate(clients, tmp_path, method):
     torch.testing.assert_close(merged["classifier.weight"].detach(), sum(wu * h for wu, h in zip(w, heads)))
     cfg = json.loads((out / "adapter_config.json").read_text())
     assert cfg["r"] == (12 if method == "flora" else 4)
+
+
+def test_the_round_option_says_which_factor_rolora_froze(clients, tmp_path):
+    """These clients trained both factors: as a rolora round 1 their A's must agree, as round 2 their B's."""
+    for round_, factor in ((1, "A"), (2, "B"), (3, "A")):
+        res = CliRunner().invoke(app, ["aggregate", *map(str, clients), "--method", "rolora", "--round", str(round_),
+                                       "--out", str(tmp_path / "out")])
+        assert res.exit_code == 2 and f"lora_{factor} differs" in res.output, res.output
+        assert f"rolora needs every client to keep the shared frozen {factor}" in res.output
 
 
 def test_bad_inputs_name_the_culprit_and_write_nothing(clients, tmp_path):

@@ -40,11 +40,14 @@ def aggregate(
     out: Annotated[Path, typer.Option(help="Output directory for the global PEFT adapter: new or empty, or an "
                                            "adapter folder with --force.")],
     method: Annotated[str, typer.Option(help="fedit | ffa | fedsa | flora | fedex | florana | svd | hetlora | "
-                                             "flexlora")] = "florana",
+                                             "flexlora | rolora | lora_fair | fedsvd")] = "florana",
     weights: Annotated[str, typer.Option(help="'uniform' or W1,W2,... (e.g. example counts).")] = "uniform",
     report: Annotated[Path | None, typer.Option(help="Write the aggregation report as JSON here.")] = None,
     force: Annotated[bool, typer.Option("--force", help="Replace the adapter files of an existing adapter folder "
                                                         "--out (its other files are kept).")] = False,
+    round_: Annotated[int, typer.Option("--round", min=1, help="The round these adapters close, where the method "
+                                                               "depends on it: rolora trains B in odd rounds (A frozen),"
+                                                               " A in even ones; fedsvd re-factors.")] = 1,
 ) -> None:
     """Aggregate client LoRA adapters into one global PEFT adapter (written atomically)."""
     from florana.aggregation import aggregate_adapters
@@ -56,7 +59,7 @@ def aggregate(
         check_output(out, clients, force)
         adapters = [load_adapter(c) for c in clients]
         result = aggregate_adapters(adapters, method, parse_weights(weights),
-                                    labels=[str(c) for c in clients])
+                                    labels=[str(c) for c in clients], round_=round_)
         save_adapter(result.adapter, out, result.base_update)
         summary = result.report.to_json()
         if report is not None:
@@ -194,7 +197,8 @@ def compare(
     """Run every method × seed × α on identical partitions; write a markdown and CSV table and plots. A finished
     run of the same config is reused, an unfinished one resumed."""
     from florana.federation.compare import compare as run_compare
-    from florana.federation.methods import ALL_METHODS, check_method
+    from florana.aggregation import METHODS
+    from florana.federation.methods import ALL_METHODS, check_method, check_ranks
 
     try:
         names = list(ALL_METHODS) if methods == "all" else [m.strip() for m in methods.split(",") if m.strip()]
@@ -204,6 +208,14 @@ def compare(
         alphas = _numbers(alpha, float, "--alpha")
         ranks = None if client_ranks is None else _numbers(client_ranks, int, "--client-ranks")
         base = build_config(config, rounds=rounds, alpha=alphas[0], client_ranks=ranks)
+        if base.error_feedback:  # 'all': every method error feedback applies to; others are an error, saying why
+            names = [n for n in names if n in METHODS and METHODS[n].feeds_back] if methods == "all" else names
+            for name in names:
+                check_method(name, error_feedback=True)
+        if len(set(base.ranks())) > 1:  # likewise 'all' with mixed ranks: the methods that accept them
+            names = [n for n in names if n not in METHODS or METHODS[n].mixed_ranks] if methods == "all" else names
+            for name in names:
+                check_ranks(name, base.ranks())
         with progress_for(quiet) as progress:
             rows = run_compare(base, names, seed_list, alphas, out, progress=progress, force=force)
     except FloranaError as e:

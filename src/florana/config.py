@@ -60,8 +60,8 @@ class RunConfig:
     client_test_max: int = _f(100, "at most this many held-out examples per client are evaluated each round",
                               at_least(0))
     # federation
-    method: str = _f("florana", "fedit | ffa | fedsa | flora | fedex | florana | svd | hetlora | flexlora | "
-                                "centralized | local")
+    method: str = _f("florana", "fedit | ffa | fedsa | flora | fedex | florana | svd | hetlora | flexlora | rolora | "
+                                "lora_fair | fedsvd | centralized | local")
     num_clients: int = _f(10, "number of clients", at_least(1))
     partition: str = _f("dirichlet", "iid | dirichlet (label skew, alpha) | shards (shards_per_client labels "
                         "each) | quantity (sizes ~ Dirichlet(alpha), labels iid)",
@@ -74,6 +74,18 @@ class RunConfig:
                                 (lambda v: 0 < v <= 1, "in (0, 1]"))
     weighting: str = _f("uniform", "aggregation weights: uniform (the FLoRA-NA paper) or examples (FedAvg)",
                         one_of("uniform", "examples"))
+    error_feedback: bool = _f(False, "the server keeps what aggregation lost (in rank-r factor form) and adds it to "
+                                     "the next round's target, at no cost on the wire; for the inexact methods (fedit, "
+                                     "florana, svd, hetlora, flexlora, lora_fair), beyond the papers")
+    fedsvd_period: int = _f(1, "fedsvd: the server re-factors the global B·A by SVD (and sends the new A) after every "
+                               "this many rounds", at_least(1))
+    lora_fair_lambda: float = _f(0.01, "lora_fair: weight λ of ‖ΔB‖² against the cosine similarity (the paper's "
+                                       "0.01)", at_least(0))
+    lora_fair_steps: int = _f(100, "lora_fair: gradient steps of the server's refinement of B", at_least(0))
+    lora_fair_lr: float = _f(0.01, "lora_fair: step size of the server's refinement of B", above(0))
+    lora_fair_refit: str = _f("cosine", "lora_fair: cosine (the paper's gradient steps) or least_squares (the "
+                                        "closed-form B = argmin ‖B·Ā − ΔW*‖ for the averaged Ā)",
+                              one_of("cosine", "least_squares"))
     # local training
     local_steps: int = _f(10, "optimizer steps per client per round", at_least(1))
     batch_size: int = _f(16, "training batch size", at_least(1))
@@ -107,7 +119,7 @@ class RunConfig:
                 raise FloranaError(f"{f.name} must be {valid[1]}, got {value!r}")
         from florana.federation.methods import check_method, check_ranks
 
-        check_method(self.method)
+        check_method(self.method, self.error_feedback)
         if len(self.client_ranks) > self.num_clients:
             raise FloranaError(f"client_ranks has {len(self.client_ranks)} entries for num_clients="
                                f"{self.num_clients}: give one per client, or a shorter list that is cycled")

@@ -13,6 +13,7 @@ from torch import Tensor
 
 from florana.aggregation.base import Method, client_weights, weighted_mean_coefficients
 from florana.aggregation.factors import ClientFactors
+from florana.aggregation.feedback import feed_back
 from florana.aggregation.registry import METHODS, get_method
 from florana.errors import FloranaError
 from florana.lora.adapter import LoraAdapter, LoraModule, has_non_finite, with_ranks
@@ -30,7 +31,9 @@ class Report:
 
     fedit_error is FedIT's error on the very same client factors (zero-padded to the global rank where ranks
     differ), so any method can be read against the baseline and the floor without a second run. The error floor is
-    Eckart–Young's at the global rank (the largest client rank, or the rank asked for).
+    Eckart–Young's at the global rank (the largest client rank, or the rank asked for). With error feedback: ‖R_t‖_F
+    of the residual kept for the next round (feedback_norm), it and what its rank-r truncation dropped relative to
+    ‖ΔW*‖_F (feedback_relative, feedback_dropped); None without.
     """
 
     method: str
@@ -38,6 +41,9 @@ class Report:
     relative_error: float
     error_floor: float
     fedit_error: float | None = None
+    feedback_norm: float | None = None
+    feedback_relative: float | None = None
+    feedback_dropped: float | None = None
     modules: dict[str, dict] = field(default_factory=dict)
     values_up_per_client: list[int] = field(default_factory=list)
     values_down_per_client: list[int] = field(default_factory=list)
@@ -54,11 +60,13 @@ class Report:
 @dataclass
 class Aggregation:
     """The global adapter, the dense base-weight updates some methods need (fedex; keyed by module name, as d×k
-    matrices like ΔW, float32 at least so that small updates survive), and the report."""
+    matrices like ΔW, float32 at least so that small updates survive), the report, and with error feedback the
+    residual to carry into the next round (per module, R = B·A as a LoraModule)."""
 
     adapter: LoraAdapter
     base_update: dict[str, Tensor]
     report: Report
+    feedback: dict[str, LoraModule] | None = None
 
 
 def check_clients(adapters: Sequence[LoraAdapter], labels: Sequence[str], method: Method) -> None:
@@ -72,11 +80,11 @@ def check_clients(adapters: Sequence[LoraAdapter], labels: Sequence[str], method
                 raise FloranaError(f"{label}: {key}={a.config.get(key)!r} differs from {ref_label}'s "
                                    f"{ref.config.get(key)!r}")
     targets = _target_set(ref.config)
-    widest: dict[str, tuple[Tensor, str]] = {}  # per module, the A of the first client of the largest rank
+    widest: dict[str, tuple[LoraModule, str]] = {}  # per module, the first client of the largest rank
     for a, label in zip(adapters, labels):
         for name, m in a.modules.items():
-            if name not in widest or m.rank > widest[name][0].shape[0]:
-                widest[name] = (m.A, label)
+            if name not in widest or m.rank > widest[name][0].rank:
+                widest[name] = (m, label)
     for a, label in zip(adapters, labels):
         if _target_set(a.config) != targets:
             raise FloranaError(f"{label}: target_modules {a.config.get('target_modules')!r} differ from "
@@ -94,11 +102,17 @@ def check_clients(adapters: Sequence[LoraAdapter], labels: Sequence[str], method
                 mixed = ", ".join(n for n, other in METHODS.items() if other.mixed_ranks)
                 raise FloranaError(f"{label}: module {name}: rank {m.rank} differs from {ref_label}'s {r0.rank}; "
                                    f"{method.name} needs equal ranks ({mixed} accept mixed ranks)")
-            if not method.trains_A:  # a client of a smaller rank holds the first rows of the shared A
-                A, owner = widest[name]
-                if not torch.allclose(m.A.float(), A[: m.rank].float(), rtol=1e-5, atol=1e-7):
-                    raise FloranaError(f"{label}: module {name}: lora_A differs from {owner}'s; {method.name} needs "
-                                       "every client to keep the shared frozen A (its first r rows at rank r)")
+            for factor in ("A", "B"):  # a client of a smaller rank holds the first r rows of A, columns of B
+                W, owner = widest[name]
+                if method.trains(factor) or W.rank != m.rank and not method.mixed_ranks:
+                    continue  # (a rank that differs where ranks must not is refused above, for one client or another)
+                mine = getattr(m, factor).float()
+                shared = W.A[: m.rank] if factor == "A" else W.B[:, : m.rank]
+                if not torch.allclose(mine, shared.float(), rtol=1e-5, atol=1e-7):
+                    raise FloranaError(f"{label}: module {name}: lora_{factor} differs from {owner}'s; {method.name} "
+                                       f"needs every client to keep the shared frozen {factor}"
+                                       + (" (its first r rows at rank r)" if factor == "A" else
+                                          " (its first r columns at rank r)"))
         for key, t in a.extra.items():
             if t.shape != ref.extra[key].shape:
                 raise FloranaError(f"{label}: tensor {key}: shape {tuple(t.shape)} differs from {ref_label}'s")
@@ -114,14 +128,25 @@ def _target_set(config: dict):
 def aggregate_adapters(adapters: Sequence[LoraAdapter], method: str | Method,
                        weights: Sequence[float] | Tensor | None = None,
                        labels: Sequence[str] | None = None, *, rank: int | None = None,
-                       scaling: float | None = None) -> Aggregation:
+                       scaling: float | None = None, round_: int = 1,
+                       feedback: dict[str, LoraModule] | None = None) -> Aggregation:
     """Aggregate client adapters with `method`; `labels` name the clients in errors (default client0, …).
 
     rank: the global adapter's rank for the methods that give every client one rank (all but flora's stack), at
     least the largest client rank (the default); a run passes its largest client rank, whichever clients a round
     sampled. scaling: the global adapter's LoRA scaling, the same for every module (default, per module: that of
-    the first client of the largest rank; client 0's for flora, whose rank is the sum)."""
-    method = get_method(method) if isinstance(method, str) else method
+    the first client of the largest rank; client 0's for flora, whose rank is the sum).
+    round_: the round this aggregation closes, for methods whose protocol depends on it (rolora, fedsvd).
+    feedback: with error feedback (feedback.py), the residual carried from the round before ({} at the first);
+    the new one is returned in Aggregation.feedback. None: no error feedback. It is kept at the global rank, so
+    with mixed ranks (hetlora, flexlora, fedit, svd, florana) it follows the global adapter, of which a client of
+    rank r_u receives the first r_u components.
+    """
+    method = (get_method(method) if isinstance(method, str) else method).at_round(round_)
+    if feedback is not None and not method.feeds_back:
+        raise FloranaError(f"error feedback needs an inexact method whose server sees both factors; {method.name} "
+                           + ("is exact: it loses nothing to feed back" if method.exact else
+                              "never sends B to the server" if method.personal_B else "changes the base weights"))
     labels = list(labels) if labels is not None else [f"client{u}" for u in range(len(adapters))]
     check_clients(adapters, labels, method)
     w = client_weights(weights, len(adapters))
@@ -140,7 +165,8 @@ def aggregate_adapters(adapters: Sequence[LoraAdapter], method: str | Method,
     out_scales: dict[str, float] = {}
     base_update: dict[str, Tensor] = {}
     module_reports: dict[str, dict] = {}
-    err_sq = target_sq = floor_sq = fedit_sq = 0.0
+    err_sq = target_sq = floor_sq = fedit_sq = kept_sq = dropped_sq = 0.0
+    new_feedback: dict[str, LoraModule] | None = None if feedback is None else {}
     wire = _Ledger(len(adapters))
 
     for ((d, k), ranks, scales), names in batches:
@@ -157,10 +183,19 @@ def aggregate_adapters(adapters: Sequence[LoraAdapter], method: str | Method,
         r_out = est.coef_B.shape[-1]
         B_hat = (clients.B @ est.coef_B.to(work)).to(dtype)
         A_hat = (est.coef_A.to(work) @ clients.A).to(dtype)
+        carried = None
+        if feedback is not None:
+            carried = (torch.stack([feedback[n].B for n in names]), torch.stack([feedback[n].A for n in names])) \
+                if all(n in feedback for n in names) else None
+            B_hat, A_hat, (B_R, A_R), k_sq, d_sq = feed_back(clients, B_hat, A_hat, scale, carried, r_out)
+            new_feedback.update({n: LoraModule(A=A_R[i], B=B_R[i]) for i, n in enumerate(names)})
+            kept_sq += k_sq.sum().item()
+            dropped_sq += d_sq.sum().item()
         # the error reported is that of the factors as output: bf16/fp16 rounding is measured on them (it can
         # undo an exact method); float32/64 rounding moves the coefficients' exact error by < 1e-6, and measuring
-        # it would read every factor again in float64 (half the time of the whole call)
-        lowrank_sq = clients.output_error_sq(B_hat, A_hat, scale) if dtype != work else \
+        # it would read every factor again in float64 (half the time of the whole call). Error feedback with a
+        # residual replaces the method's factors, so their error is measured on the factors as output.
+        lowrank_sq = clients.output_error_sq(B_hat, A_hat, scale) if dtype != work or carried is not None else \
             clients.error_sq(est.coef_B, est.coef_A, scale)
         t_sq = clients.target_norm_sq
         f_sq = clients.floor_sq(clients.out_rank)
@@ -210,11 +245,14 @@ def aggregate_adapters(adapters: Sequence[LoraAdapter], method: str | Method,
         relative_error=_relative(err_sq, target_sq),
         error_floor=_relative(floor_sq, target_sq),
         fedit_error=_relative(fedit_sq, target_sq),
+        feedback_norm=None if feedback is None else math.sqrt(kept_sq),
+        feedback_relative=None if feedback is None else _relative(kept_sq, target_sq),
+        feedback_dropped=None if feedback is None else _relative(dropped_sq, target_sq),
         modules=module_reports,
         values_up_per_client=wire.values_up, values_down_per_client=wire.values_down,
         bytes_up_per_client=wire.bytes_up, bytes_down_per_client=wire.bytes_down,
     )
-    return Aggregation(LoraAdapter(config=config, modules=out_modules, extra=extra), base_update, report)
+    return Aggregation(LoraAdapter(config=config, modules=out_modules, extra=extra), base_update, report, new_feedback)
 
 
 def _out_scaling(ranks: tuple[int, ...], scales: tuple[float, ...], method_rank: int) -> float:

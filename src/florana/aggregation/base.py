@@ -49,9 +49,17 @@ class Method:
     client rank, or `clients.out_rank` when a run asks for more). wire(r_u, r_out, d, k) -> Wire.
     mixed_ranks: accepts clients of different ranks (those that pad send client u the first r_u components of
     the global factors, so it downloads at its own rank). exact: the update it applies equals ΔW* (given its
-    preconditions). trains_A / personal_B / merges / residual: how clients train under it (ffa freezes A; fedsa
-    keeps each client's B; flora merges the product into the base and restarts LoRA each round; fedex adds the
-    dense residual ΔW* − scale·B̂Â to the base).
+    preconditions). trains_A / trains_B / personal_B / merges / residual: how clients train under it (ffa freezes
+    A; fedsa keeps each client's B; flora merges the product into the base and restarts LoRA each round; fedex adds
+    the dense residual ΔW* − scale·B̂Â to the base).
+
+    Methods whose protocol changes from round to round (rolora alternates the factor that trains, fedsvd re-factors
+    every few rounds) give `by_round(method, round_) -> Method`: the method as it acts in that round, with the
+    flags above, its estimate and wire for the aggregation that closes the round, and `down`, the factors a client
+    that took part in the round before receives as the round starts (where that is not simply what it trains). The
+    method itself, unspecialised, describes every round at once: a factor it trains or sends is one some round
+    trains or sends. `configure(method, **options)` gives the method with options (lora_fair's λ, fedsvd's
+    period; federation/methods.py maps run config keys to them).
     """
 
     name: str
@@ -62,20 +70,55 @@ class Method:
     mixed_ranks: bool = False
     exact: bool = False
     trains_A: bool = True
+    trains_B: bool = True
     personal_B: bool = False
     merges: bool = False
     residual: bool = False
+    down: frozenset[str] | None = None
+    by_round: Callable[[Method, int], Method] | None = None
+    configure: Callable[..., Method] | None = None
 
     @property
     def changes_base(self) -> bool:
         """The method changes the frozen base weights (flora, fedex)."""
         return self.merges or self.residual
 
+    @property
+    def varies(self) -> bool:
+        """Its protocol depends on the round, so a client may receive only part of the global factors and keeps
+        the rest from earlier rounds (rolora, fedsvd)."""
+        return self.by_round is not None
+
+    @property
+    def feeds_back(self) -> bool:
+        """Error feedback makes sense: the method loses part of ΔW* (it is not exact), its server sees both
+        factors (not fedsa) and keeps no dense base change of its own (not flora, fedex)."""
+        return not (self.exact or self.personal_B or self.changes_base)
+
+    def at_round(self, round_: int) -> Method:
+        """The method as it acts in round `round_` (1-based); itself where every round is alike."""
+        return self if self.by_round is None else self.by_round(self, round_)
+
+    def configured(self, **options) -> Method:
+        """The method with these options; an error for a method that takes none."""
+        if not options:
+            return self
+        if self.configure is None:
+            raise FloranaError(f"{self.name} takes no options, got {', '.join(sorted(options))}")
+        return self.configure(self, **options)
+
+    def trains(self, factor: str) -> bool:
+        """Whether clients train lora_A ('A') or lora_B ('B')."""
+        return self.trains_A if factor == "A" else self.trains_B
+
     def sends(self, factor: str, *, up: bool) -> bool:
         """Whether a client's lora_A ('A') or lora_B ('B') crosses the wire up, or the global one down. ffa's A
         is frozen and fedsa's B personal, so neither travels; flora's server sends its stacked factors as a base
-        change, never as the global LoRA, which every client restarts each round."""
-        kept = self.trains_A if factor == "A" else not self.personal_B
+        change, never as the global LoRA, which every client restarts each round; rolora sends down the factor
+        its clients hold frozen this round."""
+        if not up and self.down is not None:
+            return factor in self.down
+        kept = self.trains(factor) and not (factor == "B" and self.personal_B)
         return kept and (up or not self.merges)
 
 
@@ -83,6 +126,15 @@ def full_wire(r: int, r_out: int, d: int, k: int) -> Wire:
     """Both factors up and both down: FedIT's cost, which FLoRA-NA and svd keep. A client of rank r below the
     global rank r_out receives the first r components of the global factors: r(d+k) each way."""
     return Wire(up=r * (d + k), down=min(r, r_out) * (d + k))
+
+
+def factor_wire(up: str, down: str) -> Callable[[int, int, int, int], Wire]:
+    """The cost of sending the factors named in `up` and `down` ('A', 'B', 'AB'): B is d×r, A is r×k. A client of
+    rank r below the global rank r_out receives the first r components of the global factors, as in full_wire."""
+    def size(factors: str, r: int, d: int, k: int) -> int:
+        return r * ((d if "B" in factors else 0) + (k if "A" in factors else 0))
+
+    return lambda r, r_out, d, k: Wire(up=size(up, r, d, k), down=size(down, min(r, r_out), d, k))
 
 
 def weighted_mean_coefficients(clients: ClientFactors, scale: float, r_out: int,

@@ -76,6 +76,33 @@ def block_coefficients(ranks: tuple[int, ...], coef: Tensor, r_out: int) -> Tens
     return out
 
 
+def best_rank(X: Tensor, Y: Tensor, rank: int) -> tuple[Tensor, Tensor, Tensor]:
+    """The best rank-`rank` approximation of X·Y (X (M, d, n), Y (M, n, k)) as factors B (M, d, rank) and
+    A (M, rank, k), with X·Y's squared singular values (M, n), decreasing; see best_rank_coefficients."""
+    coef_B, coef_A, sigma_sq = best_rank_coefficients(gram(X, rows=False), gram(Y, rows=True), rank)
+    return X @ coef_B.to(X.dtype), coef_A.to(Y.dtype) @ Y, sigma_sq
+
+
+def best_rank_coefficients(gram_X: Tensor, gram_Y: Tensor, rank: int) -> tuple[Tensor, Tensor, Tensor]:
+    """Eckart–Young in factor space, from the Grams XᵀX and YYᵀ (M, n, n) of a product X·Y: coefficients with
+    B = X·coef_B (M, n, rank) and A = coef_A·Y (M, rank, n) the best rank-`rank` factors, balanced (column i of B and
+    row i of A both have norm √σ_i), and X·Y's squared singular values (M, n), decreasing. X = Q·S, Z = S·Y,
+    Z Zᵀ = S G_Y Sᵀ = U Σ² Uᵀ, B = X S⁺ U_r Σ_r^½, A = Σ_r^-½ U_rᵀ S Y: O(n³) beyond the Grams, no d×k matrix.
+    Missing ranks (n < rank, or σ = 0) are zero columns and rows."""
+    S, S_pinv = sqrt_factor(gram_X)
+    sigma_sq, U = torch.linalg.eigh(S @ gram_Y @ S.mT)
+    sigma_sq, U = sigma_sq.flip(-1).clamp_min(0), U.flip(-1)
+    n = gram_X.shape[-1]
+    if n < rank:
+        U = torch.cat([U, U.new_zeros(*U.shape[:-1], rank - n)], dim=-1)
+        sigma = torch.cat([sigma_sq, sigma_sq.new_zeros(sigma_sq.shape[0], rank - n)], dim=-1).sqrt()
+    else:
+        U, sigma = U[..., :rank], sigma_sq[:, :rank].sqrt()
+    root = sigma.sqrt()
+    inv_root = torch.where(root > 0, 1.0 / root.where(root > 0, 1.0), 0.0)
+    return (S_pinv @ U) * root[:, None, :], inv_root[:, :, None] * (U.mT @ S), sigma_sq
+
+
 def padded_blocks(gram: Tensor, ranks: tuple[int, ...]) -> Tensor:
     """(M, R, R) Gram of clients' factors concatenated along the rank axis (R = Σ_u r_u) → (M, U, r, U, r) with
     r = max r_u: block [u, :, u', :] is client u's factor against client u''s, each zero-padded to rank r (HetLoRA's

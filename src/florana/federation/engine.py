@@ -19,15 +19,15 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from florana.aggregation import aggregate_adapters, get_method
+from florana.aggregation import aggregate_adapters
 from florana.config import RunConfig, describe, differences, load_config
 from florana.data import Examples, load_examples, partition, partition_stats
 from florana.errors import FloranaError
 from florana.federation.checkpoint import (latest_checkpoint, latest_round, prune_checkpoints, save_checkpoint,
                                            write_text_atomic)
 from florana.federation.folders import check_run_folder
-from florana.federation.methods import BOUNDS
-from florana.lora.adapter import at_rank, has_non_finite, revive_dead_slots
+from florana.federation.methods import method_of
+from florana.lora.adapter import LoraModule, at_rank, has_non_finite, revive_dead_slots
 from florana.lora.base_delta import apply_change, dense_change, factor_change, total_change
 from florana.lora.peft_io import save_adapter
 from florana.train.local import batch_indices, train_steps
@@ -122,7 +122,7 @@ class Federation:
     def __init__(self, config: RunConfig, progress=None):
         torch.set_num_threads(config.threads)
         self.config, self.progress = config, progress
-        self.method = None if config.method in BOUNDS else get_method(config.method)
+        self.method = method_of(config)
         causal = config.task == "causal_lm"
         examples = load_examples(config.dataset, text_column=config.text_column, label_column=config.label_column,
                                  causal=causal, max_examples=config.max_examples, seed=config.seed)
@@ -140,7 +140,7 @@ class Federation:
         self.slots = AdapterSlots.of(self.model)
         self.initial = self.slots.read()
         self.modules = sorted({k.rsplit(".lora_", 1)[0] for k in self.initial if ".lora_" in k})
-        self.params = self.slots.trainable(train_A=self.method is None or self.method.trains_A)
+        self.params = self.slots.trainable()  # what a bound trains; a method's clients train what its round says
         self.changes_base = self.method is not None and self.method.changes_base
         # state that a checkpoint carries
         self.global_tensors = dict(self.initial)
@@ -149,6 +149,10 @@ class Federation:
         self.base_round = 0  # the last round that changed the base delta (slots.base_delta)
         self.last_change: dict[str, Tensor] = {}  # that round's change, as sent to clients
         self.synced: dict[int, int] = {}  # client → the base_round its base delta is at (0 when absent)
+        self.held: dict[int, int] = {}  # client → the round it last downloaded global factors at (0: the initial)
+        self.changed: dict[str, int] = {}  # factor ('A', 'B') → the last round that changed its global value
+        # error feedback: the residual carried into the next round's target, per module (None: off)
+        self.feedback: dict[str, LoraModule] | None = {} if config.error_feedback else None
         self.history: list[dict] = []
 
     # ---- state <-> checkpoint -------------------------------------------------------------------------
@@ -158,15 +162,18 @@ class Federation:
         out.update({f"last_change::{k}": v for k, v in self.last_change.items()})
         for u, tensors in self.personal.items():
             out.update({f"personal::{u}::{k}": v for k, v in tensors.items()})
+        for m, r in (self.feedback or {}).items():
+            out.update({f"feedback::{m}::A": r.A, f"feedback::{m}::B": r.B})
         return out
 
     def state_meta(self) -> dict:
         return {"ledger": self.ledger, "history": self.history, "base_round": self.base_round,
-                "synced": {str(u): r for u, r in self.synced.items()}}
+                "synced": {str(u): r for u, r in self.synced.items()},
+                "held": {str(u): r for u, r in self.held.items()}, "changed": self.changed}
 
     def load_state(self, tensors: dict[str, Tensor], meta: dict) -> None:
         self.global_tensors = {k.split("::", 1)[1]: v for k, v in tensors.items() if k.startswith("global::")}
-        self.personal, self.last_change, delta = {}, {}, {}
+        self.personal, self.last_change, delta, feedback = {}, {}, {}, {}
         for key, v in tensors.items():
             kind, _, rest = key.partition("::")
             if kind == "base_delta":
@@ -176,12 +183,19 @@ class Federation:
             elif kind == "personal":
                 u, _, k = rest.partition("::")
                 self.personal.setdefault(int(u), {})[k] = v
+            elif kind == "feedback":
+                m, _, factor = rest.rpartition("::")
+                feedback.setdefault(m, {})[factor] = v
             elif kind == "base":  # written before base deltas existed: the adapted base weight itself
                 delta[rest] = v.float() - self.slots.base_weight(rest).float()
         self.slots.set_base_delta(delta)
         self.ledger, self.history = meta["ledger"], meta["history"]
         self.base_round = meta.get("base_round", len(self.history) if delta else 0)
         self.synced = {int(u): r for u, r in meta.get("synced", {}).items()}
+        self.held = {int(u): r for u, r in meta.get("held", {}).items()}
+        self.changed = dict(meta.get("changed", {}))
+        if self.feedback is not None:
+            self.feedback = {m: LoraModule(A=f["A"], B=f["B"]) for m, f in feedback.items()}
 
     # ---- one round ------------------------------------------------------------------------------------
     def sample(self, round_: int) -> tuple[list[int], list[int]]:
@@ -227,24 +241,41 @@ class Federation:
                     start[k] = a.uniform_(-bound, bound, generator=g)
                 elif ".lora_B." in k:
                     start[k] = torch.zeros_like(v)
-        elif self.method is not None and self.method.trains_A:
+        elif self.method is not None and self.method.at_round(round_).trains_A:  # never a frozen, shared A
             revive_dead_slots(start, derive_seed(self.config.seed, 7, round_, u))
         return start
 
-    def wire_keys(self, tensors: dict[str, Tensor], *, up: bool) -> dict[str, Tensor]:
-        """The part of an adapter's tensors that its method sends up (client → server) or down: LoRA factors as the
-        method says, every other trainable tensor (a classification head) both ways."""
+    def wire_keys(self, tensors: dict[str, Tensor], *, up: bool, round_: int | None = None) -> dict[str, Tensor]:
+        """The part of an adapter's tensors that its method sends up (client → server) or down in round `round_`
+        (None: in some round): LoRA factors as the method says, every other trainable tensor (a classification
+        head) both ways."""
+        method = self.method if round_ is None else self.method.at_round(round_)
+
         def travels(key: str) -> bool:
-            factor = "A" if ".lora_A." in key else "B" if ".lora_B." in key else None
-            return factor is None or self.method.sends(factor, up=up)
+            factor = factor_of(key)
+            return factor is None or method.sends(factor, up=up)
         return {k: v for k, v in tensors.items() if travels(k)}
+
+    def global_down(self, u: int, round_: int) -> dict[str, Tensor]:
+        """The global tensors client u receives as round `round_` starts: what its method sends this round and, for
+        a method whose payload changes by round (rolora, fedsvd), every other factor that changed since the client
+        last downloaded (it missed a round). Other methods send every factor they share each round anyway."""
+        have = self.held.get(u, 0)  # it holds the global factors as they were when round `have` started
+
+        def needed(key: str) -> bool:
+            factor = factor_of(key)
+            return factor is not None and self.changed.get(factor, -1) >= have
+        sent = self.wire_keys(self.global_tensors, up=False, round_=round_)
+        catch_up = {k: v for k, v in self.wire_keys(self.global_tensors, up=False).items() if needed(k)}
+        return {**sent, **catch_up}
 
     def downlink(self, u: int, metrics: dict) -> dict[str, Tensor]:
         """What the server sends client u as a round starts, booked in `metrics`: the global tensors its method
-        shares and, where the method changes the base, what the client lacks of it (the last round's change, or
-        the whole delta after it missed more than one)."""
-        shared = self.wire_keys(self.for_client(self.global_tensors, u), up=False)
+        shares (global_down) at its own rank (for_client) and, where the method changes the base, what the client
+        lacks of it (the last round's change, or the whole delta after it missed more than one)."""
+        shared = self.for_client(self.global_down(u, metrics["round"]), u)
         payload = {f"global::{k}": v for k, v in shared.items()}
+        self.held[u] = metrics["round"]
         if self.changes_base:
             have = self.synced.get(u, 0)
             change = {} if have == self.base_round else self.last_change if have == self.base_round - 1 else \
@@ -273,6 +304,9 @@ class Federation:
         refuse a non-finite result, score the local model on the client's held-out part. Returns what it sends
         the server and what it keeps to itself."""
         client = self.data.clients[u]
+        if self.method is not None:  # what trains this round (ffa: B; rolora: B or A; fedsvd: B), and the head
+            method = self.method.at_round(round_)
+            self.params = self.slots.trainable(train_A=method.trains_A, train_B=method.trains_B)
         loss, tensors = self.train_client(start, client.train, self.config.local_steps,
                                           derive_seed(self.config.seed, 6, round_, u))
         if not usable(loss, tensors):
@@ -280,7 +314,7 @@ class Federation:
         accuracy = self.task.evaluate(self.model, client.test, self.config.eval_batch_size)["accuracy"]
         if self.method is None:  # a bound: nothing crosses a wire
             return LocalResult(loss, tensors, accuracy, client.size), self.personal_part(tensors)
-        upload = self.wire_keys(tensors, up=True)
+        upload = self.wire_keys(tensors, up=True, round_=round_)
         return LocalResult(loss, upload, accuracy, client.size, tensor_bytes(upload)), self.personal_part(tensors)
 
     def personal_part(self, tensors: dict[str, Tensor]) -> dict[str, Tensor]:
@@ -310,6 +344,9 @@ class Federation:
                 if self.method is not None:  # the client starts from what was sent, as a Flower node does
                     sent = self.downlink(u, metrics)
                     shared = {k.split("::", 1)[1]: v for k, v in sent.items() if k.startswith("global::")}
+                    if self.method.varies:  # rolora, fedsvd: the factors a payload leaves out are those the client
+                        # holds, unchanged since it last downloaded (global_down's catch-up), as a Flower node keeps
+                        shared = {**self.wire_keys(self.for_client(self.global_tensors, u), up=False), **shared}
                 results[u], kept = self.local_update(u, self.client_start(u, round_, shared), round_)
                 if kept:
                     self.personal[u] = kept
@@ -335,8 +372,9 @@ class Federation:
                 continue
             losses.append(res.loss)
             local_acc[u] = res.local_accuracy
-            if self.method is not None:  # what the server lacks of an adapter, it knows: frozen A, initial B
-                updates.append(self.slots.adapter({**self.for_client(self.initial, u), **res.tensors},
+            if self.method is not None:  # what the server lacks of an adapter, it knows: the global factor clients
+                # held frozen (ffa's and fedsvd's A, rolora's factor of the round), fedsa's initial B, at r_u
+                updates.append(self.slots.adapter({**self.for_client(self.global_tensors, u), **res.tensors},
                                                   source=f"client{u}"))
                 labels.append(f"client{u}")
                 weights.append(res.size)
@@ -373,24 +411,37 @@ class Federation:
         # the global adapter keeps the run's largest rank whichever clients were sampled (flora's is its stack)
         result = aggregate_adapters(updates, self.method, weights, labels,
                                     rank=None if self.method.merges else self.rank,
-                                    scaling=self.slots.scaling(self.modules[0], self.rank))
+                                    scaling=self.slots.scaling(self.modules[0], self.rank),
+                                    round_=metrics["round"], feedback=self.feedback)
         release_memory()
         report = result.report
         if not self.method.personal_B:  # fedsa's server never sees B, so it cannot know ΔW*
             metrics.update(relative_error=report.relative_error, error_floor=report.error_floor,
                            fedit_error=report.fedit_error)
+        if self.feedback is not None:
+            self.feedback = result.feedback
+            metrics.update(feedback_norm=report.feedback_norm, feedback_relative=report.feedback_relative,
+                           feedback_dropped=report.feedback_dropped)
         change = factor_change(result.adapter) if self.method.merges else dense_change(result.base_update)
         if change:
             self.slots.set_base_delta(apply_change(self.slots.base_delta, change))
             self.base_round, self.last_change = metrics["round"], change
-        new, shared = result.adapter.state_dict(), self.wire_keys(self.initial, up=False)
+        new, shared, old = result.adapter.state_dict(), self.wire_keys(self.initial, up=False), self.global_tensors
         # what the server does not send (flora's LoRA, ffa's A, fedsa's B) stays at its initial value
         self.global_tensors = {k: new[k].to(v.dtype) if k in shared else v for k, v in self.initial.items()}
+        for k, v in self.global_tensors.items():
+            if (factor := factor_of(k)) is not None and not torch.equal(v, old[k]):
+                self.changed[factor] = metrics["round"]
 
     # ---- outputs --------------------------------------------------------------------------------------
     def save_global(self, directory: Path) -> None:
         """The global model as a PEFT directory, plus base_update.safetensors when the method changed the base."""
         save_adapter(self.slots.adapter(self.global_tensors), directory, self.slots.base_delta)
+
+
+def factor_of(key: str) -> str | None:
+    """'A' or 'B' for an adapter tensor that is a LoRA factor, None for any other (a classification head)."""
+    return "A" if ".lora_A." in key else "B" if ".lora_B." in key else None
 
 
 def _concat(parts: list[Encoded]) -> Encoded:

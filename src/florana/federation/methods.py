@@ -1,20 +1,53 @@
-"""Names a run accepts: every aggregator plus the two bounds that never aggregate."""
+"""Names a run accepts: every aggregator plus the two bounds that never aggregate; and a run's aggregator with the
+options its config gives it."""
 
-from florana.aggregation import METHODS, get_method
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from florana.aggregation import METHODS, Method, get_method
 from florana.errors import FloranaError
+
+if TYPE_CHECKING:
+    from florana.config import RunConfig
 
 BOUNDS = ("centralized", "local")
 ALL_METHODS = (*METHODS, *BOUNDS)
 
 
-def check_method(name: str) -> None:
-    if name not in BOUNDS:
-        get_method(name)
+def check_method(name: str, error_feedback: bool = False) -> None:
+    """An unknown name, or error feedback where it makes no sense, is an error that says why."""
+    if name in BOUNDS:
+        if error_feedback:
+            raise FloranaError(f"error_feedback=true needs an aggregator; {name} is a bound that aggregates nothing")
+        return
+    method = get_method(name)
+    if error_feedback and not method.feeds_back:
+        why = ("it is exact: aggregation loses nothing to feed back" if method.exact else
+               "its server never sees B, so it cannot know what aggregation lost" if method.personal_B else
+               "it changes the base weights")
+        usable = ", ".join(m.name for m in METHODS.values() if m.feeds_back)
+        raise FloranaError(f"error_feedback=true does not apply to {name}: {why} (it applies to {usable})")
+
+
+def method_options(config: RunConfig) -> dict:
+    """The options the run config gives its aggregator (keys `<method>_<option>`)."""
+    if config.method == "fedsvd":
+        return {"period": config.fedsvd_period}
+    if config.method == "lora_fair":
+        return {"lam": config.lora_fair_lambda, "steps": config.lora_fair_steps, "lr": config.lora_fair_lr,
+                "refit": config.lora_fair_refit}
+    return {}
+
+
+def method_of(config: RunConfig) -> Method | None:
+    """The run's aggregator with its options; None for a bound."""
+    return None if config.method in BOUNDS else get_method(config.method).configured(**method_options(config))
 
 
 def check_ranks(name: str, ranks: list[int]) -> None:
     """Clients of different ranks need a method that accepts them (the bounds do: `local` trains each client at
-    its own rank, `centralized` one adapter at the largest)."""
+    its own rank, `centralized` one adapter at the largest). rolora, lora_fair and fedsvd do not (yet)."""
     if len(set(ranks)) > 1 and name not in BOUNDS and not get_method(name).mixed_ranks:
         accepted = ", ".join(n for n, m in METHODS.items() if m.mixed_ranks)
         raise FloranaError(f"client_ranks gives the clients different ranks {sorted(set(ranks))}, which method "

@@ -3,7 +3,8 @@
 The server sends the run config, its method's share of the global adapter and, for flora/fedex, the change of
 the base weights the node lacks; the node trains its own partition with the engine's `Federation.local_update`
 and replies with what its method uploads, and metrics. What a node keeps between rounds (fedsa's personal B, the
-base delta of flora/fedex) lives in Flower's per-node context state.
+base delta of flora/fedex, the global factors rolora and fedsvd do not send every round) lives in Flower's per-node
+context state.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ log = logging.getLogger("florana")
 
 PERSONAL_KEY = "florana.personal"
 BASE_KEY, BASE_ROUND_KEY = "florana.base-delta", "florana.base-round"
+GLOBAL_KEY, GLOBAL_ROUND_KEY = "florana.global", "florana.global-round"
 
 app = ClientApp()
 
@@ -62,12 +64,12 @@ def train(msg: Message, context: Context) -> Message:
     base change where the method has one), reply with the method's upload; keep the personal part in the node."""
     config = msg.content["config"]
     fed = worker(str(config["toml"]))
-    round_, source = int(config["round"]), "server message"
+    round_ = int(config["round"])
     u, n = partition_of(context)
     if problem := partition_problem(context.node_id, u, n, fed.config.num_clients):
         raise FloranaError(problem)
     mine = fed.for_client(fed.initial, u)  # the shapes of this client's adapter, at its own rank
-    shared = from_record(msg.content["global"], fed.wire_keys(mine, up=False), source)
+    shared = node_global(fed, context, msg.content["global"], int(config["held-round"]), round_, mine)
     fed.slots.set_base_delta(node_base_delta(fed, context, msg, int(config["base-round"])))
     fed.personal = {}
     if PERSONAL_KEY in context.state.array_records:
@@ -83,6 +85,32 @@ def train(msg: Message, context: Context) -> Message:
     if kept:
         context.state[PERSONAL_KEY] = to_record(kept)
     return Message(content, reply_to=msg)
+
+
+def node_global(fed: Federation, context: Context, record, held_round: int, round_: int,
+                mine: dict[str, Tensor]) -> dict[str, Tensor]:
+    """The global tensors this node trains from. Most methods send all they share every round. rolora and fedsvd
+    send what changed (the factor frozen this round, a refreshed A), so the node keeps the global factors in its
+    state and adds what the server sent to the ones it holds from round `held_round`, when it last downloaded
+    (0: it holds the initial ones). A node whose state is not at that round (e.g. it restarted) fails the round, and
+    the server sends it every factor that changed next time. `mine`: the client's adapter tensors at its own rank,
+    which give the shapes the payload must have."""
+    allowed = fed.wire_keys(mine, up=False)
+    if not fed.method.varies:
+        return from_record(record, allowed, "server message")
+    sent = from_record(record, allowed, "server message", subset=True)
+    state = context.state
+    have = int(state.config_records[GLOBAL_ROUND_KEY]["round"]) if GLOBAL_ROUND_KEY in state.config_records else 0
+    kept = {}
+    if held_round:
+        if have != held_round:
+            raise FloranaError(f"node {context.node_id}: it holds the global factors of round {have}; the server's "
+                               f"payload is for round {held_round} (it will send every changed factor)")
+        kept = from_record(state.array_records[GLOBAL_KEY], allowed, "node state", subset=True)
+    merged = {**kept, **sent}
+    state[GLOBAL_KEY] = to_record(merged)
+    state[GLOBAL_ROUND_KEY] = ConfigRecord({"round": round_})
+    return merged
 
 
 def node_base_delta(fed: Federation, context: Context, msg: Message, base_round: int) -> dict[str, Tensor]:

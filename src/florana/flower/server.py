@@ -152,20 +152,23 @@ class FloranaStrategy(FedAvg):
         online = set(grid.get_node_ids())
         reachable = [u for u in sampled if self.nodes.get(u) in online]
         metrics = fed.open_round(round_, sampled, empty)
-        contents: dict[tuple, RecordDict] = {}  # payloads differ only in rank and base change: serialised once each
+        # payloads differ only in rank, the base change and (rolora, fedsvd) the factors a node missed: each
+        # serialised once
+        records: dict[tuple, dict[str, ArrayRecord]] = {}
         messages, down = [], 0
         for u in reachable:
+            held = fed.held.get(u, 0)  # the round whose global factors the node holds, before this download
             payload = fed.downlink(u, metrics)
-            base = {k.split("::", 1)[1]: v for k, v in payload.items() if k.startswith("base::")}
-            kind = (fed.ranks[u], frozenset(k.rsplit(".", 1)[1] for k in base))
-            if kind not in contents:
-                contents[kind] = RecordDict({
-                    "config": ConfigRecord({"toml": self.config_text, "round": round_, "base-round": fed.base_round}),
-                    "global": to_record({k.split("::", 1)[1]: v for k, v in payload.items() if k.startswith("global::")})})
-                if base:
-                    contents[kind]["base"] = to_record(base)
-            messages.append(Message(contents[kind], message_type=MessageType.TRAIN, dst_node_id=self.nodes[u]))
-            down += sum(record_bytes(r) for r in contents[kind].array_records.values())
+            part = {kind: {k.split("::", 1)[1]: v for k, v in payload.items() if k.startswith(f"{kind}::")}
+                    for kind in ("global", "base")}
+            key = (fed.ranks[u], frozenset(part["global"]), frozenset(k.rsplit(".", 1)[1] for k in part["base"]))
+            if key not in records:
+                records[key] = {kind: to_record(t) for kind, t in part.items() if t or kind == "global"}
+            content = RecordDict({"config": ConfigRecord({"toml": self.config_text, "round": round_,
+                                                          "base-round": fed.base_round, "held-round": held}),
+                                  **records[key]})
+            messages.append(Message(content, message_type=MessageType.TRAIN, dst_node_id=self.nodes[u]))
+            down += sum(record_bytes(r) for r in records[key].values())
         self.pending = {"metrics": metrics, "t0": t0, "down": down}
         log.info("round %d: %d partition(s) sampled, %d sent to nodes", round_, len(sampled), len(reachable))
         return messages
@@ -194,7 +197,7 @@ class FloranaStrategy(FedAvg):
                             round_, node, u, e)
                 continue
             try:
-                expected = fed.wire_keys(fed.for_client(fed.initial, u), up=True)  # at the partition's rank
+                expected = fed.wire_keys(fed.for_client(fed.initial, u), up=True, round_=round_)  # at its rank
                 tensors = None if update is None else from_record(update, expected, f"node {node} (partition {u})")
             except FloranaError as e:
                 log.warning("round %d: %s; update rejected", round_, e)
@@ -202,8 +205,9 @@ class FloranaStrategy(FedAvg):
             weight = example_weight(fed, round_, node, u, m.get("num-examples"))
             results[u] = LocalResult(loss, tensors, accuracy, weight, received)
         metrics["missing"] = sorted(set(metrics["clients"]) - set(results))
-        for u in metrics["missing"]:  # its base state is unknown now: it gets the whole base delta next time
-            fed.synced[u] = -1
+        for u in metrics["missing"]:  # its state is unknown now: it gets the whole base delta and every changed
+            fed.synced[u] = -1  # global factor next time
+            fed.held[u] = 0
         if metrics["missing"]:
             log.warning("round %d: no reply from partition(s) %s", round_, metrics["missing"])
         if len(results) < min(self.min_nodes, len(metrics["clients"])):
@@ -227,7 +231,8 @@ def serve(grid: Grid, config: RunConfig | None, run_dir: Path, *, resume: bool =
     try:
         fed, start = open_run(config, run_dir, resume=resume)
         check_runtime(fed.config)
-        fed.synced.clear()  # the nodes of a new Flower run hold no base change yet, whatever a checkpoint says
+        fed.synced.clear()  # the nodes of a new Flower run hold no base change and only the initial global factors,
+        fed.held.clear()  # whatever a checkpoint says
         log.info("run folder %s, rounds %d..%d", run_dir, start, fed.config.rounds)
         if start <= fed.config.rounds:
             strategy = FloranaStrategy(fed, run_dir, first_round=start, min_nodes=min_nodes, node_wait=node_wait)

@@ -39,16 +39,18 @@ def _tensor(record: ArrayRecord, key: str, source: str) -> Tensor:
         raise FloranaError(f"{source}: array {key} is not a plain NumPy array ({e})") from None
 
 
-def from_record(record: ArrayRecord, like: dict[str, Tensor], source: str) -> dict[str, Tensor]:
-    """ArrayRecord → tensors with exactly the keys, shapes and dtypes of `like`; anything else is an error naming
-    `source` (a node's payload is untrusted input)."""
+def from_record(record: ArrayRecord, like: dict[str, Tensor], source: str, *, subset: bool = False) -> dict[str, Tensor]:
+    """ArrayRecord → tensors with exactly the keys (with `subset`, some of the keys), shapes and dtypes of `like`;
+    anything else is an error naming `source` (a node's payload is untrusted input)."""
     keys, expected = set(record.keys()), set(like)
-    if keys != expected:
+    if keys != expected and not (subset and keys <= expected):
         extra, lacking = sorted(keys - expected), sorted(expected - keys)
         raise FloranaError(f"{source}: payload keys do not match the adapter (unexpected {extra[:3]}, "
                            f"missing {lacking[:3]})")
     out = {}
     for k, ref in like.items():
+        if k not in keys:
+            continue
         t = _tensor(record, k, source)
         if ref.dtype == torch.bfloat16 and t.dtype == torch.int16:
             t = t.view(torch.bfloat16)

@@ -188,11 +188,12 @@ class AdapterSlots:
         """The frozen base weight under LoRA module `module` (a PEFT path 'base_model.model.…')."""
         return self.model.get_submodule(module).base_layer.weight
 
-    def trainable(self, *, train_A: bool = True) -> list[Tensor]:
-        """Parameters to optimise: everything in the adapter, less lora_A when A is frozen (ffa)."""
+    def trainable(self, *, train_A: bool = True, train_B: bool = True) -> list[Tensor]:
+        """Parameters to optimise: everything in the adapter, less lora_A when A is frozen (ffa, fedsvd, rolora's
+        odd rounds) and less lora_B when B is (rolora's even rounds)."""
         out = []
         for k, p in self.params.items():
-            p.requires_grad_(train_A or ".lora_A." not in k)
+            p.requires_grad_((train_A or ".lora_A." not in k) and (train_B or ".lora_B." not in k))
             if p.requires_grad:
                 out.append(p)
         return out
