@@ -26,19 +26,21 @@ def tiny_model(seed=0):
 def clients(tmp_path_factory):
     """Three clients' adapters, each trained-looking (random factors), saved by PEFT."""
     root = tmp_path_factory.mktemp("peft")
-    dirs = []
-    for u in range(3):
-        base = tiny_model()  # reseeds: the same base for every client
-        torch.manual_seed(100 + u)  # then each client's own factors
-        model = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS,
-                                                        task_type="SEQ_CLS", init_lora_weights=False))
-        with torch.no_grad():
-            for p in model.parameters():
-                if p.requires_grad:
-                    p.add_(0.1 * torch.randn_like(p))
-        model.save_pretrained(root / f"client{u}")
-        dirs.append(root / f"client{u}")
-    return dirs
+    return [save_client(root / f"client{u}", 100 + u, r=4, lora_alpha=8) for u in range(3)]
+
+
+def save_client(directory, seed, **lora_fields):
+    """A client's adapter saved by PEFT: the same tiny base for all, then factors and head of its own seed."""
+    base = tiny_model()  # reseeds: the same base for every client
+    torch.manual_seed(seed)  # then each client's own factors (seeding before tiny_model made them all alike)
+    model = get_peft_model(base, LoraConfig(target_modules=TARGETS, task_type="SEQ_CLS", init_lora_weights=False,
+                                            **lora_fields))
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(0.1 * torch.randn_like(p))
+    model.save_pretrained(directory)
+    return directory
 
 
 def client_factors(d):
@@ -264,18 +266,7 @@ MIXED = [
 def mixed_clients(tmp_path_factory):
     """Three clients of different ranks and scalings, per module too (PEFT's rank_pattern and alpha_pattern)."""
     root = tmp_path_factory.mktemp("peft-mixed")
-    dirs = []
-    for u, (fields, _) in enumerate(MIXED):
-        torch.manual_seed(200 + u)
-        model = get_peft_model(tiny_model(), LoraConfig(target_modules=TARGETS, task_type="SEQ_CLS",
-                                                        init_lora_weights=False, **fields))
-        with torch.no_grad():
-            for p in model.parameters():
-                if p.requires_grad:
-                    p.add_(0.1 * torch.randn_like(p))
-        model.save_pretrained(root / f"client{u}")
-        dirs.append(root / f"client{u}")
-    return dirs
+    return [save_client(root / f"client{u}", 200 + u, **fields) for u, (fields, _) in enumerate(MIXED)]
 
 
 @pytest.mark.parametrize("method", ["fedit", "fedsa", "hetlora", "flexlora", "florana", "svd", "flora", "fedex"])
