@@ -141,7 +141,6 @@ class Federation:
         self.initial = self.slots.read()
         self.modules = sorted({k.rsplit(".lora_", 1)[0] for k in self.initial if ".lora_" in k})
         self.params = self.slots.trainable()  # what a bound trains; a method's clients train what its round says
-        self.changes_base = self.method is not None and self.method.changes_base
         # state that a checkpoint carries
         self.global_tensors = dict(self.initial)
         self.personal: dict[int, dict[str, Tensor]] = {}
@@ -154,6 +153,11 @@ class Federation:
         # error feedback: the residual carried into the next round's target, per module (None: off)
         self.feedback: dict[str, LoraModule] | None = {} if config.error_feedback else None
         self.history: list[dict] = []
+
+    @property
+    def changes_base(self) -> bool:
+        """The run's method changes the base weights (flora, fedex): clients then need the base delta."""
+        return self.method is not None and self.method.changes_base
 
     # ---- state <-> checkpoint -------------------------------------------------------------------------
     def state_tensors(self) -> dict[str, Tensor]:
