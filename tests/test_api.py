@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from peft import LoraConfig, PeftModel, get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
+from peft import LoraConfig, get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
 from safetensors.torch import load_file
 from transformers import BertConfig, BertForSequenceClassification
 from typer.testing import CliRunner
@@ -196,7 +196,7 @@ def test_import_florana_is_light():
 def readme_examples() -> list[str]:
     text = (ROOT / "README.md").read_text()
     section = text.split("## Use florana's aggregators in your own code", 1)[1].split("\n## ", 1)[0]
-    return re.findall(r"```python\n(.*?)```", section, re.S)
+    return re.findall(r"```python\n(.*?)```", section, re.DOTALL)
 
 
 def test_the_readme_examples_run(tmp_path, monkeypatch, capsys):

@@ -218,3 +218,37 @@ def test_the_flowertune_example_in_a_simulation_equals_florana_aggregate(tmp_pat
     while (left := pids_with_env("RAY_TMPDIR", os.environ["RAY_TMPDIR"])) and __import__("time").monotonic() < deadline:
         __import__("time").sleep(0.5)
     assert not left, f"processes left running: {left}"
+
+
+class NodesGrid:
+    """The one Grid method FedAvg's configure_train asks: the connected node ids."""
+
+    def __init__(self, nodes):
+        self.nodes = nodes
+
+    def get_node_ids(self):
+        return self.nodes
+
+
+def test_a_node_of_a_smaller_rank_gets_the_global_adapter_at_its_rank(states, monkeypatch):
+    """hetlora with nodes of ranks 4 and 2: after their replies, node 101 receives the first 2 components, its B
+    rescaled from the global lora_alpha/4 to its lora_alpha/2, so that its product is the global one's there."""
+    from flwr.app import ConfigRecord
+    from flwr.supercore.task_identity import TaskIdentity
+
+    for identity in ("_run_id", "_task_id", "_node_id"):  # the ServerApp's identity, which Flower sets
+        monkeypatch.setattr(TaskIdentity, identity, 1)
+    small = tiny_llama_state(20, r=2)
+    strategy = FloranaLoRA("hetlora", lora_config=LORA)
+    arrays, _ = strategy.aggregate_train(1, [reply(100, states[0], {"num-examples": 1}),
+                                             reply(101, small, {"num-examples": 1})])
+    assert strategy.node_ranks == {100: 4, 101: 2}
+    messages = {m.metadata.dst_node_id: m for m in strategy.configure_train(2, arrays, ConfigRecord(),
+                                                                              NodesGrid([100, 101]))}
+    full, cut = (messages[n].content["arrays"].to_torch_state_dict() for n in (100, 101))
+    assert full.keys() == cut.keys() and all(torch.equal(full[k], v) for k, v in
+                                             arrays.to_torch_state_dict().items())
+    A, B = f"{Q}.lora_A.weight", f"{Q}.lora_B.weight"
+    assert cut[A].shape == (2, 16) and cut[B].shape == (16, 2)
+    torch.testing.assert_close((8 / 2) * cut[B] @ cut[A], (8 / 4) * full[B][:, :2] @ full[A][:2])
+    assert messages[101].content["config"]["server-round"] == 2

@@ -6,7 +6,7 @@ Everything else (florana.aggregation, florana.lora, ...) is internal and may cha
 
 from importlib import import_module
 
-__all__ = ["aggregate", "AggregateReport", "FloranaError", "METHODS", "client_helpers"]
+__all__ = ["METHODS", "AggregateReport", "FloranaError", "aggregate", "client_helpers"]
 
 _WHERE = {"aggregate": "florana.api", "AggregateReport": "florana.api", "FloranaError": "florana.errors",
           "METHODS": "florana.aggregation.registry"}

@@ -13,7 +13,7 @@ import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Union
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -25,7 +25,7 @@ from florana.lora.adapter import LoraAdapter
 from florana.lora.base_delta import apply_change, factor_change
 from florana.lora.peft_io import adapter_from_state_dict, config_problem, load_adapter
 
-Client = Union[Mapping[str, Tensor], str, os.PathLike, Any]  # a PEFT state dict, an adapter folder or a PeftModel
+Client = Mapping[str, Tensor] | str | os.PathLike | Any  # a PEFT state dict, an adapter folder or a PeftModel
 
 
 @dataclass

@@ -18,7 +18,7 @@ from torch import Tensor
 
 from florana.aggregation.registry import get_method
 from florana.errors import FloranaError
-from florana.lora.adapter import EMB_A, EMB_B, LORA_A, LORA_B, model_path
+from florana.lora.adapter import EMB_A, EMB_B, LORA_A, LORA_B, at_rank, model_path
 
 
 def client_part(global_state: Mapping[str, Tensor], method: str = "florana", *, round: int = 1,
@@ -32,14 +32,9 @@ def client_part(global_state: Mapping[str, Tensor], method: str = "florana", *, 
     out = {}
     for key, t in global_state.items():
         factor = "A" if key.endswith((LORA_A, EMB_A)) else "B" if key.endswith((LORA_B, EMB_B)) else None
-        if factor is not None and not m.sends(factor, up=False):
-            continue
-        if rank is not None and factor == "A":
-            t = t[:rank].clone()
-        elif rank is not None and factor == "B":
-            t = (t[:, :rank] * scaling_ratio).contiguous()
-        out[key] = t
-    return out
+        if factor is None or m.sends(factor, up=False):
+            out[key] = t
+    return out if rank is None else at_rank(out, rank, scaling_ratio)
 
 
 @torch.no_grad()

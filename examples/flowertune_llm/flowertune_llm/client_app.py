@@ -4,7 +4,8 @@ from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 from peft import get_peft_model_state_dict, set_peft_model_state_dict
 
-from flowertune_llm.task import get_model, load_data, settings, train as train_locally
+from flowertune_llm.task import get_model, load_data, settings
+from flowertune_llm.task import train as train_locally
 
 app = ClientApp()
 

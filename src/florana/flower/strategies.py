@@ -15,14 +15,15 @@ from logging import INFO
 
 import numpy as np
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
+from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 from flwr.supercore import log
 
 from florana.aggregation.registry import get_method
-from florana.api import AggregateReport, _aggregate, _adapter_of, config_dict
+from florana.api import AggregateReport, _adapter_of, _aggregate, config_dict
 from florana.errors import FloranaError
+from florana.lora.adapter import LORA_A, at_rank, module_scaling
 
 # methods whose clients change their frozen base weights every round: a ClientApp that only loads the global
 # ArrayRecord cannot follow them
@@ -48,6 +49,10 @@ class FloranaLoRA(FedAvg):
         Weigh every client alike (the FLoRA-NA paper's choice) instead of by `weighted_by_key` ("num-examples"),
         which replies then need not carry.
 
+    Nodes of different ranks (for the methods that accept them): from the round after its first reply, a node
+    receives the global adapter at its own rank (`configure_train`); in the first round every node receives
+    `initial_arrays`.
+
     The returned MetricRecord holds FedAvg's averaged client metrics and, per round, `aggregation-error` (‖ΔW* −
     ΔŴ‖_F / ‖ΔW*‖_F), `aggregation-error-floor` (the best rank-r estimate's), `aggregation-fedit-error`,
     `aggregation-bytes-up`/`-down` (what the method's protocol moves, all clients) and `flower-bytes-up` (the array
@@ -70,11 +75,35 @@ class FloranaLoRA(FedAvg):
         self.method, self.uniform_weights = m.name, uniform_weights
         self.lora_config = config_dict(lora_config, "FloranaLoRA")
         self.reports: dict[int, AggregateReport] = {}
+        self.node_ranks: dict[int, int] = {}  # node id → the LoRA rank of its last reply
 
     def summary(self) -> None:
         super().summary()
         log(INFO, "\t└──> LoRA aggregation: %s (%s weights)", self.method,
             "uniform" if self.uniform_weights else f"'{self.weighted_by_key}'")
+
+    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
+                        grid: Grid) -> Iterable[Message]:
+        """FedAvg's messages, but a node whose last reply had a smaller LoRA rank than the global adapter gets the
+        global adapter at its rank: the first r components, B rescaled to its lora_alpha/r (hetlora, flexlora,
+        fedit, svd, florana accept mixed ranks)."""
+        messages = list(super().configure_train(server_round, arrays, config, grid))
+        state, cut = None, {}
+        for i, msg in enumerate(messages):
+            r = self.node_ranks.get(msg.metadata.dst_node_id)
+            if r is None:
+                continue
+            state = state if state is not None else _state_dict(arrays, "the global adapter")
+            module, A = next((k[: -len(LORA_A)], t) for k, t in state.items() if k.endswith(LORA_A))
+            if r >= A.shape[0]:
+                continue
+            if r not in cut:
+                scaling = [module_scaling(self.lora_config, module, rank) for rank in (A.shape[0], r)]
+                ratio = scaling[0] / scaling[1]
+                cut[r] = ArrayRecord({k: v.contiguous() for k, v in at_rank(state, r, ratio).items()})
+            content = RecordDict({self.arrayrecord_key: cut[r], self.configrecord_key: config})
+            messages[i] = Message(content=content, message_type=MessageType.TRAIN, dst_node_id=msg.metadata.dst_node_id)
+        return messages
 
     def aggregate_train(self, server_round: int,
                         replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
@@ -89,6 +118,9 @@ class FloranaLoRA(FedAvg):
             state = _state_dict(record, label)
             received += sum(t.numel() * t.element_size() for t in state.values())
             adapters.append(_adapter_of(self.lora_config, state, label))
+            ranks = {m.rank for m in adapters[-1].modules.values()}
+            if len(ranks) == 1:
+                self.node_ranks[msg.metadata.src_node_id] = ranks.pop()
             labels.append(label)
             weights.append(None if self.uniform_weights else self._weight(msg, label))
         state, report = _aggregate(adapters, self.method, None if self.uniform_weights else weights, labels,
