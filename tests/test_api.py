@@ -214,3 +214,14 @@ def test_the_readme_examples_run(tmp_path, monkeypatch, capsys):
     assert report.method == "svd" and report.weights == pytest.approx([1 / 3] * 3)
     assert after.keys() == before.keys() and any(not torch.equal(after[k], before[k]) for k in after)
     assert all(torch.equal(p, after[k]) for k, p in get_peft_model_state_dict(scope["trainers"][2].model).items())
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU: tensors on it must come back on it")
+def test_tensors_on_a_gpu_come_back_on_it(models):
+    cpu_states = [get_peft_model_state_dict(m) for m in models]
+    states = [{k: v.cuda() for k, v in s.items()} for s in cpu_states]
+    for method in ("florana", "fedex"):
+        out, report = florana.aggregate(states, method, lora_config=LORA)
+        expected, _ = florana.aggregate(cpu_states, method, lora_config=LORA)
+        assert all(t.is_cuda for t in [*out.values(), *report.base_update.values()])
+        assert all(torch.equal(out[k].cpu(), expected[k]) for k in expected)

@@ -4,6 +4,7 @@ by the same code path as `florana aggregate`; and the FlowerTune-style example a
 import json
 import math
 import os
+import re
 import sys
 import tomllib
 from pathlib import Path
@@ -252,3 +253,42 @@ def test_a_node_of_a_smaller_rank_gets_the_global_adapter_at_its_rank(states, mo
     assert cut[A].shape == (2, 16) and cut[B].shape == (16, 2)
     torch.testing.assert_close((8 / 2) * cut[B] @ cut[A], (8 / 4) * full[B][:, :2] @ full[A][:2])
     assert messages[101].content["config"]["server-round"] == 2
+
+
+def test_flwr_run_dot_runs_the_example_as_a_flower_app(tmp_path):
+    """`flwr run . --stream` in a copy of the example, with its pyproject's defaults (2 nodes, 2 rounds, florana):
+    the run completes, prints each round's aggregation metrics, and saves a global adapter PEFT loads."""
+    import shutil
+    import subprocess
+
+    from peft import PeftModel
+
+    from florana.flower.deploy import flower_env, free_port
+
+    app = tmp_path / "app"
+    shutil.copytree(EXAMPLE, app, ignore=shutil.ignore_patterns("__pycache__"))
+    home = tmp_path / "flwr-home"
+    env = {**flower_env(home), "PYTHONPATH": str(ROOT / "src"),
+           "FLWR_LOCAL_SUPERLINK_HTTP_API_PORT": str(free_port()), "FLWR_LOCAL_CONTROL_API_PORT": str(free_port())}
+    try:
+        done = subprocess.run([str(Path(sys.executable).parent / "flwr"), "run", ".", "--stream", "--run-config",
+                               f'save-path="{tmp_path / "global"}"'], cwd=app, env=env, capture_output=True,
+                              text=True, timeout=400)
+        out = done.stdout + done.stderr
+        assert done.returncode == 0 and "(2 simulated SuperNodes)" in out, out[-3000:]
+        rounds = re.findall(r"Aggregated MetricRecord: \{[^}]*'aggregation-error': ([0-9.e-]+)", out)
+        assert len(rounds) == 2 and all(0 < float(e) < 1 for e in rounds) and "Traceback" not in out, out[-3000:]
+    finally:  # `flwr run` leaves the local SuperLink running, detached: stop it and its helpers by pid
+        for pid in pids_with_env("FLWR_HOME", str(home)):
+            os.kill(pid, 9)
+    sys.path.insert(0, str(app))
+    try:
+        from flowertune_llm.task import DEFAULTS, get_model
+    finally:
+        sys.path.remove(str(app))
+    model = PeftModel.from_pretrained(get_model(DEFAULTS).get_base_model(), tmp_path / "global")
+    assert any(float(p.abs().max()) > 0 for n, p in model.named_parameters() if "lora_B" in n)
+    deadline = __import__("time").monotonic() + 20
+    while (left := pids_with_env("FLWR_HOME", str(home))) and __import__("time").monotonic() < deadline:
+        __import__("time").sleep(0.5)
+    assert not left, f"processes left running: {left}"
