@@ -253,6 +253,10 @@ def test_a_node_of_a_smaller_rank_gets_the_global_adapter_at_its_rank(states, mo
     assert cut[A].shape == (2, 16) and cut[B].shape == (16, 2)
     torch.testing.assert_close((8 / 2) * cut[B] @ cut[A], (8 / 4) * full[B][:, :2] @ full[A][:2])
     assert messages[101].content["config"]["server-round"] == 2
+    evaluated = {m.metadata.dst_node_id: m for m in strategy.configure_evaluate(2, arrays, ConfigRecord(),
+                                                                                 NodesGrid([100, 101]))}
+    assert evaluated[101].metadata.message_type == MessageType.EVALUATE
+    assert all(torch.equal(v, cut[k]) for k, v in evaluated[101].content["arrays"].to_torch_state_dict().items())
 
 
 def test_flwr_run_dot_runs_the_example_as_a_flower_app(tmp_path):

@@ -50,7 +50,7 @@ class FloranaLoRA(FedAvg):
         which replies then need not carry.
 
     Nodes of different ranks (for the methods that accept them): from the round after its first reply, a node
-    receives the global adapter at its own rank (`configure_train`); in the first round every node receives
+    receives the global adapter at its own rank (to train and to evaluate); in the first round every node receives
     `initial_arrays`.
 
     The returned MetricRecord holds FedAvg's averaged client metrics and, per round, `aggregation-error` (‖ΔW* −
@@ -84,10 +84,21 @@ class FloranaLoRA(FedAvg):
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                         grid: Grid) -> Iterable[Message]:
-        """FedAvg's messages, but a node whose last reply had a smaller LoRA rank than the global adapter gets the
-        global adapter at its rank: the first r components, B rescaled to its lora_alpha/r (hetlora, flexlora,
-        fedit, svd, florana accept mixed ranks)."""
-        messages = list(super().configure_train(server_round, arrays, config, grid))
+        """FedAvg's messages, each node's global adapter at its own rank (`_at_node_ranks`)."""
+        return self._at_node_ranks(super().configure_train(server_round, arrays, config, grid), arrays, config,
+                                   MessageType.TRAIN)
+
+    def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
+                           grid: Grid) -> Iterable[Message]:
+        return self._at_node_ranks(super().configure_evaluate(server_round, arrays, config, grid), arrays, config,
+                                   MessageType.EVALUATE)
+
+    def _at_node_ranks(self, messages: Iterable[Message], arrays: ArrayRecord, config: ConfigRecord,
+                       kind: str) -> list[Message]:
+        """A node whose last reply had a smaller LoRA rank than the global adapter gets the global adapter at its
+        rank: the first r components, B rescaled to its lora_alpha/r (hetlora, flexlora, fedit, svd, florana
+        accept mixed ranks). The others get FedAvg's message unchanged."""
+        messages = list(messages)
         state, cut = None, {}
         for i, msg in enumerate(messages):
             r = self.node_ranks.get(msg.metadata.dst_node_id)
@@ -99,10 +110,9 @@ class FloranaLoRA(FedAvg):
                 continue
             if r not in cut:
                 scaling = [module_scaling(self.lora_config, module, rank) for rank in (A.shape[0], r)]
-                ratio = scaling[0] / scaling[1]
-                cut[r] = ArrayRecord({k: v.contiguous() for k, v in at_rank(state, r, ratio).items()})
+                cut[r] = ArrayRecord({k: v.contiguous() for k, v in at_rank(state, r, scaling[0] / scaling[1]).items()})
             content = RecordDict({self.arrayrecord_key: cut[r], self.configrecord_key: config})
-            messages[i] = Message(content=content, message_type=MessageType.TRAIN, dst_node_id=msg.metadata.dst_node_id)
+            messages[i] = Message(content=content, message_type=kind, dst_node_id=msg.metadata.dst_node_id)
         return messages
 
     def aggregate_train(self, server_round: int,
