@@ -225,3 +225,17 @@ def test_tensors_on_a_gpu_come_back_on_it(models):
         expected, _ = florana.aggregate(cpu_states, method, lora_config=LORA)
         assert all(t.is_cuda for t in [*out.values(), *report.base_update.values()])
         assert all(torch.equal(out[k].cpu(), expected[k]) for k in expected)
+
+
+def test_method_options_reach_the_method(models, folders):
+    """lora_fair's λ (and fedsvd's period) through options=, as `florana run` passes its config keys."""
+    from florana.aggregation import METHODS
+
+    states = [get_peft_model_state_dict(m) for m in models]
+    out, report = florana.aggregate(states, "lora_fair", lora_config=LORA, options={"lam": 0.5})
+    default, _ = florana.aggregate(states, "lora_fair", lora_config=LORA)
+    reference = aggregate_adapters([load_adapter(f) for f in folders], METHODS["lora_fair"].configured(lam=0.5))
+    assert all(torch.equal(out[k], v) for k, v in reference.adapter.state_dict().items())
+    assert any(not torch.equal(out[k], default[k]) for k in out)
+    with pytest.raises(florana.FloranaError, match="svd takes no options, got lam"):
+        florana.aggregate(states, "svd", lora_config=LORA, options={"lam": 0.5})

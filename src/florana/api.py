@@ -19,6 +19,7 @@ import torch
 from torch import Tensor
 
 from florana.aggregation.adapters import Report, aggregate_adapters
+from florana.aggregation.base import Method
 from florana.aggregation.registry import get_method
 from florana.errors import FloranaError
 from florana.lora.adapter import LoraAdapter
@@ -52,7 +53,8 @@ class AggregateReport(Report):
 
 def aggregate(clients: Sequence[Client], method: str = "florana", lora_config=None,
               weights: Sequence[float] | Tensor | None = None, *, rank: int | None = None, round: int = 1,
-              labels: Sequence[str] | None = None) -> tuple[dict[str, Tensor], AggregateReport]:
+              labels: Sequence[str] | None = None,
+              options: Mapping[str, Any] | None = None) -> tuple[dict[str, Tensor], AggregateReport]:
     """Aggregate client LoRA adapters into one global adapter with `method` (florana, svd, fedit, ...).
 
     clients: PEFT state dicts (what `get_peft_model_state_dict` returns: `...lora_A.weight`/`...lora_B.weight` and
@@ -62,7 +64,8 @@ def aggregate(clients: Sequence[Client], method: str = "florana", lora_config=No
     client; models and folders carry their own. weights: one per client (e.g. example counts), normalised; uniform
     when None. rank: the global rank where a method pads (default the largest client rank). round: the round these
     adapters close, for methods whose protocol alternates (rolora trains B in odd rounds, A in even; fedsvd
-    re-factors). labels: the clients' names in error messages (default 'client 0', 'client 1', ...).
+    re-factors). labels: the clients' names in error messages (default 'client 0', 'client 1', ...). options: the
+    method's own (lora_fair: lam, steps, lr; fedsvd: period, its re-factoring interval in rounds).
 
     Returns the global adapter as a state dict in PEFT's keys (what `set_peft_model_state_dict` takes), in the
     clients' dtype and on their device (the arithmetic runs on the CPU, in float32/float64), and the report.
@@ -79,10 +82,11 @@ def aggregate(clients: Sequence[Client], method: str = "florana", lora_config=No
         raise FloranaError(f"got {len(labels)} labels for {len(clients)} clients")
     configs = _per_client(lora_config, len(clients))
     adapters = [_adapter(c, cfg, label) for c, cfg, label in zip(clients, configs, labels)]
-    return _aggregate(adapters, method, weights, labels, rank=rank, round_=round)
+    return _aggregate(adapters, get_method(method).configured(**(options or {})), weights, labels, rank=rank,
+                      round_=round)
 
 
-def _aggregate(adapters: Sequence[LoraAdapter], method: str, weights, labels: Sequence[str], *,
+def _aggregate(adapters: Sequence[LoraAdapter], method: Method, weights, labels: Sequence[str], *,
                rank: int | None = None, round_: int = 1) -> tuple[dict[str, Tensor], AggregateReport]:
     """The one code path of `aggregate` and the Flower strategy: aggregate on the CPU, answer on the clients' device."""
     if not adapters:
@@ -91,7 +95,7 @@ def _aggregate(adapters: Sequence[LoraAdapter], method: str, weights, labels: Se
     result = aggregate_adapters([_on(a, torch.device("cpu")) for a in adapters], method, weights, labels=labels,
                                 rank=rank, round_=round_)
     base_update = result.base_update
-    if get_method(method).merges:  # flora: the stacked product is the base change; clients restart LoRA
+    if method.merges:  # flora: the stacked product is the base change; clients restart LoRA
         base_update = apply_change({}, factor_change(result.adapter))
     report = AggregateReport(**result.report.__dict__, lora_config=dict(result.adapter.config),
                              base_update={k: v.to(device) for k, v in base_update.items()})
@@ -106,7 +110,7 @@ def _per_client(lora_config, n: int) -> list:
     return [lora_config] * n
 
 
-def config_dict(lora_config, label: str) -> dict:
+def _config_dict(lora_config, label: str) -> dict:
     """A peft.LoraConfig or adapter_config dict as the JSON-like dict adapter_config.json holds, checked."""
     if hasattr(lora_config, "to_dict"):
         lora_config = lora_config.to_dict()
@@ -137,13 +141,13 @@ def _adapter(client, lora_config, label: str) -> LoraAdapter:
         from peft import get_peft_model_state_dict
 
         name = client.active_adapter
-        config = config_dict(client.peft_config[name], label)
+        config = _config_dict(client.peft_config[name], label)
         return _adapter_of(config, get_peft_model_state_dict(client, adapter_name=name), label)
     if isinstance(client, Mapping):
         if lora_config is None:
             raise FloranaError(f"{label} is a state dict: pass lora_config (the peft.LoraConfig the clients trained "
                                "with), which sets the LoRA scaling")
-        return _adapter_of(config_dict(lora_config, label), client, label)
+        return _adapter_of(_config_dict(lora_config, label), client, label)
     raise FloranaError(f"{label}: expected a PEFT state dict, a PeftModel or an adapter folder, got "
                        f"{type(client).__name__}")
 

@@ -21,7 +21,7 @@ from flwr.serverapp.strategy import FedAvg
 from flwr.supercore import log
 
 from florana.aggregation.registry import get_method
-from florana.api import AggregateReport, _adapter_of, _aggregate, config_dict
+from florana.api import AggregateReport, _adapter_of, _aggregate, _config_dict
 from florana.errors import FloranaError
 from florana.lora.adapter import LORA_A, at_rank, module_scaling
 
@@ -45,6 +45,8 @@ class FloranaLoRA(FedAvg):
         refused here (use `florana.aggregate` in your own loop, or `florana run --runtime flower`).
     lora_config : peft.LoraConfig or dict (required)
         The clients' LoRA configuration: it sets each module's scaling (lora_alpha / r, rslora, alpha_pattern).
+    options : dict (default: None)
+        The method's own options (lora_fair: lam, steps, lr; fedsvd: period).
     uniform_weights : bool (default: False)
         Weigh every client alike (the FLoRA-NA paper's choice) instead of by `weighted_by_key` ("num-examples"),
         which replies then need not carry.
@@ -61,9 +63,10 @@ class FloranaLoRA(FedAvg):
     the run with a FloranaError naming the node.
     """
 
-    def __init__(self, method: str = "florana", lora_config=None, *, uniform_weights: bool = False, **fedavg):
+    def __init__(self, method: str = "florana", lora_config=None, *, uniform_weights: bool = False,
+                 options: dict | None = None, **fedavg):
         super().__init__(**fedavg)
-        m = get_method(method)
+        m = get_method(method).configured(**(options or {}))
         if m.name in BASE_CHANGING:
             raise FloranaError(f"{m.name} is not available as a drop-in strategy: each client would have to "
                                f"{BASE_CHANGING[m.name]}, which a ClientApp that loads the global ArrayRecord does not "
@@ -72,14 +75,14 @@ class FloranaLoRA(FedAvg):
         if lora_config is None:
             raise FloranaError("FloranaLoRA needs lora_config (the peft.LoraConfig the clients train with): it sets "
                                "the LoRA scaling of every module")
-        self.method, self.uniform_weights = m.name, uniform_weights
-        self.lora_config = config_dict(lora_config, "FloranaLoRA")
+        self.method, self.uniform_weights = m, uniform_weights
+        self.lora_config = _config_dict(lora_config, "FloranaLoRA")
         self.reports: dict[int, AggregateReport] = {}
         self.node_ranks: dict[int, int] = {}  # node id → the LoRA rank of its last reply
 
     def summary(self) -> None:
         super().summary()
-        log(INFO, "\t└──> LoRA aggregation: %s (%s weights)", self.method,
+        log(INFO, "\t└──> LoRA aggregation: %s (%s weights)", self.method.name,
             "uniform" if self.uniform_weights else f"'{self.weighted_by_key}'")
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
