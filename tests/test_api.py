@@ -149,6 +149,14 @@ def test_mixed_ranks_follow_the_method(tmp_path):
     models = [client_model(1), client_model(2, small)]
     out, report = florana.aggregate(models, "hetlora")
     assert out[f"{Q}.lora_A.weight"].shape == (4, 16) and report.lora_config["r"] == 4
+    # state dicts of clients whose scalings differ too (alpha 8 at r=4, alpha 2 at r=2): one lora_config each
+    other = LoraConfig(**{**LORA.to_dict(), "r": 2, "lora_alpha": 2})
+    pair = [client_model(1), client_model(3, other)]
+    from_models, _ = florana.aggregate(pair, "svd")
+    from_states, _ = florana.aggregate([get_peft_model_state_dict(m) for m in pair], "svd", lora_config=[LORA, other])
+    assert all(torch.equal(from_models[k], from_states[k]) for k in from_models)
+    with pytest.raises(florana.FloranaError, match="got 1 lora_configs for 2 clients"):
+        florana.aggregate([get_peft_model_state_dict(m) for m in pair], "svd", lora_config=[LORA])
     with pytest.raises(florana.FloranaError, match=f"client 1: module {Q}: rank 2 differs from client 0's 4; "
                                                    "rolora needs equal ranks"):
         florana.aggregate(models, "rolora")
@@ -232,7 +240,7 @@ def test_method_options_reach_the_method(models, folders):
     from florana.aggregation import METHODS
 
     states = [get_peft_model_state_dict(m) for m in models]
-    out, report = florana.aggregate(states, "lora_fair", lora_config=LORA, options={"lam": 0.5})
+    out, _ = florana.aggregate(states, "lora_fair", lora_config=LORA, options={"lam": 0.5})
     default, _ = florana.aggregate(states, "lora_fair", lora_config=LORA)
     reference = aggregate_adapters([load_adapter(f) for f in folders], METHODS["lora_fair"].configured(lam=0.5))
     assert all(torch.equal(out[k], v) for k, v in reference.adapter.state_dict().items())

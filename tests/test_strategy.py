@@ -169,7 +169,8 @@ def test_the_flowertune_example_in_a_simulation_equals_florana_aggregate(tmp_pat
     from flwr.simulation import run_simulation
 
     monkeypatch.syspath_prepend(str(EXAMPLE))
-    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(EXAMPLE), str(ROOT / "src"), os.environ.get("PYTHONPATH", "")]))
+    paths = [str(EXAMPLE), str(ROOT / "src"), os.environ.get("PYTHONPATH", "")]
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(paths))  # for the Ray workers that run the ClientApp
     monkeypatch.setenv("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
     from flowertune_llm import server_app
     from flowertune_llm.client_app import app as client_app
