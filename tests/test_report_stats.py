@@ -8,6 +8,7 @@ import math
 
 import pytest
 
+from florana.config import default_of
 from florana.errors import FloranaError
 from florana.report import stats, tables
 from florana.report.provenance import git_commit, machine
@@ -113,7 +114,8 @@ def history(method, seed, accs, alpha=0.5, errors=None, floors=None, seconds=10.
                     "local_accuracy_mean": 0.8, "local_global_gap": None if acc is None else 0.8 - acc,
                     "relative_error": err, "error_floor": None if floors is None else floors[i],
                     "fedit_error": None if fedit is None else fedit[i], "seconds": seconds,
-                    "cum_bytes_up": (i + 1) * mib_per_round * MIB / 2, "cum_bytes_down": (i + 1) * mib_per_round * MIB / 2})
+                    "cum_bytes_up": (i + 1) * mib_per_round * MIB / 2,
+                    "cum_bytes_down": (i + 1) * mib_per_round * MIB / 2})
     return out
 
 
@@ -195,6 +197,12 @@ def test_label_runs_settings_and_variants():
     runs = grid(config_extra={"lr": 0.001}) + grid(config_extra={"threads": 8})
     tables.label_runs(runs)
     assert {r.setting for r in runs} == {"alpha=0.5, lr=0.001", "alpha=0.5, lr=0.002"}
+    # a config.toml written before a key existed holds its default
+    old = grid(seeds=(0,))
+    for r in old:
+        r.config.pop("lr")
+    runs = tables.label_runs(old + grid(seeds=(1,), config_extra={"lr": default_of("lr")}))
+    assert {r.setting for r in runs} == {"alpha=0.5"}
     # a key named after a method labels that method's variants and stays out of the setting
     runs = grid(config_extra={"florana_sweeps": 5}) + [r for r in grid(config_extra={"florana_sweeps": 50})
                                                        if r.method == "florana"]

@@ -48,8 +48,9 @@ def plot_runs(histories: dict[str, list[dict]], out_dir: Path) -> list[Path]:
 
 def plot_bands(runs: dict[str, list[list[dict]]], out_dir: Path, confidence: float = CONFIDENCE) -> list[Path]:
     """One line per label: the mean over its histories (its seeds) with a band of the t interval where there are
-    two or more; the error panel adds each label's mean rank-r floor, dotted. A label whose runs send nothing (the
-    centralized and local bounds) is a dashed level at its last accuracy on the MiB panel."""
+    two or more (an error bar for a single point); the error panel adds each label's mean rank-r floor, dotted. A
+    label whose runs send nothing (the centralized and local bounds) is a dashed level at its last accuracy on the
+    MiB panel."""
     os.environ.setdefault("MPLCONFIGDIR", str(Path(out_dir).parent / ".mpl"))
     import matplotlib
 
@@ -77,7 +78,10 @@ def plot_bands(runs: dict[str, list[list[dict]]], out_dir: Path, confidence: flo
             xs, means = [p[0] for p in points], [p[1] for p in points]
             ax.plot(xs, means, marker="o", ms=3, color=colour, label=f"{label} (n={len(histories)})")
             banded = [p for p in points if p[2] is not None]
-            if banded:
+            if len(banded) == 1:  # one point (local's last round): an error bar
+                bx, by, low, high = banded[0]
+                ax.errorbar(bx, by, yerr=[[by - low], [high - by]], color=colour, capsize=3)
+            elif banded:
                 ax.fill_between([p[0] for p in banded], [p[2] for p in banded], [p[3] for p in banded],
                                 color=colour, alpha=0.15, lw=0)
             if y == "relative_error":

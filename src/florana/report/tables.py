@@ -12,10 +12,10 @@ from pathlib import Path
 
 import numpy as np
 
+from florana.config import FIELDS, default_of
 from florana.errors import FloranaError
 from florana.report.plots import value
-from florana.report.stats import CONFIDENCE, TIE, Estimate, Paired, first_reached, mean_ci, median_reached, \
-    paired_diff
+from florana.report.stats import CONFIDENCE, TIE, Estimate, Paired, first_reached, mean_ci, median_reached, paired_diff
 
 TARGET = 0.70  # the default target accuracy of time-to-accuracy and bytes-to-accuracy
 BASELINE = "fedit"
@@ -66,8 +66,13 @@ class Run:
         return self.history[-1].get("alpha")
 
     def key(self, name: str):
-        """A config key's value: from config.toml, else (alpha, seed, method) from the metrics, else None."""
-        return self.config[name] if name in self.config else self.history[-1].get(name)
+        """A config key's value: from config.toml; a key it lacks (written before the key existed) has its default;
+        with no config.toml, alpha, seed and method come from the metrics and other keys are None."""
+        if name in self.config:
+            return self.config[name]
+        if self.config and name in FIELDS:
+            return default_of(name)
+        return self.history[-1].get(name)
 
 
 def _show(v) -> str:
