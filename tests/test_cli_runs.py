@@ -85,6 +85,44 @@ def test_compare_then_report(tiny_cfg, tmp_path):
     assert res.exit_code == 0, res.output
 
 
+def test_compare_grid_over_other_keys(tiny_cfg, tmp_path):
+    """--set KEY=V1,V2 varies any config key: every combination runs in its own folder and is its own setting; a
+    key named after a method varies for that method only."""
+    from florana.federation.compare import parse_grid, plan_runs
+
+    grid = parse_grid(["local-steps=1,2", "lora_fair_steps=3,4", "bf16=false"])
+    assert grid == {"local_steps": [1, 2], "lora_fair_steps": [3, 4], "bf16": [False]}
+    plan = dict(plan_runs(RunConfig(), ["fedit", "lora_fair"], [0], [0.5], grid))
+    assert sorted(plan) == sorted(["fedit-alpha0.5-local_steps1-bf16false-seed0",
+                                   "fedit-alpha0.5-local_steps2-bf16false-seed0"] +
+                                  [f"lora_fair-alpha0.5-local_steps{k}-lora_fair_steps{s}-bf16false-seed0"
+                                   for k in (1, 2) for s in (3, 4)])
+    config = plan["lora_fair-alpha0.5-local_steps2-lora_fair_steps4-bf16false-seed0"]
+    assert (config.local_steps, config.lora_fair_steps, config.bf16, config.method) == (2, 4, False, "lora_fair")
+    assert plan["fedit-alpha0.5-local_steps1-bf16false-seed0"].lora_fair_steps == RunConfig().lora_fair_steps
+    out = tmp_path / "grid"
+    res = runner.invoke(app, ["compare", "--methods", "fedit,florana", "--seeds", "0", "--config", str(tiny_cfg),
+                              "--rounds", "1", "--set", "local_steps=1,2", "--out", str(out), "--quiet"])
+    assert res.exit_code == 0, res.output
+    assert sorted(p.name for p in out.glob("*-seed0")) == sorted(
+        f"{m}-alpha0.5-local_steps{k}-seed0" for m in ("fedit", "florana") for k in (1, 2))
+    assert "local_steps = 2\n" in (out / "florana-alpha0.5-local_steps2-seed0" / "config.toml").read_text()
+    summary = list(csv.DictReader(io.StringIO((out / "summary.csv").read_text())))
+    assert [(r["method"], r["setting"]) for r in summary] == [
+        ("fedit", "alpha=0.5, local_steps=1"), ("florana", "alpha=0.5, local_steps=1"),
+        ("fedit", "alpha=0.5, local_steps=2"), ("florana", "alpha=0.5, local_steps=2")]
+    assert (out / "plots" / "alpha0.5-local_steps2" / "accuracy.png").is_file()
+    for args, message in [(["--set", "colour=1"], "--set colour: unknown key"),
+                          (["--set", "local_steps=x"], "--set local_steps: 'x' is not an int"),
+                          (["--set", "seed=1,2"], "--set seed: use --seeds for it"),
+                          (["--set", "local_steps"], "--set takes key=v1,v2,..., got 'local_steps'"),
+                          (["--set", "local_steps=0"], "local_steps must be >= 1, got 0")]:
+        res = runner.invoke(app, ["compare", "--methods", "fedit", "--config", str(tiny_cfg), "--out",
+                                  str(tmp_path / "bad"), "--quiet", *args])
+        assert res.exit_code == 2 and message in " ".join(res.output.split()), (args, res.output)
+        assert "Traceback" not in res.output and not (tmp_path / "bad").exists()
+
+
 def test_client_ranks_on_the_command_line(tiny_cfg, tmp_path, monkeypatch):
     """`run --client-ranks` trains clients of their own ranks under every method (`compare --methods all` with
     them runs the new aggregators too); bad ranks and a method that cannot take them are errors naming the key."""

@@ -197,6 +197,15 @@ def test_label_runs_settings_and_variants():
     runs = grid(config_extra={"lr": 0.001}) + grid(config_extra={"threads": 8})
     tables.label_runs(runs)
     assert {r.setting for r in runs} == {"alpha=0.5, lr=0.001", "alpha=0.5, lr=0.002"}
+    # local_steps is everyone's key, though 'local' is a method name (a bound, which has no options)
+    runs = [*grid(seeds=(0,), config_extra={"local_steps": 5}), *grid(seeds=(0,), config_extra={"local_steps": 9})]
+    for steps in (5, 9):
+        runs.append(Run(history("local", 0, [0.6]), {**runs[0].config, "method": "local", "local_steps": steps}))
+    for i, r in enumerate(runs):
+        r.name = f"run{i}"
+    tables.label_runs(runs)
+    assert {(r.label, r.setting) for r in runs} == {(m, f"alpha=0.5, local_steps={k}") for m in ("fedit", "florana",
+                                                                                                 "local") for k in (5, 9)}
     # a config.toml written before a key existed holds its default
     old = grid(seeds=(0,))
     for r in old:

@@ -197,12 +197,16 @@ def compare(
     quiet: Annotated[bool, typer.Option("--quiet")] = False,
     force: Annotated[bool, typer.Option("--force", help="Redo a run whose folder holds another config (it is "
                                                         "removed first).")] = False,
+    set_: Annotated[list[str] | None, typer.Option("--set", help="Another config key to vary, KEY=V1,V2,... "
+                                                                "(repeatable; every combination runs; a key named "
+                                                                "after a method varies for that method only).")] = None,
     target: TargetOpt = TARGET,
     baseline: BaselineOpt = BASELINE,
 ) -> None:
-    """Run every method × seed × α on identical partitions (one folder per run; a finished run of the same config is
-    reused, an unfinished one resumed); then summarise them as `florana report` does."""
+    """Run every method × seed × α (× --set values) on identical partitions (one folder per run; a finished run of
+    the same config is reused, an unfinished one resumed); then summarise them as `florana report` does."""
     from florana.federation.compare import compare as run_compare
+    from florana.federation.compare import parse_grid
     from florana.aggregation import METHODS
     from florana.federation.methods import ALL_METHODS, check_method, check_ranks
 
@@ -210,6 +214,7 @@ def compare(
         names = list(ALL_METHODS) if methods == "all" else [m.strip() for m in methods.split(",") if m.strip()]
         for name in names:
             check_method(name)
+        grid = parse_grid(set_ or [])
         seed_list = _numbers(seeds, int, "--seeds")
         alphas = _numbers(alpha, float, "--alpha")
         ranks = None if client_ranks is None else _numbers(client_ranks, int, "--client-ranks")
@@ -224,7 +229,7 @@ def compare(
                 check_ranks(name, base.ranks())
         with progress_for(quiet) as progress:
             rows = run_compare(base, names, seed_list, alphas, out, progress=progress, force=force, target=target,
-                               baseline=baseline)
+                               baseline=baseline, grid=grid)
     except FloranaError as e:
         fail(str(e))
     print_rows(rows)
