@@ -113,7 +113,7 @@ def history(method, seed, accs, alpha=0.5, errors=None, floors=None, seconds=10.
                     "global_macro_f1": None if acc is None else acc - 0.1,
                     "local_accuracy_mean": 0.8, "local_global_gap": None if acc is None else 0.8 - acc,
                     "relative_error": err, "error_floor": None if floors is None else floors[i],
-                    "fedit_error": None if fedit is None else fedit[i], "seconds": seconds,
+                    "fedit_error": None if fedit is None else fedit[i], "seconds": seconds, "norm_A": 1.0 + i + seed,
                     "cum_bytes_up": (i + 1) * mib_per_round * MIB / 2,
                     "cum_bytes_down": (i + 1) * mib_per_round * MIB / 2})
     return out
@@ -256,8 +256,16 @@ def test_write_summary_files(tmp_path):
     root = write_runs(tmp_path / "sweep", grid(alphas=(0.1, 1.0)))
     out = tmp_path / "results"
     rows = write_summary(find_runs([root]), out, target=0.6)
-    assert sorted(p.name for p in out.iterdir()) == ["paired.csv", "plots", "provenance.json", "run_configs",
-                                                     "runs.csv", "summary.csv", "summary.md"]
+    assert sorted(p.name for p in out.iterdir()) == ["paired.csv", "plots", "provenance.json", "rounds.csv",
+                                                     "run_configs", "runs.csv", "summary.csv", "summary.md"]
+    per_round = list(csv.DictReader(io.StringIO((out / "rounds.csv").read_text())))
+    assert len(per_round) == 2 * 2 * 3  # methods × settings × rounds
+    last = next(r for r in per_round if (r["method"], r["setting"], r["round"]) == ("fedit", "alpha=0.1", "3"))
+    est = stats.mean_ci([0.60, 0.61, 0.62])
+    assert float(last["global_accuracy"]) == pytest.approx(0.61) and last["seeds"] == "3"
+    assert float(last["global_accuracy_ci_low"]) == pytest.approx(est.low)
+    # a metric this code does not know (a later version's) comes along: norm_A = 3 + seed at round 3
+    assert float(last["norm_A"]) == pytest.approx(4.0) and float(last["cum_mib"]) == pytest.approx(6.0)
     summary = list(csv.DictReader(io.StringIO((out / "summary.csv").read_text())))
     assert len(summary) == len(rows) == 4 and list(summary[0]) == tables.SUMMARY_KEYS
     assert summary[0]["global_accuracy_ci_low"] and summary[0]["setting"] == "alpha=0.1"

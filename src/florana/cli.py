@@ -237,7 +237,7 @@ def compare(
 
 
 def _echo_outputs(out: Path) -> None:
-    typer.echo(f"tables: {out / 'summary.md'}, summary.csv, paired.csv, runs.csv; plots: {out / 'plots'}; "
+    typer.echo(f"tables: {out / 'summary.md'}, summary.csv, paired.csv, runs.csv, rounds.csv; plots: {out / 'plots'}; "
                f"provenance.json and run_configs/")
 
 
@@ -251,8 +251,8 @@ def report(
     baseline: BaselineOpt = BASELINE,
 ) -> None:
     """Summarise finished runs: summary.md/csv (mean, std and 95% t interval over seeds per method and setting),
-    paired.csv (differences against the baseline on the same seeds), runs.csv, plots/, run_configs/ and
-    provenance.json; no checkpoints or adapters."""
+    paired.csv (differences against the baseline on the same seeds), runs.csv, rounds.csv, plots/, run_configs/
+    and provenance.json; no checkpoints or adapters."""
     from florana.federation.folders import check_report_folder
     from florana.report.summary import find_runs, write_summary
 

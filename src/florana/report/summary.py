@@ -1,5 +1,6 @@
-"""A summary folder from finished runs: summary.md, summary.csv, paired.csv, runs.csv, plots/<setting>/*.png,
-run_configs/<run>.toml and provenance.json. It holds no checkpoints or adapters, so it can be committed."""
+"""A summary folder from finished runs: summary.md, summary.csv, paired.csv, runs.csv, rounds.csv,
+plots/<setting>/*.png, run_configs/<run>.toml and provenance.json. It holds no checkpoints or adapters, so it can be
+committed."""
 
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ from florana.report.provenance import git_commit, machine, now, read_sessions
 from florana.report.stats import BOOTSTRAP_SEED, CONFIDENCE, RESAMPLES, TIE
 from florana.report.tables import BASELINE, TARGET, Run
 
-SUMMARY_FILES = ("summary.md", "summary.csv", "paired.csv", "runs.csv", "provenance.json")
+SUMMARY_FILES = ("summary.md", "summary.csv", "paired.csv", "runs.csv", "rounds.csv", "provenance.json")
 SUMMARY_FOLDERS = ("plots", "run_configs")
 
 
@@ -81,6 +82,7 @@ def write_summary(runs: list[Run], out: Path, target: float = TARGET, baseline: 
     write_text_atomic(out / "summary.csv", tables.to_csv(rows))
     write_text_atomic(out / "paired.csv", tables.paired_csv(pairs))
     write_text_atomic(out / "runs.csv", tables.runs_csv(runs, target))
+    write_text_atomic(out / "rounds.csv", tables.rounds_csv(runs))
     write_text_atomic(out / "provenance.json", json.dumps(info, indent=1) + "\n")
     return rows
 

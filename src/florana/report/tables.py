@@ -345,6 +345,32 @@ def runs_csv(runs: list[Run], target: float = TARGET) -> str:
     return _csv(rows, RUN_KEYS)
 
 
+def round_rows(runs: list[Run], confidence: float = CONFIDENCE) -> tuple[list[dict], list[str]]:
+    """rounds.csv: per method, setting and round, the mean and t interval over seeds of every numeric metric the
+    runs record per round (what later versions add comes along), and the cumulative MiB; with its column names."""
+    skip = {"round", "seed", "alpha"}
+    keys = sorted({k for r in runs for m in r.history for k, v in m.items()
+                   if k not in skip and isinstance(v, (int, float)) and not isinstance(v, bool)}) + ["cum_mib"]
+    rows = []
+    for (setting, label), members in groups(runs).items():
+        by_round = [{m["round"]: m for m in r.history} for r in members]
+        for round_ in sorted(set().union(*by_round)):
+            row = {"method": label, "setting": setting, "round": round_,
+                   "seeds": sum(round_ in b for b in by_round)}
+            for key in keys:
+                vals = [value(b[round_], key) for b in by_round if round_ in b]
+                est = mean_ci([v for v in vals if isinstance(v, (int, float)) and not isinstance(v, bool)],
+                              confidence)
+                row.update({key: est.mean, key + "_ci_low": est.low, key + "_ci_high": est.high})
+            rows.append(row)
+    return rows, ["method", "setting", "round", "seeds"] + [k + s for k in keys for s in ("", "_ci_low", "_ci_high")]
+
+
+def rounds_csv(runs: list[Run]) -> str:
+    rows, keys = round_rows(runs)
+    return _csv(rows, keys)
+
+
 def rich_table(rows: list[dict]):
     """The terminal's view of summary.csv: the final accuracy with its interval, the rest as means."""
     from rich.table import Table
