@@ -74,7 +74,8 @@ def test_compare_then_report(tiny_cfg, tmp_path):
     res = runner.invoke(app, ["report", str(out), "--out", str(rep), "--target", "0.01"])
     assert res.exit_code == 0, res.output
     # the extended run differs in rounds: a setting of its own, with no florana to pair with; the others' rows stand
-    quality = [line for line in table.splitlines() if line.startswith(("| florana | 2 | 2 | ", "| centralized | 2 | 2 | "))]
+    quality = [line for line in table.splitlines()
+               if line.startswith(("| florana | 2 | 2 | ", "| centralized | 2 | 2 | "))]
     assert set(quality) <= set((rep / "summary.md").read_text().splitlines()) and len(quality) == 2
     settings = {r["setting"]: r for r in csv.DictReader(io.StringIO((rep / "summary.csv").read_text()))
                 if r["method"] == "fedit"}

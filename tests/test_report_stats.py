@@ -204,8 +204,8 @@ def test_label_runs_settings_and_variants():
     for i, r in enumerate(runs):
         r.name = f"run{i}"
     tables.label_runs(runs)
-    assert {(r.label, r.setting) for r in runs} == {(m, f"alpha=0.5, local_steps={k}") for m in ("fedit", "florana",
-                                                                                                 "local") for k in (5, 9)}
+    assert {(r.label, r.setting) for r in runs} == {(m, f"alpha=0.5, local_steps={k}")
+                                                    for m in ("fedit", "florana", "local") for k in (5, 9)}
     # a config.toml written before a key existed holds its default
     old = grid(seeds=(0,))
     for r in old:

@@ -237,8 +237,8 @@ def compare(
 
 
 def _echo_outputs(out: Path) -> None:
-    typer.echo(f"tables: {out / 'summary.md'}, summary.csv, paired.csv, runs.csv, rounds.csv; plots: {out / 'plots'}; "
-               f"provenance.json and run_configs/")
+    typer.echo(f"tables: {out / 'summary.md'}, summary.csv, paired.csv, runs.csv, rounds.csv; "
+               f"plots: {out / 'plots'}; provenance.json and run_configs/")
 
 
 @app.command()
