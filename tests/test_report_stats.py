@@ -306,6 +306,12 @@ def test_find_runs_names_twins_by_their_parent(tmp_path):
         find_runs([tmp_path / "a" / "nothing"])
 
 
+def test_find_runs_orders_methods_as_all_does_then_alpha_and_seed(tmp_path):
+    root = write_runs(tmp_path / "sweep", grid(alphas=(10.0, 2.0), seeds=(10, 9), shift={9: 0.01, 10: 0.02}))
+    names = [r.name for r in find_runs([root])]
+    assert names == [f"{m}-alpha{a}-seed{s}" for m in ("fedit", "florana") for a in (2, 10) for s in (9, 10)]
+
+
 def test_slug():
     assert slug("alpha=0.5") == "alpha0.5" and slug("alpha=0.5, lr=0.001") == "alpha0.5-lr0.001"
     assert slug("alpha=1, dataset=/x/y.csv") == "alpha1-dataset_x_y.csv"
