@@ -117,7 +117,8 @@ def test_compare_grid_over_other_keys(tiny_cfg, tmp_path):
                           (["--set", "local_steps=x"], "--set local_steps: 'x' is not an int"),
                           (["--set", "seed=1,2"], "--set seed: use --seeds for it"),
                           (["--set", "local_steps"], "--set takes key=v1,v2,..., got 'local_steps'"),
-                          (["--set", "local_steps=0"], "local_steps must be >= 1, got 0")]:
+                          (["--set", "local_steps=0"], "local_steps must be >= 1, got 0"),
+                          (["--baseline", "fedavg"], "unknown method 'fedavg'")]:
         res = runner.invoke(app, ["compare", "--methods", "fedit", "--config", str(tiny_cfg), "--out",
                                   str(tmp_path / "bad"), "--quiet", *args])
         assert res.exit_code == 2 and message in " ".join(res.output.split()), (args, res.output)

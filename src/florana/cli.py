@@ -212,7 +212,7 @@ def compare(
 
     try:
         names = list(ALL_METHODS) if methods == "all" else [m.strip() for m in methods.split(",") if m.strip()]
-        for name in names:
+        for name in [*names, baseline]:
             check_method(name)
         grid = parse_grid(set_ or [])
         seed_list = _numbers(seeds, int, "--seeds")
