@@ -74,7 +74,8 @@ def test_compare_then_report(tiny_cfg, tmp_path):
     res = runner.invoke(app, ["report", str(out), "--out", str(rep), "--target", "0.01"])
     assert res.exit_code == 0, res.output
     # the extended run differs in rounds: a setting of its own, with no florana to pair with; the others' rows stand
-    quality = [line for line in table.splitlines() if line.startswith(("| florana | 2 | 2 | ", "| centralized | 2 | 2 | "))]
+    quality = [line for line in table.splitlines()
+               if line.startswith(("| florana | 2 | 2 | ", "| centralized | 2 | 2 | "))]
     assert set(quality) <= set((rep / "summary.md").read_text().splitlines()) and len(quality) == 2
     settings = {r["setting"]: r for r in csv.DictReader(io.StringIO((rep / "summary.csv").read_text()))
                 if r["method"] == "fedit"}
@@ -116,7 +117,8 @@ def test_compare_grid_over_other_keys(tiny_cfg, tmp_path):
                           (["--set", "local_steps=x"], "--set local_steps: 'x' is not an int"),
                           (["--set", "seed=1,2"], "--set seed: use --seeds for it"),
                           (["--set", "local_steps"], "--set takes key=v1,v2,..., got 'local_steps'"),
-                          (["--set", "local_steps=0"], "local_steps must be >= 1, got 0")]:
+                          (["--set", "local_steps=0"], "local_steps must be >= 1, got 0"),
+                          (["--baseline", "fedavg"], "unknown method 'fedavg'")]:
         res = runner.invoke(app, ["compare", "--methods", "fedit", "--config", str(tiny_cfg), "--out",
                                   str(tmp_path / "bad"), "--quiet", *args])
         assert res.exit_code == 2 and message in " ".join(res.output.split()), (args, res.output)

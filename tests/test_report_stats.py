@@ -204,8 +204,8 @@ def test_label_runs_settings_and_variants():
     for i, r in enumerate(runs):
         r.name = f"run{i}"
     tables.label_runs(runs)
-    assert {(r.label, r.setting) for r in runs} == {(m, f"alpha=0.5, local_steps={k}") for m in ("fedit", "florana",
-                                                                                                 "local") for k in (5, 9)}
+    assert {(r.label, r.setting) for r in runs} == {(m, f"alpha=0.5, local_steps={k}")
+                                                    for m in ("fedit", "florana", "local") for k in (5, 9)}
     # a config.toml written before a key existed holds its default
     old = grid(seeds=(0,))
     for r in old:
@@ -304,6 +304,12 @@ def test_find_runs_names_twins_by_their_parent(tmp_path):
     assert len(find_runs([a])) == 2  # a run with no finished round is left out
     with pytest.raises(FloranaError, match="no metrics.jsonl"):
         find_runs([tmp_path / "a" / "nothing"])
+
+
+def test_find_runs_orders_methods_as_all_does_then_alpha_and_seed(tmp_path):
+    root = write_runs(tmp_path / "sweep", grid(alphas=(10.0, 2.0), seeds=(10, 9), shift={9: 0.01, 10: 0.02}))
+    names = [r.name for r in find_runs([root])]
+    assert names == [f"{m}-alpha{a}-seed{s}" for m in ("fedit", "florana") for a in (2, 10) for s in (9, 10)]
 
 
 def test_slug():

@@ -212,7 +212,7 @@ def compare(
 
     try:
         names = list(ALL_METHODS) if methods == "all" else [m.strip() for m in methods.split(",") if m.strip()]
-        for name in names:
+        for name in [*names, baseline]:
             check_method(name)
         grid = parse_grid(set_ or [])
         seed_list = _numbers(seeds, int, "--seeds")
@@ -237,8 +237,8 @@ def compare(
 
 
 def _echo_outputs(out: Path) -> None:
-    typer.echo(f"tables: {out / 'summary.md'}, summary.csv, paired.csv, runs.csv, rounds.csv; plots: {out / 'plots'}; "
-               f"provenance.json and run_configs/")
+    typer.echo(f"tables: {out / 'summary.md'}, summary.csv, paired.csv, runs.csv, rounds.csv; "
+               f"plots: {out / 'plots'}; provenance.json and run_configs/")
 
 
 @app.command()

@@ -79,8 +79,9 @@ def compare(base: RunConfig, methods: list[str], seeds: list[int], alphas: list[
             grid: dict[str, list] | None = None) -> list[dict]:
     """Runs (or resumes, or reuses when finished) each combination under out/, then writes the summary
     (report.summary: tables with intervals over seeds, paired differences against `baseline`, the cost of reaching
-    `target`, plots/<setting>/, provenance). `grid` adds config keys to vary (plan_runs). The partition depends only on (seed, alpha), never on the method. A run
-    folder is reused only for an identical config; otherwise an error, or with `force` the old run is removed."""
+    `target`, plots/<setting>/, provenance). `grid` adds config keys to vary (plan_runs). The partition depends only
+    on the seed and the config, never on the method. A run folder is reused only for an identical config; otherwise
+    an error, or with `force` the old run is removed."""
     out = Path(out)
     check_compare_folder(out)
     plan = [(config, out / name) for name, config in plan_runs(base, methods, seeds, alphas, grid)]

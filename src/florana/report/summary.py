@@ -11,6 +11,7 @@ from pathlib import Path
 
 from florana.errors import FloranaError
 from florana.federation.checkpoint import write_text_atomic
+from florana.federation.methods import ALL_METHODS
 from florana.report import tables
 from florana.report.plots import plot_bands
 from florana.report.provenance import git_commit, machine, now, read_sessions
@@ -40,14 +41,18 @@ def load_run(run_dir: Path) -> Run | None:
 
 
 def find_runs(folders: list[Path]) -> list[Run]:
-    """The runs in these folders, each a run folder or a folder of runs (compare's --out); ones with no finished
-    round are left out. Two runs of one folder name get their parent's name in front."""
+    """The runs in these folders, each a run folder or a folder of runs (compare's --out), in the order of
+    ALL_METHODS; ones with no finished round are left out. Two runs of one folder name get their parent's name in
+    front."""
     runs = []
     for d in folders:
         found = [d] if (d / "metrics.jsonl").is_file() else sorted(p.parent for p in d.glob("*/metrics.jsonl"))
         if not found:
             raise FloranaError(f"{d}: no metrics.jsonl in it or its sub-folders (not a florana run)")
         runs += [r for r in (load_run(f) for f in found) if r is not None]
+    order = {m: i for i, m in enumerate(ALL_METHODS)}  # tables list methods as `--methods all` runs them
+    runs.sort(key=lambda r: (order.get(r.method, len(order)), r.method, r.alpha is None, r.alpha or 0,
+                             r.seed is None, r.seed or 0, r.name))
     counts: dict[str, int] = {}
     for r in runs:
         counts[r.name] = counts.get(r.name, 0) + 1

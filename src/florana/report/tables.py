@@ -20,7 +20,7 @@ from florana.report.stats import CONFIDENCE, TIE, Estimate, Paired, first_reache
 TARGET = 0.70  # the default target accuracy of time-to-accuracy and bytes-to-accuracy
 BASELINE = "fedit"
 # config keys that never make two runs' results incomparable (speed and bookkeeping only)
-NOT_A_SETTING = frozenset({"method", "seed", "threads", "keep_checkpoints", "device"})
+NOT_A_SETTING = frozenset({"method", "seed", "threads", "keep_checkpoints", "device", "eval_batch_size"})
 
 # per-run numbers summarised over seeds: key, title, digits
 STATS = (
