@@ -489,8 +489,8 @@ class RunResult:
 
 def resumed_config(run_dir: Path, requested: RunConfig | None = None) -> RunConfig:
     """The config to resume run_dir with: its stored config.toml, or `requested` where that differs from it only
-    in rounds beyond those done (an extension, written to config.toml at once, so that every runtime resumes
-    with it). Any other difference is an error naming the keys."""
+    in rounds beyond those done (an extension) or in the device (where it runs: a checkpoint is CPU tensors), written
+    to config.toml at once, so that every runtime resumes with it. Any other difference is an error naming the keys."""
     path = Path(run_dir) / "config.toml"
     if not path.is_file():
         raise FloranaError(f"{run_dir}: nothing to resume (no config.toml)")
@@ -498,11 +498,14 @@ def resumed_config(run_dir: Path, requested: RunConfig | None = None) -> RunConf
     if requested is None or requested == stored:
         return stored
     changes = differences(stored, requested)
-    others = {k: v for k, v in changes.items() if k != "rounds"}
+    others = {k: v for k, v in changes.items() if k not in ("rounds", "device")}
     if others:
         raise FloranaError(f"{run_dir}: a resumed run keeps its config, but {describe(others)} differ(s) from its "
-                           "config.toml (only rounds may change, to extend the run)")
+                           "config.toml (only rounds may change, to extend the run, and the device)")
     done = latest_round(run_dir)
+    if "rounds" not in changes:
+        write_text_atomic(path, requested.to_toml())
+        return requested
     if requested.rounds <= done:
         raise FloranaError(f"{run_dir}: {done} round(s) are done; rounds={requested.rounds} cannot extend the run")
     if stored.method == "local" and done >= stored.rounds:
