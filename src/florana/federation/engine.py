@@ -128,6 +128,8 @@ class Federation:
     def __init__(self, config: RunConfig, progress=None):
         torch.set_num_threads(config.threads)
         self.config, self.progress = config, progress
+        self.device = resolve_device(config.device)  # before anything loads: a missing GPU fails at once
+        self.precision = precision_for(self.device, config.bf16)
         self.method = method_of(config)
         causal = config.task == "causal_lm"
         examples = load_examples(config.dataset, text_column=config.text_column, label_column=config.label_column,
@@ -137,8 +139,6 @@ class Federation:
         self.rank = max(self.ranks)
         lora = {"r": self.rank, "lora_alpha": config.lora_alpha, "lora_dropout": config.lora_dropout,
                 "use_rslora": config.rslora, "target_modules": list(config.target_modules)}
-        self.device = resolve_device(config.device)
-        self.precision = precision_for(self.device, config.bf16)
         self.model, tokenizer = load_model(config.task, config.model, len(examples.label_names), lora, config.seed,
                                            self.device)
         self.task = (CausalLMTask(tokenizer, config.max_length, self.precision, config.max_new_tokens) if causal else
