@@ -1,5 +1,7 @@
 """The run/compare/report commands end to end, including one run on the real offline default."""
 
+import csv
+import io
 import json
 
 import pytest
@@ -7,6 +9,7 @@ from typer.testing import CliRunner
 
 from florana.cli import app
 from florana.config import RunConfig
+from florana.report.tables import SUMMARY_KEYS
 from tiny import sentiment_csv, tiny_bert
 
 runner = CliRunner()
@@ -34,10 +37,22 @@ def test_compare_then_report(tiny_cfg, tmp_path):
     parts = {p.name: (p / "partition.json").read_text() for p in out.glob("*-seed0")}
     assert len(set(parts.values())) == 1
     table = (out / "summary.md").read_text()
-    assert "| florana | 0.5 | 2 |" in table and "±" in table
-    csv_lines = (out / "summary.csv").read_text().splitlines()
-    assert csv_lines[0].startswith("method,alpha,seeds,global_accuracy") and len(csv_lines) == 4
-    assert (out / "plots" / "alpha0.5" / "accuracy.png").is_file()
+    assert "## alpha=0.5" in table and "| florana | 2 | 2 | " in table and " ± " in table
+    summary = list(csv.DictReader(io.StringIO((out / "summary.csv").read_text())))
+    assert [(r["method"], r["setting"], r["seeds"]) for r in summary] == [
+        ("fedit", "alpha=0.5", "2"), ("florana", "alpha=0.5", "2"), ("centralized", "alpha=0.5", "2")]
+    assert list(summary[0]) == SUMMARY_KEYS and all(r["global_accuracy_ci_low"] for r in summary)
+    paired = list(csv.DictReader(io.StringIO((out / "paired.csv").read_text())))
+    assert {(p["method"], p["metric"], p["n"]) for p in paired} >= {("florana", "global_accuracy", "2"),
+                                                                    ("centralized", "global_accuracy", "2")}
+    assert all(p["baseline"] == "fedit" and p["setting"] == "alpha=0.5" for p in paired)
+    assert len((out / "runs.csv").read_text().splitlines()) == 7
+    assert sorted(p.name for p in (out / "plots" / "alpha0.5").iterdir()) == [
+        "accuracy.png", "accuracy_mib.png", "bytes.png", "error.png"]
+    info = json.loads((out / "provenance.json").read_text())
+    assert len(info["runs"]) == 6 and all(r["finished"] and len(r["sessions"]) == 1 for r in info["runs"])
+    assert (out / "run_configs" / "fedit-alpha0.5-seed1.toml").read_text() == \
+        (out / "fedit-alpha0.5-seed1" / "config.toml").read_text()
     # finished runs are reused, not rerun
     before = (out / "fedit-alpha0.5-seed0" / "metrics.jsonl").stat().st_mtime_ns
     res = runner.invoke(app, ["compare", "--methods", "fedit", "--seeds", "0", "--config", str(tiny_cfg),
@@ -56,12 +71,56 @@ def test_compare_then_report(tiny_cfg, tmp_path):
     assert [json.loads(x)["round"] for x in (run_dir / "metrics.jsonl").read_text().splitlines()] == [1, 2, 3]
     assert (out / "fedit-alpha0.5-seed1" / "metrics.jsonl").read_text().count("\n") == 2  # others untouched
     rep = tmp_path / "rep"
-    res = runner.invoke(app, ["report", str(out), "--out", str(rep)])
+    res = runner.invoke(app, ["report", str(out), "--out", str(rep), "--target", "0.01"])
     assert res.exit_code == 0, res.output
-    untouched = [line for line in table.splitlines() if line.startswith(("| florana ", "| centralized "))]
-    assert set(untouched) <= set((rep / "summary.md").read_text().splitlines()) and len(untouched) == 2
+    # the extended run differs in rounds: a setting of its own, with no florana to pair with; the others' rows stand
+    quality = [line for line in table.splitlines() if line.startswith(("| florana | 2 | 2 | ", "| centralized | 2 | 2 | "))]
+    assert set(quality) <= set((rep / "summary.md").read_text().splitlines()) and len(quality) == 2
+    settings = {r["setting"]: r for r in csv.DictReader(io.StringIO((rep / "summary.csv").read_text()))
+                if r["method"] == "fedit"}
+    assert set(settings) == {"alpha=0.5, rounds=2", "alpha=0.5, rounds=3"}
+    assert float(settings["alpha=0.5, rounds=2"]["rounds_to_target_median"]) == 1  # any accuracy is ≥ 0.01
+    assert not list(rep.glob("*-seed*"))  # a summary holds no runs, checkpoints or adapters
     res = runner.invoke(app, ["report", str(out)])  # into the compare folder itself
     assert res.exit_code == 0, res.output
+
+
+def test_compare_grid_over_other_keys(tiny_cfg, tmp_path):
+    """--set KEY=V1,V2 varies any config key: every combination runs in its own folder and is its own setting; a
+    key named after a method varies for that method only."""
+    from florana.federation.compare import parse_grid, plan_runs
+
+    grid = parse_grid(["local-steps=1,2", "lora_fair_steps=3,4", "bf16=false"])
+    assert grid == {"local_steps": [1, 2], "lora_fair_steps": [3, 4], "bf16": [False]}
+    plan = dict(plan_runs(RunConfig(), ["fedit", "lora_fair"], [0], [0.5], grid))
+    assert sorted(plan) == sorted(["fedit-alpha0.5-local_steps1-bf16false-seed0",
+                                   "fedit-alpha0.5-local_steps2-bf16false-seed0"] +
+                                  [f"lora_fair-alpha0.5-local_steps{k}-lora_fair_steps{s}-bf16false-seed0"
+                                   for k in (1, 2) for s in (3, 4)])
+    config = plan["lora_fair-alpha0.5-local_steps2-lora_fair_steps4-bf16false-seed0"]
+    assert (config.local_steps, config.lora_fair_steps, config.bf16, config.method) == (2, 4, False, "lora_fair")
+    assert plan["fedit-alpha0.5-local_steps1-bf16false-seed0"].lora_fair_steps == RunConfig().lora_fair_steps
+    out = tmp_path / "grid"
+    res = runner.invoke(app, ["compare", "--methods", "fedit,florana", "--seeds", "0", "--config", str(tiny_cfg),
+                              "--rounds", "1", "--set", "local_steps=1,2", "--out", str(out), "--quiet"])
+    assert res.exit_code == 0, res.output
+    assert sorted(p.name for p in out.glob("*-seed0")) == sorted(
+        f"{m}-alpha0.5-local_steps{k}-seed0" for m in ("fedit", "florana") for k in (1, 2))
+    assert "local_steps = 2\n" in (out / "florana-alpha0.5-local_steps2-seed0" / "config.toml").read_text()
+    summary = list(csv.DictReader(io.StringIO((out / "summary.csv").read_text())))
+    assert [(r["method"], r["setting"]) for r in summary] == [
+        ("fedit", "alpha=0.5, local_steps=1"), ("florana", "alpha=0.5, local_steps=1"),
+        ("fedit", "alpha=0.5, local_steps=2"), ("florana", "alpha=0.5, local_steps=2")]
+    assert (out / "plots" / "alpha0.5-local_steps2" / "accuracy.png").is_file()
+    for args, message in [(["--set", "colour=1"], "--set colour: unknown key"),
+                          (["--set", "local_steps=x"], "--set local_steps: 'x' is not an int"),
+                          (["--set", "seed=1,2"], "--set seed: use --seeds for it"),
+                          (["--set", "local_steps"], "--set takes key=v1,v2,..., got 'local_steps'"),
+                          (["--set", "local_steps=0"], "local_steps must be >= 1, got 0")]:
+        res = runner.invoke(app, ["compare", "--methods", "fedit", "--config", str(tiny_cfg), "--out",
+                                  str(tmp_path / "bad"), "--quiet", *args])
+        assert res.exit_code == 2 and message in " ".join(res.output.split()), (args, res.output)
+        assert "Traceback" not in res.output and not (tmp_path / "bad").exists()
 
 
 def test_client_ranks_on_the_command_line(tiny_cfg, tmp_path, monkeypatch):
@@ -82,7 +141,7 @@ def test_client_ranks_on_the_command_line(tiny_cfg, tmp_path, monkeypatch):
     assert sorted(p.name for p in out.glob("*-seed0")) == sorted(f"{m}-alpha0.5-seed0" for m in mixed)
     for m in mixed:
         assert "client_ranks = [\n    2,\n    4,\n]" in (out / f"{m}-alpha0.5-seed0" / "config.toml").read_text()
-    assert "| hetlora | 0.5 | 1 |" in (out / "summary.md").read_text()
+    assert "| hetlora | 1 | 1 |" in (out / "summary.md").read_text()
     adapter = json.loads((out / "flexlora-alpha0.5-seed0" / "global_adapter" / "adapter_config.json").read_text())
     assert adapter["r"] == 4
 
@@ -178,7 +237,7 @@ def test_no_command_writes_into_someone_elses_folder(tiny_cfg, tmp_path):
     assert (mine / "summary.md").read_text() == "my summary"
     res = runner.invoke(app, ["report", str(finished)])  # a run folder takes its own summary
     assert res.exit_code == 0, res.output
-    assert "| fedit | 0.5 | 1 |" in (finished / "summary.md").read_text()
+    assert "| fedit | 1 | 1 | 0.500 (n=1) |" in (finished / "summary.md").read_text()
 
 
 def test_resume_extends_by_rounds_and_refuses_other_changes(tiny_cfg, tmp_path):
@@ -198,6 +257,9 @@ def test_resume_extends_by_rounds_and_refuses_other_changes(tiny_cfg, tmp_path):
     assert (out / "config.toml").read_text() == stored
     res = runner.invoke(app, ["run", "--resume", str(out), "--config", str(tiny_cfg), "--rounds", "3", "--quiet"])
     assert res.exit_code == 0, res.output
+    sessions = [json.loads(x) for x in (out / "sessions.jsonl").read_text().splitlines()]
+    assert [s["first_round"] for s in sessions] == [1, 3]  # the start and the resume, each with where it ran
+    assert all(s["machine"]["cpu_count"] >= 1 and s["git"]["commit"] for s in sessions)
     assert [json.loads(x)["round"] for x in (out / "metrics.jsonl").read_text().splitlines()] == [1, 2, 3]
     assert "rounds = 3\n" in (out / "config.toml").read_text()
 

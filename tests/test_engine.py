@@ -481,7 +481,8 @@ def test_removing_a_run_removes_only_what_a_run_writes(tmp_path):
     run_dir = tmp_path / "run"
     files = ["config.toml", "metrics.jsonl", "run.log", "partition.json", "global_adapter/adapter_config.json",
              "global_adapter/adapter_model.safetensors", "checkpoints/round-0002/state.json",
-             "checkpoints/.round-0003.ab12/state.safetensors", "plots/accuracy.png", ".metrics.jsonl.tmp42"]
+             "checkpoints/.round-0003.ab12/state.safetensors", "plots/accuracy.png", ".metrics.jsonl.tmp42",
+             "sessions.jsonl", "plots/accuracy_mib.png", "paired.csv", "provenance.json"]
     for name in files + ["global_adapter/README.md", "plots/mine.png"]:
         (run_dir / name).parent.mkdir(parents=True, exist_ok=True)
         (run_dir / name).write_text("x")

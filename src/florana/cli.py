@@ -9,6 +9,7 @@ from typing import Annotated
 import typer
 
 from florana.errors import FloranaError
+from florana.report.tables import BASELINE, TARGET
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="Federated LoRA fine-tuning with FLoRA-NA and every major federated-LoRA aggregator.")
@@ -72,6 +73,9 @@ def aggregate(
                f"down {summary['bytes_down_total']:,} B")
 
 
+TargetOpt = Annotated[float, typer.Option(min=0.0, max=1.0, help="Accuracy whose first reaching is timed: rounds, "
+                                                                 "seconds and MiB on the wire until it.")]
+BaselineOpt = Annotated[str, typer.Option(help="The method every other is paired against, seed by seed.")]
 ConfigOpt = Annotated[Path | None, typer.Option("--config", "-c", help="TOML file with RunConfig keys.")]
 
 
@@ -171,7 +175,7 @@ def _run_and_print(cfg, run_dir: Path, resume: bool, quiet: bool, runtime: str =
                    min_nodes: int = 1, gpus_per_client: float = 0.0) -> None:
     """Run (or resume) one federation with a progress display, then print its table."""
     from florana.federation.engine import run as run_federation
-    from florana.report.tables import summarize
+    from florana.report.tables import Run, label_runs, summarize
 
     try:
         if runtime == "flower":
@@ -185,7 +189,7 @@ def _run_and_print(cfg, run_dir: Path, resume: bool, quiet: bool, runtime: str =
                 result = run_federation(cfg, run_dir, resume=resume, progress=progress)
     except FloranaError as e:
         fail(str(e))
-    print_rows(summarize([result.history]))
+    print_rows(summarize(label_runs([Run(result.history)])))
     typer.echo(f"run folder: {result.run_dir}  (metrics.jsonl, global_adapter/, plots/, checkpoints/)")
 
 
@@ -202,10 +206,16 @@ def compare(
     quiet: Annotated[bool, typer.Option("--quiet")] = False,
     force: Annotated[bool, typer.Option("--force", help="Redo a run whose folder holds another config (it is "
                                                         "removed first).")] = False,
+    set_: Annotated[list[str] | None, typer.Option("--set", help="Another config key to vary, KEY=V1,V2,... "
+                                                                "(repeatable; every combination runs; a key named "
+                                                                "after a method varies for that method only).")] = None,
+    target: TargetOpt = TARGET,
+    baseline: BaselineOpt = BASELINE,
 ) -> None:
-    """Run every method × seed × α on identical partitions; write a markdown and CSV table and plots. A finished
-    run of the same config is reused, an unfinished one resumed."""
+    """Run every method × seed × α (× --set values) on identical partitions (one folder per run; a finished run of
+    the same config is reused, an unfinished one resumed); then summarise them as `florana report` does."""
     from florana.federation.compare import compare as run_compare
+    from florana.federation.compare import parse_grid
     from florana.aggregation import METHODS
     from florana.federation.methods import ALL_METHODS, check_method, check_ranks
 
@@ -213,6 +223,7 @@ def compare(
         names = list(ALL_METHODS) if methods == "all" else [m.strip() for m in methods.split(",") if m.strip()]
         for name in names:
             check_method(name)
+        grid = parse_grid(set_ or [])
         seed_list = _numbers(seeds, int, "--seeds")
         alphas = _numbers(alpha, float, "--alpha")
         ranks = None if client_ranks is None else _numbers(client_ranks, int, "--client-ranks")
@@ -226,38 +237,44 @@ def compare(
             for name in names:
                 check_ranks(name, base.ranks())
         with progress_for(quiet) as progress:
-            rows = run_compare(base, names, seed_list, alphas, out, progress=progress, force=force)
+            rows = run_compare(base, names, seed_list, alphas, out, progress=progress, force=force, target=target,
+                               baseline=baseline, grid=grid)
     except FloranaError as e:
         fail(str(e))
     print_rows(rows)
-    typer.echo(f"tables: {out / 'summary.md'}, {out / 'summary.csv'}; plots: {out / 'plots'}")
+    _echo_outputs(out)
+
+
+def _echo_outputs(out: Path) -> None:
+    typer.echo(f"tables: {out / 'summary.md'}, summary.csv, paired.csv, runs.csv, rounds.csv; plots: {out / 'plots'}; "
+               f"provenance.json and run_configs/")
 
 
 @app.command()
 def report(
     run_dirs: Annotated[list[Path], typer.Argument(help="Run folders, or folders of runs (florana compare's out).")],
-    out: Annotated[Path | None, typer.Option(help="Where summary.md/csv and plots/ go (default: the first folder): "
-                                                  "a new or empty folder, or a run or compare folder.")] = None,
+    out: Annotated[Path | None, typer.Option(help="Where the summary goes (default: the first folder): a new or empty "
+                                                  "folder (e.g. results/<name>, to commit), or a run or compare "
+                                                  "folder.")] = None,
+    target: TargetOpt = TARGET,
+    baseline: BaselineOpt = BASELINE,
 ) -> None:
-    """Rebuild tables and plots from finished runs."""
-    from florana.federation.compare import write_summary
-    from florana.federation.engine import read_metrics
+    """Summarise finished runs: summary.md/csv (mean, std and 95% t interval over seeds per method and setting),
+    paired.csv (differences against the baseline on the same seeds), runs.csv, rounds.csv, plots/, run_configs/
+    and provenance.json; no checkpoints or adapters."""
     from florana.federation.folders import check_report_folder
+    from florana.report.summary import find_runs, write_summary
 
     try:
-        histories = []
-        for d in run_dirs:
-            found = [d] if (d / "metrics.jsonl").is_file() else sorted(p.parent for p in d.glob("*/metrics.jsonl"))
-            if not found:
-                raise FloranaError(f"{d}: no metrics.jsonl in it or its sub-folders (not a florana run)")
-            histories += [h for h in (read_metrics(f) for f in found) if h]
-        if not histories:
+        runs = find_runs(run_dirs)
+        if not runs:
             raise FloranaError("no finished rounds in these runs")
         check_report_folder(out or run_dirs[0])
-        rows = write_summary(histories, out or run_dirs[0])
+        rows = write_summary(runs, out or run_dirs[0], target, baseline)
     except FloranaError as e:
         fail(str(e))
     print_rows(rows)
+    _echo_outputs(out or run_dirs[0])
 
 
 @app.command()

@@ -1,34 +1,89 @@
-"""Every combination of methods × seeds × alphas on identical partitions, then one table and one set of plots."""
+"""Every combination of methods × seeds × alphas (× the values of any other config keys) on identical partitions,
+then one summary."""
 
 from __future__ import annotations
 
 import itertools
+import re
 from pathlib import Path
 
-import numpy as np
-
-from florana.config import RunConfig, describe, differences
+from florana.aggregation import METHODS
+from florana.config import FIELDS, RunConfig, describe, differences
 from florana.errors import FloranaError
-from florana.federation.checkpoint import write_text_atomic
 from florana.federation.engine import read_metrics, resumed_config, run
 from florana.federation.folders import check_compare_folder, remove_run
-from florana.report import tables
-from florana.report.plots import plot_runs
+from florana.report.summary import load_run, write_summary
+from florana.report.tables import BASELINE, TARGET, method_owning
+
+AXES = {"method": "--methods", "seed": "--seeds", "alpha": "--alpha"}  # the grid's own flags
 
 
-def run_name(method: str, alpha: float, seed: int) -> str:
-    return f"{method}-alpha{alpha:g}-seed{seed}"
+def _name_part(v) -> str:
+    text = f"{v:g}" if isinstance(v, float) else str(v).lower() if isinstance(v, bool) else str(v)
+    return re.sub(r"[^A-Za-z0-9._]", "_", text)
+
+
+def run_name(method: str, alpha: float, seed: int, extra: dict | None = None) -> str:
+    """'fedit-alpha0.5-seed0'; with grid keys, 'fedit-alpha0.5-local_steps5-seed0'."""
+    keys = "".join(f"-{k}{_name_part(v)}" for k, v in (extra or {}).items())
+    return f"{method}-alpha{alpha:g}{keys}-seed{seed}"
+
+
+def parse_grid(items: list[str]) -> dict[str, list]:
+    """`--set key=v1,v2,...` (repeatable) as {key: [values]}, each value read as the key's type in RunConfig (its
+    range is checked when the run's config is made)."""
+    grid: dict[str, list] = {}
+    for item in items:
+        key, sep, values = item.partition("=")
+        key = key.strip().replace("-", "_")
+        if not sep or not values.strip():
+            raise FloranaError(f"--set takes key=v1,v2,..., got {item!r}")
+        if key in AXES:
+            raise FloranaError(f"--set {key}: use {AXES[key]} for it")
+        if key not in FIELDS:
+            raise FloranaError(f"--set {key}: unknown key; known keys: {', '.join(FIELDS)}")
+        if key in grid:
+            raise FloranaError(f"--set {key} is given twice; list all its values in one --set {key}=v1,v2")
+        kind = FIELDS[key].type
+        if kind.startswith("list"):
+            raise FloranaError(f"--set {key}: a list key cannot be a grid axis (set it in --config)")
+        grid[key] = [_typed(key, kind, v.strip()) for v in values.split(",") if v.strip()]
+    return grid
+
+
+def _typed(key: str, kind: str, text: str):
+    try:
+        if kind == "bool":
+            return {"true": True, "false": False}[text.lower()]
+        return {"int": int, "float": float}.get(kind, str)(text)
+    except (KeyError, ValueError):
+        raise FloranaError(f"--set {key}: {text!r} is not a{'n' if kind == 'int' else ''} {kind}") from None
+
+
+def plan_runs(base: RunConfig, methods: list[str], seeds: list[int], alphas: list[float],
+              grid: dict[str, list] | None = None) -> list[tuple[str, RunConfig]]:
+    """Each run's folder name and config: every alpha × seed × grid values × method. A grid key named after a
+    method (lora_fair_steps) varies for that method's runs only; the others run once with the base value."""
+    grid = grid or {}
+    plan: dict[str, RunConfig] = {}
+    for alpha, seed, values, method in itertools.product(alphas, seeds, itertools.product(*grid.values()), methods):
+        extra = {k: v for k, v in zip(grid, values) if method_owning(k, METHODS) in (None, method)}
+        name = run_name(method, alpha, seed, extra)
+        if name not in plan:
+            plan[name] = base.with_overrides(method=method, seed=seed, alpha=alpha, **extra)
+    return list(plan.items())
 
 
 def compare(base: RunConfig, methods: list[str], seeds: list[int], alphas: list[float], out: Path,
-            progress=None, force: bool = False) -> list[dict]:
-    """Runs (or resumes, or reuses when finished) each combination under out/, then writes summary.md,
-    summary.csv and plots/alpha<α>/. The partition depends only on (seed, alpha), never on the method. A run
+            progress=None, force: bool = False, target: float = TARGET, baseline: str = BASELINE,
+            grid: dict[str, list] | None = None) -> list[dict]:
+    """Runs (or resumes, or reuses when finished) each combination under out/, then writes the summary
+    (report.summary: tables with intervals over seeds, paired differences against `baseline`, the cost of reaching
+    `target`, plots/<setting>/, provenance). `grid` adds config keys to vary (plan_runs). The partition depends only on (seed, alpha), never on the method. A run
     folder is reused only for an identical config; otherwise an error, or with `force` the old run is removed."""
     out = Path(out)
     check_compare_folder(out)
-    plan = [(base.with_overrides(method=method, seed=seed, alpha=alpha), out / run_name(method, alpha, seed))
-            for alpha, seed, method in itertools.product(alphas, seeds, methods)]
+    plan = [(config, out / name) for name, config in plan_runs(base, methods, seeds, alphas, grid)]
     for config, run_dir in plan:  # all checked before any run starts
         if (run_dir / "config.toml").exists() and (changes := differences(resumed_config(run_dir), config)):
             if not force:
@@ -36,39 +91,11 @@ def compare(base: RunConfig, methods: list[str], seeds: list[int], alphas: list[
                                    "to redo it, or choose another --out")
             remove_run(run_dir)
     out.mkdir(parents=True, exist_ok=True)
-    histories = []
+    runs = []
     for config, run_dir in plan:
         resume = (run_dir / "config.toml").exists()
         done = resume and (run_dir / "global_adapter").is_dir() and len(read_metrics(run_dir)) == config.rounds
         if not done:
             run(None if resume else config, run_dir, resume=resume, progress=progress)
-        histories.append(read_metrics(run_dir))
-    return write_summary(histories, out)
-
-
-def write_summary(histories: list[list[dict]], out: Path) -> list[dict]:
-    rows = tables.summarize(histories)
-    out.mkdir(parents=True, exist_ok=True)
-    write_text_atomic(out / "summary.md", tables.to_markdown(rows))
-    write_text_atomic(out / "summary.csv", tables.to_csv(rows))
-    for alpha in sorted({h[-1].get("alpha") for h in histories}, key=str):
-        by_method: dict[str, list[list[dict]]] = {}
-        for h in histories:
-            if h[-1].get("alpha") == alpha:
-                by_method.setdefault(h[-1]["method"], []).append(h)
-        plot_runs({m: mean_history(hs) for m, hs in by_method.items()}, out / "plots" / f"alpha{alpha}")
-    return rows
-
-
-def mean_history(histories: list[list[dict]]) -> list[dict]:
-    """Per round, the mean over seeds of every numeric metric (for one line per method)."""
-    rounds = min(len(h) for h in histories)
-    out = []
-    for i in range(rounds):
-        ms = [h[i] for h in histories]
-        merged = {"round": ms[0]["round"]}
-        for key in ("global_accuracy", "relative_error", "error_floor", "cum_bytes_up", "cum_bytes_down"):
-            vals = [m.get(key) for m in ms if m.get(key) is not None]
-            merged[key] = float(np.mean(vals)) if vals else None
-        out.append(merged)
-    return out
+        runs.append(load_run(run_dir))
+    return write_summary([r for r in runs if r is not None], out, target, baseline)

@@ -35,6 +35,7 @@ from florana.federation.methods import method_of
 from florana.lora.adapter import LoraModule, at_rank, has_non_finite, revive_dead_slots
 from florana.lora.base_delta import apply_change, dense_change, factor_change, total_change
 from florana.lora.peft_io import save_adapter
+from florana.report.provenance import record_session
 from florana.train.local import batch_indices, train_steps
 from florana.train.device import on_cpu, peak_memory_mib, precision_for, reset_peak_memory, resolve_device
 from florana.train.model import AdapterSlots, load_model
@@ -516,7 +517,7 @@ def resumed_config(run_dir: Path, requested: RunConfig | None = None) -> RunConf
 
 
 def open_run(config: RunConfig | None, run_dir: Path, *, resume: bool = False, progress=None) -> tuple[Federation, int]:
-    """Set up run_dir (config.toml, partition.json, run.log) and the federation, restored from the last checkpoint
+    """Set up run_dir (config.toml, partition.json, run.log, a line in sessions.jsonl) and the federation, restored from the last checkpoint
     when resuming (with `config`, only to extend it by more rounds); returns it with the first round still to run.
     Both runtimes start here."""
     run_dir = Path(run_dir)
@@ -537,6 +538,7 @@ def open_run(config: RunConfig | None, run_dir: Path, *, resume: bool = False, p
         fed.load_state(tensors, meta)
         start = round_ + 1
         log.info("resuming %s after round %d of %d", run_dir, round_, config.rounds)
+    record_session(run_dir, start)
     write_text_atomic(run_dir / "metrics.jsonl", "".join(json.dumps(m) + "\n" for m in fed.history))
     if progress:
         progress.start_run(config, start)

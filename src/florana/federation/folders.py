@@ -12,11 +12,13 @@ from florana.errors import FloranaError, listing
 from florana.federation.checkpoint import CHECKPOINT_FILES
 from florana.lora.peft_io import ADAPTER_FILES
 from florana.report.plots import PANELS
+from florana.report.provenance import SESSIONS
+from florana.report.summary import SUMMARY_FILES, SUMMARY_FOLDERS
 
 # what a run writes at its top level (.mpl: matplotlib's cache; .flower: the loopback script's FLWR_HOME and logs)
+SUMMARY_ENTRIES = frozenset({*SUMMARY_FILES, *SUMMARY_FOLDERS, ".mpl"})
 RUN_ENTRIES = frozenset({"config.toml", "partition.json", "metrics.jsonl", "run.log", "checkpoints",
-                         "global_adapter", "plots", ".mpl", ".flower", "summary.md", "summary.csv"})
-SUMMARY_ENTRIES = frozenset({"summary.md", "summary.csv", "plots", ".mpl"})
+                         "global_adapter", SESSIONS, ".mpl", ".flower", *SUMMARY_ENTRIES})
 HIDDEN_ENTRIES = frozenset({".mpl", ".flower"})
 # every file a run writes, wherever in its folder
 RUN_FILES = frozenset(RUN_ENTRIES | set(CHECKPOINT_FILES) | set(ADAPTER_FILES) | {p[0] for p in PANELS})

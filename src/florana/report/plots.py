@@ -1,55 +1,106 @@
-"""PNG plots of run histories: global accuracy, aggregation error and cumulative bytes against the round."""
+"""PNG plots of run histories, one line per method: the mean over seeds with a band of its 95% t interval, of the
+global accuracy and the aggregation error against the round, the cumulative MiB against the round, and the
+accuracy against the cumulative MiB."""
 
 from __future__ import annotations
 
 import os
 from pathlib import Path
 
+from florana.report.stats import CONFIDENCE, mean_ci
+
+# file, y, x, title
 PANELS = (
-    ("accuracy.png", "global_accuracy", "global test accuracy"),
-    ("error.png", "relative_error", "relative aggregation error ‖ΔW*−sB̂Â‖/‖ΔW*‖"),
-    ("bytes.png", "cum_bytes", "cumulative MiB on the wire (up + down)"),
+    ("accuracy.png", "global_accuracy", "round", "global test accuracy"),
+    ("error.png", "relative_error", "round", "relative aggregation error ‖ΔW*−sB̂Â‖/‖ΔW*‖ (dotted: rank-r floor)"),
+    ("bytes.png", "cum_mib", "round", "cumulative MiB on the wire (up + down)"),
+    ("accuracy_mib.png", "global_accuracy", "cum_mib", "global test accuracy against MiB on the wire"),
 )
+AXIS = {"round": "round", "cum_mib": "cumulative MiB on the wire (up + down)"}
+
+
+def value(m: dict, key: str) -> float | None:
+    """A round's metric; cum_mib is the bytes sent both ways up to and including the round, in MiB."""
+    if key == "cum_mib":
+        return (m.get("cum_bytes_up", 0) + m.get("cum_bytes_down", 0)) / 2**20
+    return m.get(key)
+
+
+def curve(histories: list[list[dict]], y: str, x: str = "round", confidence: float = CONFIDENCE) -> list[tuple]:
+    """(mean x, mean y, low, high) per round that every history has a value of y for; low and high are the t
+    interval over the histories (None for one)."""
+    by_round = [{m["round"]: m for m in h} for h in histories]
+    out = []
+    for r in sorted(set.intersection(*(set(b) for b in by_round))):
+        ys = [value(b[r], y) for b in by_round]
+        if any(v is None for v in ys):
+            continue
+        xs = [value(b[r], x) for b in by_round]
+        est = mean_ci(ys, confidence)
+        out.append((sum(xs) / len(xs), est.mean, est.low, est.high))
+    return out
 
 
 def plot_runs(histories: dict[str, list[dict]], out_dir: Path) -> list[Path]:
-    """One line per label (a method, or method@seed); each history is a list of per-round metrics."""
+    """One line per label (a method, or method@seed), each one history."""
+    return plot_bands({label: [h] for label, h in histories.items()}, out_dir)
+
+
+def plot_bands(runs: dict[str, list[list[dict]]], out_dir: Path, confidence: float = CONFIDENCE) -> list[Path]:
+    """One line per label: the mean over its histories (its seeds) with a band of the t interval where there are
+    two or more (an error bar for a single point); the error panel adds each label's mean rank-r floor, dotted. A
+    label whose runs send nothing (the centralized and local bounds) is a dashed level at its last accuracy on the
+    MiB panel."""
     os.environ.setdefault("MPLCONFIGDIR", str(Path(out_dir).parent / ".mpl"))
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    palette = plt.get_cmap("tab10" if len(runs) <= 10 else "tab20")
+    colours = {label: palette(i % palette.N) for i, label in enumerate(runs)}
     written = []
-    for filename, key, title in PANELS:
-        fig, ax = plt.subplots(figsize=(6, 4))
+    for filename, y, x, title in PANELS:
+        fig, ax = plt.subplots(figsize=(7, 4.5))
         drawn = False
-        for label, history in histories.items():
-            points = [(m["round"], _value(m, key)) for m in history]
-            points = [(r, v) for r, v in points if v is not None]
-            if points:
-                ax.plot(*zip(*points), marker="o", ms=3, label=label)
+        for label, histories in runs.items():
+            colour = colours[label]
+            points = curve(histories, y, x, confidence)
+            if x == "cum_mib" and points and all(p[0] == 0 for p in points):
+                ax.axhline(points[-1][1], ls="--", lw=1, color=colour, label=f"{label} (no wire)")
                 drawn = True
-        if key == "relative_error":
-            floors = [(m["round"], m.get("error_floor")) for h in histories.values() for m in h
-                      if m.get("error_floor") is not None]
-            if floors and len(histories) == 1:
-                ax.plot(*zip(*floors), ls="--", color="gray", label="rank-r floor")
-        ax.set_xlabel("round")
-        ax.set_title(title, fontsize=10)
+                continue
+            if not points:
+                continue
+            xs, means = [p[0] for p in points], [p[1] for p in points]
+            ax.plot(xs, means, marker="o", ms=3, color=colour, label=f"{label} (n={len(histories)})")
+            banded = [p for p in points if p[2] is not None]
+            if len(banded) == 1:  # one point (local's last round): an error bar
+                bx, by, low, high = banded[0]
+                ax.errorbar(bx, by, yerr=[[by - low], [high - by]], color=colour, capsize=3)
+            elif banded:
+                ax.fill_between([p[0] for p in banded], [p[2] for p in banded], [p[3] for p in banded],
+                                color=colour, alpha=0.15, lw=0)
+            if y == "relative_error":
+                floor = curve(histories, "error_floor", x, confidence)
+                if floor:
+                    ax.plot([p[0] for p in floor], [p[1] for p in floor], ls=":", color=colour)
+            drawn = True
+        ax.set_xlabel(AXIS[x])
+        if x == "round":
+            ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
+        ax.set_title(title, fontsize=9)
         if drawn:
-            ax.legend(fontsize=8)
+            ax.legend(fontsize=7, ncol=2 if len(runs) > 6 else 1)
+        if len(runs) and any(len(h) > 1 for h in runs.values()):
+            fig.text(0.99, 0.01, f"mean over seeds; band: {confidence:.0%} t interval", ha="right", fontsize=7,
+                     color="gray")
         fig.tight_layout()
         path = out_dir / filename
-        fig.savefig(path, dpi=100)
+        fig.savefig(path, dpi=110)
         plt.close(fig)
         written.append(path)
     return written
-
-
-def _value(m: dict, key: str):
-    if key == "cum_bytes":
-        return (m.get("cum_bytes_up", 0) + m.get("cum_bytes_down", 0)) / 2**20
-    return m.get(key)

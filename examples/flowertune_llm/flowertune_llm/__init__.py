@@ -1,0 +1,1 @@
+"""flowertune-llm: a FlowerTune-style Flower app whose aggregation is florana's."""

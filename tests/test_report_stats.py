@@ -1,0 +1,319 @@
+"""Statistics over seeds (report/stats.py), the summary tables built on them and the summary folder, on synthetic
+histories: known values, SciPy where it is installed, and what each file holds."""
+
+import csv
+import io
+import json
+import math
+
+import pytest
+
+from florana.config import default_of
+from florana.errors import FloranaError
+from florana.report import stats, tables
+from florana.report.provenance import git_commit, machine
+from florana.report.summary import find_runs, slug, write_summary
+from florana.report.tables import Run
+
+
+# ---- stats ------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("df, expected", [(1, 12.7062), (2, 4.3027), (3, 3.1824), (4, 2.7764), (9, 2.2622),
+                                          (29, 2.0452), (1000, 1.9623)])
+def test_t_quantile_matches_the_tables(df, expected):
+    assert stats.t_quantile(0.95, df) == pytest.approx(expected, abs=1e-4)
+
+
+def test_t_distribution_matches_scipy():
+    sp = pytest.importorskip("scipy.stats")
+    for df in (1, 2, 3, 5, 8, 17, 60, 301):
+        for confidence in (0.8, 0.9, 0.95, 0.99):
+            assert stats.t_quantile(confidence, df) == pytest.approx(sp.t.ppf(0.5 + confidence / 2, df), rel=1e-9)
+        for t in (0.05, 0.7, 2.1, 9.0):
+            assert stats.t_within(t, df) == pytest.approx(1 - 2 * sp.t.sf(t, df), abs=1e-12)
+    with pytest.raises(ValueError):
+        stats.t_within(1.0, 0)
+
+
+def test_mean_ci_by_hand():
+    est = stats.mean_ci([1.0, 2.0, 3.0])  # std 1, half-width t(0.975, 2)·1/√3 = 4.3027/1.7321 = 2.4841
+    assert (est.n, est.mean, est.std) == (3, 2.0, 1.0)
+    assert est.low == pytest.approx(2 - 2.48414, abs=1e-5) and est.high == pytest.approx(2 + 2.48414, abs=1e-5)
+    assert stats.mean_ci([0.7]) == stats.Estimate(1, 0.7, None, None, None)  # one seed: no interval
+    assert stats.mean_ci([]) == stats.Estimate(0, None, None, None, None)
+    wide = stats.mean_ci([1.0, 2.0, 3.0], confidence=0.99)
+    assert wide.high - wide.low > est.high - est.low
+
+
+def test_mean_ci_matches_scipy():
+    sp = pytest.importorskip("scipy.stats")
+    values = [0.61, 0.66, 0.70, 0.64, 0.72]
+    est = stats.mean_ci(values)
+    low, high = sp.t.interval(0.95, len(values) - 1, loc=sp.tmean(values), scale=sp.sem(values))
+    assert (est.low, est.high) == (pytest.approx(low, rel=1e-9), pytest.approx(high, rel=1e-9))
+
+
+def test_bootstrap_ci():
+    # two values: resampled means are 0, 0.5, 1 with probabilities ¼, ½, ¼; the 2.5% and 97.5% points are 0 and 1
+    assert stats.bootstrap_ci([0.0, 1.0]) == (0.0, 1.0)
+    values = [0.01, -0.02, 0.03, 0.015, 0.0, 0.02]
+    a = stats.bootstrap_ci(values)
+    assert a == stats.bootstrap_ci(values)  # fixed seed: reproducible
+    assert stats.bootstrap_ci(values, resamples=50, seed=1) != stats.bootstrap_ci(values, resamples=50, seed=2)
+    assert min(values) <= a[0] < sum(values) / len(values) < a[1] <= max(values)
+    narrow = stats.bootstrap_ci(values, confidence=0.5)
+    assert a[0] < narrow[0] < narrow[1] < a[1]
+    assert stats.bootstrap_ci([0.3]) is None and stats.bootstrap_ci([0.2, 0.2, 0.2]) == pytest.approx((0.2, 0.2))
+    # many values: the bootstrap interval of the mean approaches the t interval
+    import numpy as np
+
+    sample = np.random.default_rng(7).normal(0.5, 0.1, size=400).tolist()
+    t, boot = stats.mean_ci(sample), stats.bootstrap_ci(sample)
+    assert boot == (pytest.approx(t.low, abs=0.002), pytest.approx(t.high, abs=0.002))
+
+
+def test_paired_diff():
+    method, base = [0.70, 0.72, 0.69, 0.650], [0.68, 0.70, 0.70, 0.647]
+    p = stats.paired_diff(method, base)  # differences +0.02, +0.02, −0.01, +0.003
+    assert (p.n, p.wins, p.ties, p.losses) == (4, 2, 1, 1)
+    assert p.diff.mean == pytest.approx(0.00825)
+    assert p.diff.low < 0 < p.diff.high and p.bootstrap[0] < p.diff.mean < p.bootstrap[1]
+    sp = pytest.importorskip("scipy.stats")
+    assert p.p_value == pytest.approx(sp.ttest_rel(method, base).pvalue, rel=1e-9)
+    # the tie band is |d| < tie: exactly +tie is a win, a hair below is a tie
+    edge = stats.paired_diff([0.505, 0.5049], [0.5, 0.5], tie=0.005)
+    assert (edge.wins, edge.ties, edge.losses) == (1, 1, 0)
+    one = stats.paired_diff([0.8], [0.7])
+    assert one.diff.low is None and one.p_value is None and one.bootstrap is None and one.wins == 1
+    same = stats.paired_diff([0.8, 0.9], [0.8, 0.9])
+    assert same.p_value == 1.0 and same.ties == 2
+    with pytest.raises(ValueError):
+        stats.paired_diff([0.1, 0.2], [0.1])
+
+
+def test_first_and_median_reached():
+    assert stats.first_reached([None, 0.5, 0.71, 0.69, 0.8], 0.7) == 2
+    assert stats.first_reached([0.5, 0.6], 0.7) is None
+    assert stats.first_reached([0.7], 0.7) == 0  # reaching is ≥
+    assert stats.median_reached([3, None, 5]) == 5  # None is never: an infinite cost
+    assert stats.median_reached([3, None, None]) is None  # fewer than half reached
+    assert stats.median_reached([2, None]) is None  # exactly half: the median is infinite
+    assert stats.median_reached([2, 4]) == 3 and stats.median_reached([]) is None
+
+
+# ---- tables -----------------------------------------------------------------------------------------------------
+MIB = 2**20
+
+
+def history(method, seed, accs, alpha=0.5, errors=None, floors=None, seconds=10.0, mib_per_round=2.0, fedit=None):
+    """A synthetic metrics.jsonl: one record per round with the keys close_round writes."""
+    out = []
+    for i, acc in enumerate(accs):
+        err = None if errors is None else errors[i]
+        out.append({"round": i + 1, "method": method, "seed": seed, "alpha": alpha, "global_accuracy": acc,
+                    "global_macro_f1": None if acc is None else acc - 0.1,
+                    "local_accuracy_mean": 0.8, "local_global_gap": None if acc is None else 0.8 - acc,
+                    "relative_error": err, "error_floor": None if floors is None else floors[i],
+                    "fedit_error": None if fedit is None else fedit[i], "seconds": seconds, "norm_A": 1.0 + i + seed,
+                    "cum_bytes_up": (i + 1) * mib_per_round * MIB / 2,
+                    "cum_bytes_down": (i + 1) * mib_per_round * MIB / 2})
+    return out
+
+
+def test_run_numbers():
+    h = history("florana", 0, [0.6, 0.72, 0.68, 0.75], errors=[0.3, 0.2, 0.1, 0.2], floors=[0.1] * 4,
+                fedit=[0.4] * 4, seconds=5.0, mib_per_round=3.0)
+    n = tables.run_numbers(h, target=0.7)
+    assert n["global_accuracy"] == 0.75 and n["best_global_accuracy"] == 0.75 and n["best_round"] == 4
+    assert n["relative_error"] == pytest.approx(0.2) and n["fedit_error"] == pytest.approx(0.4)
+    assert n["error_floor"] == pytest.approx(0.1)
+    assert n["total_mib"] == pytest.approx(12.0) and n["seconds"] == pytest.approx(20.0)
+    assert (n["rounds_to_target"], n["mib_to_target"], n["seconds_to_target"]) == (2, 6.0, 10.0)
+    never = tables.run_numbers(h, target=0.9)
+    assert never["rounds_to_target"] is None and never["mib_to_target"] is None and never["seconds_to_target"] is None
+    # local's global accuracy exists at its last round only; the best round is then that one
+    local = tables.run_numbers(history("local", 0, [None, None, 0.66]), target=0.6)
+    assert local["best_global_accuracy"] == 0.66 and local["best_round"] == 3 and local["rounds_to_target"] == 3
+
+
+def grid(alphas=(0.5,), seeds=(0, 1, 2), shift=None, config_extra=None):
+    """fedit and florana runs over alphas × seeds: florana's final accuracy is fedit's + shift[seed]."""
+    shift = shift or {0: 0.02, 1: 0.03, 2: -0.01}
+    runs = []
+    for alpha in alphas:
+        for seed in seeds:
+            base = 0.60 + 0.01 * seed
+            for method, final in (("fedit", base), ("florana", base + shift[seed])):
+                config = {"method": method, "seed": seed, "alpha": alpha, "rounds": 3, "lr": 0.002,
+                          **(config_extra or {})}
+                runs.append(Run(history(method, seed, [0.5, 0.55, final], alpha, errors=[0.2, 0.2, 0.2]),
+                                config, name=f"{method}-alpha{alpha:g}-seed{seed}"))
+    return runs
+
+
+def test_summarize_rows_hold_the_statistics():
+    runs = tables.label_runs(grid())
+    rows = tables.summarize(runs, target=0.6)
+    assert [(r["method"], r["setting"], r["seeds"]) for r in rows] == [("fedit", "alpha=0.5", 3),
+                                                                        ("florana", "alpha=0.5", 3)]
+    fedit = rows[0]
+    est = stats.mean_ci([0.60, 0.61, 0.62])
+    assert (fedit["global_accuracy"], fedit["global_accuracy_std"]) == (pytest.approx(0.61), pytest.approx(0.01))
+    assert (fedit["global_accuracy_ci_low"], fedit["global_accuracy_ci_high"]) == (est.low, est.high)
+    assert fedit["global_accuracy_n"] == 3 and fedit["seed_list"] == "0 1 2"
+    # fedit reaches 0.6 at round 3 on every seed; the median cost is round 3, 6 MiB, 30 s
+    assert (fedit["target_reached"], fedit["rounds_to_target_median"], fedit["mib_to_target_median"],
+            fedit["seconds_to_target_median"]) == (3, 3, 6.0, 30.0)
+    florana = tables.summarize(runs, target=0.62)[1]  # florana: 0.62, 0.64, 0.61 → 2 of 3 reach 0.62
+    assert florana["target_reached"] == 2 and florana["rounds_to_target_median"] == 3
+    assert tables.summarize(runs, target=0.63)[1]["rounds_to_target_median"] is None  # 1 of 3: not reached
+    assert set(tables.SUMMARY_KEYS) <= set(rows[0])
+
+
+def test_paired_by_seed_and_pooled():
+    runs = tables.label_runs(grid(alphas=(0.1, 1.0)))
+    runs.reverse()  # pairing follows (setting, seed), not the order runs come in
+    pairs = tables.paired(runs)
+    final = {p["setting"]: p for p in pairs if p["metric"] == "global_accuracy"}
+    assert set(final) == {"alpha=0.1", "alpha=1", "all"}
+    p = final["alpha=0.1"]
+    assert p["method"] == "florana" and p["baseline"] == "fedit" and p["n"] == 3
+    assert p["diff_mean"] == pytest.approx((0.02 + 0.03 - 0.01) / 3)
+    assert (p["wins"], p["ties"], p["losses"]) == (2, 0, 1)
+    expected = stats.paired_diff([0.62, 0.64, 0.61], [0.60, 0.61, 0.62])
+    assert (p["t_ci_low"], p["t_ci_high"]) == (pytest.approx(expected.diff.low), pytest.approx(expected.diff.high))
+    assert final["all"]["n"] == 6 and final["all"]["wins"] == 4
+    # a seed fedit lacks is left out of the pairs, not paired with another seed
+    partial = tables.label_runs([r for r in grid() if not (r.method == "fedit" and r.seed == 2)])
+    assert [p["n"] for p in tables.paired(partial) if p["metric"] == "global_accuracy"] == [2]
+    assert tables.paired(tables.label_runs([r for r in grid() if r.method == "florana"])) == []
+
+
+def test_label_runs_settings_and_variants():
+    runs = grid(alphas=(0.1, 1.0))
+    tables.label_runs(runs)
+    assert {r.setting for r in runs} == {"alpha=0.1", "alpha=1"}
+    assert {r.label for r in runs} == {"fedit", "florana"}
+    # another key that differs between runs is part of the setting; threads never is
+    runs = grid(config_extra={"lr": 0.001}) + grid(config_extra={"threads": 8})
+    tables.label_runs(runs)
+    assert {r.setting for r in runs} == {"alpha=0.5, lr=0.001", "alpha=0.5, lr=0.002"}
+    # local_steps is everyone's key, though 'local' is a method name (a bound, which has no options)
+    runs = [*grid(seeds=(0,), config_extra={"local_steps": 5}), *grid(seeds=(0,), config_extra={"local_steps": 9})]
+    for steps in (5, 9):
+        runs.append(Run(history("local", 0, [0.6]), {**runs[0].config, "method": "local", "local_steps": steps}))
+    for i, r in enumerate(runs):
+        r.name = f"run{i}"
+    tables.label_runs(runs)
+    assert {(r.label, r.setting) for r in runs} == {(m, f"alpha=0.5, local_steps={k}") for m in ("fedit", "florana",
+                                                                                                 "local") for k in (5, 9)}
+    # a config.toml written before a key existed holds its default
+    old = grid(seeds=(0,))
+    for r in old:
+        r.config.pop("lr")
+    runs = tables.label_runs(old + grid(seeds=(1,), config_extra={"lr": default_of("lr")}))
+    assert {r.setting for r in runs} == {"alpha=0.5"}
+    # a key named after a method labels that method's variants and stays out of the setting
+    runs = grid(config_extra={"florana_sweeps": 5}) + [r for r in grid(config_extra={"florana_sweeps": 50})
+                                                       if r.method == "florana"]
+    for r in runs[-3:]:
+        r.name += "-b"
+    tables.label_runs(runs)
+    assert {r.setting for r in runs} == {"alpha=0.5"}
+    assert {r.label for r in runs} == {"fedit", "florana[sweeps=5]", "florana[sweeps=50]"}
+    assert len([p for p in tables.paired(runs) if p["metric"] == "global_accuracy"]) == 2
+    # two runs of the same method, setting and seed: an error naming both
+    with pytest.raises(FloranaError, match="two runs of fedit, alpha=0.5, seed 0"):
+        tables.label_runs(grid() + grid()[:1])
+
+
+def test_markdown_reads_as_documented():
+    runs = tables.label_runs(grid())
+    text = tables.to_markdown(tables.summarize(runs), tables.paired(runs), plots={"alpha=0.5": "plots/alpha0.5"})
+    assert "## alpha=0.5" in text and "![accuracy](plots/alpha0.5/accuracy.png)" in text
+    lo, hi = (f"{v:+.3f}" for v in (stats.paired_diff([0.62, 0.64, 0.61], [0.60, 0.61, 0.62]).diff.low,
+                                   stats.paired_diff([0.62, 0.64, 0.61], [0.60, 0.61, 0.62]).diff.high))
+    assert f"| florana | 3 | +0.013 [{lo}, {hi}] |" in text
+    assert "| fedit | 3 | 3 | 0.610 ± 0.010 [" in text and "2/0/1" in text
+    one = tables.label_runs(grid(seeds=(0,)))
+    text = tables.to_markdown(tables.summarize(one), tables.paired(one))
+    assert "| fedit | 1 | 3 | 0.600 (n=1) |" in text and "+0.020 (n=1)" in text 
+    assert not any(" ± " in line for line in text.splitlines() if line.startswith("|"))
+    alone = tables.label_runs([r for r in grid() if r.method == "florana"])
+    assert "No paired comparison: no fedit runs" in tables.to_markdown(tables.summarize(alone), [])
+
+
+# ---- the summary folder -----------------------------------------------------------------------------------------
+def write_runs(root, runs):
+    for r in runs:
+        folder = root / r.name
+        folder.mkdir(parents=True)
+        (folder / "metrics.jsonl").write_text("".join(json.dumps(m) + "\n" for m in r.history))
+        (folder / "config.toml").write_text("".join(f"{k} = {json.dumps(v)}\n" for k, v in r.config.items()))
+    return root
+
+
+def test_write_summary_files(tmp_path):
+    root = write_runs(tmp_path / "sweep", grid(alphas=(0.1, 1.0)))
+    out = tmp_path / "results"
+    rows = write_summary(find_runs([root]), out, target=0.6)
+    assert sorted(p.name for p in out.iterdir()) == ["paired.csv", "plots", "provenance.json", "rounds.csv",
+                                                     "run_configs", "runs.csv", "summary.csv", "summary.md"]
+    per_round = list(csv.DictReader(io.StringIO((out / "rounds.csv").read_text())))
+    assert len(per_round) == 2 * 2 * 3  # methods × settings × rounds
+    last = next(r for r in per_round if (r["method"], r["setting"], r["round"]) == ("fedit", "alpha=0.1", "3"))
+    est = stats.mean_ci([0.60, 0.61, 0.62])
+    assert float(last["global_accuracy"]) == pytest.approx(0.61) and last["seeds"] == "3"
+    assert float(last["global_accuracy_ci_low"]) == pytest.approx(est.low)
+    # a metric this code does not know (a later version's) comes along: norm_A = 3 + seed at round 3
+    assert float(last["norm_A"]) == pytest.approx(4.0) and float(last["cum_mib"]) == pytest.approx(6.0)
+    summary = list(csv.DictReader(io.StringIO((out / "summary.csv").read_text())))
+    assert len(summary) == len(rows) == 4 and list(summary[0]) == tables.SUMMARY_KEYS
+    assert summary[0]["global_accuracy_ci_low"] and summary[0]["setting"] == "alpha=0.1"
+    paired = list(csv.DictReader(io.StringIO((out / "paired.csv").read_text())))
+    assert list(paired[0]) == tables.PAIRED_KEYS and {p["setting"] for p in paired} == {"alpha=0.1", "alpha=1", "all"}
+    assert all(p["bootstrap_ci_low"] for p in paired)
+    per_run = list(csv.DictReader(io.StringIO((out / "runs.csv").read_text())))
+    assert len(per_run) == 12 and list(per_run[0]) == tables.RUN_KEYS
+    for setting in ("alpha0.1", "alpha1"):
+        assert sorted(p.name for p in (out / "plots" / setting).iterdir()) == [
+            "accuracy.png", "accuracy_mib.png", "bytes.png", "error.png"]
+    info = json.loads((out / "provenance.json").read_text())
+    assert info["statistics"]["target"] == 0.6 and info["statistics"]["bootstrap"]["seed"] == 0
+    assert set(info["machine"]) >= {"platform", "cpu", "cpu_count", "torch"} and len(info["runs"]) == 12
+    entry = info["runs"][0]
+    assert entry["config"] == "run_configs/fedit-alpha0.1-seed0.toml" and entry["seconds"] == pytest.approx(30.0)
+    assert entry["sessions"] == [] and not entry["finished"]  # no sessions.jsonl, no global_adapter here
+    assert (out / entry["config"]).read_text() == (root / "fedit-alpha0.1-seed0" / "config.toml").read_text()
+    text = (out / "summary.md").read_text()
+    assert "12 runs: fedit, florana; seeds 0, 1, 2" in text and "## All settings pooled" in text
+    assert "0 of 12 runs recorded their sessions" in text
+    # a second summary of fewer runs removes the config copies of the runs it no longer holds
+    write_summary(find_runs([root / "fedit-alpha0.1-seed0", root / "florana-alpha0.1-seed0"]), out)
+    assert sorted(p.name for p in (out / "run_configs").iterdir()) == ["fedit-alpha0.1-seed0.toml",
+                                                                      "florana-alpha0.1-seed0.toml"]
+
+
+def test_find_runs_names_twins_by_their_parent(tmp_path):
+    a = write_runs(tmp_path / "a", grid(seeds=(0,)))
+    b = write_runs(tmp_path / "b", grid(seeds=(0,), config_extra={"lr": 0.01}))
+    runs = find_runs([a, b])
+    assert sorted(r.name for r in runs) == ["a-fedit-alpha0.5-seed0", "a-florana-alpha0.5-seed0",
+                                            "b-fedit-alpha0.5-seed0", "b-florana-alpha0.5-seed0"]
+    (tmp_path / "a" / "empty").mkdir()
+    (tmp_path / "a" / "empty" / "metrics.jsonl").write_text("")
+    assert len(find_runs([a])) == 2  # a run with no finished round is left out
+    with pytest.raises(FloranaError, match="no metrics.jsonl"):
+        find_runs([tmp_path / "a" / "nothing"])
+
+
+def test_slug():
+    assert slug("alpha=0.5") == "alpha0.5" and slug("alpha=0.5, lr=0.001") == "alpha0.5-lr0.001"
+    assert slug("alpha=1, dataset=/x/y.csv") == "alpha1-dataset_x_y.csv"
+
+
+def test_provenance(tmp_path):
+    here = git_commit()
+    assert here["commit"] == "unknown" or (len(here["commit"]) == 40 and isinstance(here["dirty"], bool))
+    assert git_commit(tmp_path) == {"commit": "unknown", "dirty": None}  # not a git checkout
+    info = machine()
+    assert info["cpu_count"] >= 1 and info["torch"] and math.isfinite(info.get("memory_gib", 1.0))
