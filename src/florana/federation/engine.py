@@ -36,8 +36,8 @@ from florana.lora.adapter import LoraModule, at_rank, has_non_finite, revive_dea
 from florana.lora.base_delta import apply_change, dense_change, factor_change, total_change
 from florana.lora.peft_io import save_adapter
 from florana.report.provenance import record_session
-from florana.train.local import batch_indices, train_steps
 from florana.train.device import on_cpu, peak_memory_mib, precision_for, reset_peak_memory, resolve_device
+from florana.train.local import batch_indices, train_steps
 from florana.train.model import AdapterSlots, load_model
 from florana.train.tasks import CausalLMTask, ClassificationTask, Encoded
 
