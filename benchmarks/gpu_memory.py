@@ -23,8 +23,9 @@ from florana.config import RunConfig
 from florana.federation.engine import Federation
 cfg = RunConfig(**json.loads(sys.argv[1]))
 fed = Federation(cfg)
-peaks = [fed.round(r)["gpu_peak_mib"] for r in range(1, cfg.rounds + 1)]
-print(json.dumps({"gpu_peak_mib": max(peaks), "rounds": peaks, "personal": len(fed.personal)}))
+peaks = [fed.round(r).get("gpu_peak_mib") for r in range(1, cfg.rounds + 1)]
+peak = None if None in peaks else max(peaks)  # None on the CPU
+print(json.dumps({"gpu_peak_mib": peak, "rounds": peaks, "personal": len(fed.personal)}))
 """
 
 
