@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.florana-installed
 
-.PHONY: demo test bench clean
+.PHONY: demo test bench clean gpu-wheels gpu-check
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -24,7 +24,16 @@ bench: $(STAMP)
 	$(PY) benchmarks/aggregation_speed.py
 	$(PY) benchmarks/engine_speed.py
 	$(PY) benchmarks/engine_memory.py
+	$(PY) benchmarks/gpu_memory.py
 	$(PY) benchmarks/flower_overhead.py
+
+# the pure-Python wheels scripts/gpu_check.sh needs beyond torch/transformers/peft, for a GPU machine without network
+gpu-wheels: $(STAMP)
+	$(PY) -m pip download -q --no-deps -d .whl 'tomli-w>=1.0,<2'
+
+# on a machine with a CUDA GPU; FLORANA_GPU_CHECK_DEVICE=cpu runs the same checks on the CPU at tiny sizes
+gpu-check:
+	scripts/gpu_check.sh
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import re
 import tomllib
 from dataclasses import MISSING, asdict, dataclass, field, fields, replace
 from pathlib import Path
@@ -35,6 +36,8 @@ def one_of(*choices: str) -> tuple:
 
 NON_EMPTY = (lambda v: len(v.strip() if isinstance(v, str) else v) > 0, "non-empty")
 FRACTION = (lambda v: 0 <= v < 1, "in [0, 1)")
+DEVICE_NAME = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")
+DEVICE = (lambda v: bool(DEVICE_NAME.match(v)), "auto, cpu, cuda or cuda:N")
 
 
 @dataclass(frozen=True)
@@ -101,11 +104,15 @@ class RunConfig:
     rslora: bool = _f(False, "rank-stabilised scaling alpha/sqrt(r)")
     lora_dropout: float = _f(0.0, "dropout on the LoRA path", FRACTION)
     target_modules: list = _f(["query", "value"], "modules LoRA adapts (names as in the model)", NON_EMPTY)
-    bf16: bool = _f(True, "bfloat16 autocast for forward and backward (measured faster on this CPU)")
+    bf16: bool = _f(True, "mixed precision for forward and backward: bfloat16 autocast on the CPU (measured faster "
+                          "there) and on GPUs that support it, float16 with loss scaling on older GPUs; false: "
+                          "float32 everywhere")
     max_new_tokens: int = _f(24, "causal_lm: tokens generated when scoring", at_least(1))
     # run
     seed: int = _f(0, "seed of everything: split, partition, sampling, init, batches", at_least(0))
     threads: int = _f(2, "torch threads", at_least(1))
+    device: str = _f("auto", "auto (a CUDA GPU when one is visible, else the CPU) | cpu | cuda | cuda:N: where the "
+                             "model, batches, evaluation and aggregation run", DEVICE)
     keep_checkpoints: int = _f(2, "checkpoints kept in checkpoints/ (the newest; an older one is removed once a newer "
                                   "one is in place)", at_least(1))
 

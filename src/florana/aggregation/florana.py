@@ -73,7 +73,7 @@ def gradients(Gb: Tensor, Ga: Tensor, J: Tensor, P: Tensor, Q: Tensor) -> tuple[
 def _solve(H: Tensor, g: Tensor) -> Tensor:
     U = H.shape[-1]
     ridge = RIDGE * torch.diagonal(H, dim1=-2, dim2=-1).sum(-1).clamp_min(1e-300) / U
-    H = H + ridge[:, None, None] * torch.eye(U, dtype=H.dtype)
+    H = H + ridge[:, None, None] * torch.eye(U, dtype=H.dtype, device=H.device)
     return torch.linalg.solve(H, g.unsqueeze(-1)).squeeze(-1)
 
 
@@ -106,10 +106,10 @@ def solve_weights(Gb: Tensor, Ga: Tensor, w: Tensor, max_iter: int = MAX_ITER, t
 
 def estimate(clients: ClientFactors, scale: float) -> Estimate:
     r, ranks = clients.out_rank, clients.ranks
-    s = torch.repeat_interleave(torch.tensor(clients.scales, dtype=torch.float64), torch.tensor(ranks))
+    s = torch.repeat_interleave(clients.scale_vector, torch.tensor(ranks, device=clients.device))
     Gb = padded_blocks(clients.gram_B * s[:, None] * s[None, :], ranks)
-    P, Q, sweeps = solve_weights(Gb, padded_blocks(clients.gram_A, ranks), clients.weights.to(torch.float64))
-    coef_B = block_coefficients(ranks, Q * torch.tensor(clients.scales, dtype=torch.float64) / scale, r)
+    P, Q, sweeps = solve_weights(Gb, padded_blocks(clients.gram_A, ranks), clients.weights.to(clients.real))
+    coef_B = block_coefficients(ranks, Q * clients.scale_vector / scale, r)
     coef_A = block_coefficients(ranks, P, r).mT
     return Estimate(coef_B, coef_A, info={"P": P, "Q": Q, "sweeps": sweeps})
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import bz2
 import csv
 import importlib.util
+import json
 import logging
 import math
 from dataclasses import dataclass
@@ -100,6 +101,30 @@ def from_table(rows, text_column: str, label_column: str, source: str, causal: b
     return Examples(texts, np.array([index[v] for v in raw], dtype=int), names)
 
 
+class PlainTable:
+    """A local csv or json/jsonl file read with Python's own csv and json modules, for machines without the
+    datasets package: the columns from_table needs (`column_names`, `table[column]`), csv cells as text."""
+
+    def __init__(self, rows: list[dict]):
+        self.column_names = list(dict.fromkeys(k for row in rows for k in row))
+        self.rows = rows
+
+    def __getitem__(self, column: str) -> list:
+        return [row.get(column) for row in self.rows]
+
+    @classmethod
+    def read(cls, path: Path, builder: str) -> PlainTable:
+        if builder == "csv":
+            with path.open(newline="", encoding="utf-8") as f:
+                return cls(list(csv.DictReader(f)))
+        if builder == "json":
+            text = path.read_text(encoding="utf-8")
+            rows = json.loads(text) if text.lstrip().startswith("[") else \
+                [json.loads(line) for line in text.splitlines() if line.strip()]
+            return cls(rows)
+        raise FloranaError(f"{path}: reading {builder} files needs the datasets package, which is not installed")
+
+
 def load_examples(dataset: str, *, text_column: str = "text", label_column: str = "label", causal: bool = False,
                   max_examples: int = 0, seed: int = 0) -> Examples:
     """Load a built-in, a local file (csv, json, jsonl, parquet) or a hub dataset's train split
@@ -109,8 +134,10 @@ def load_examples(dataset: str, *, text_column: str = "text", label_column: str 
     elif dataset == "gsm_symbolic":
         examples = gsm_symbolic(max_examples or 2000, seed)
     else:
-        import datasets
-
+        try:
+            import datasets
+        except ImportError:  # a bare GPU machine (scripts/gpu_check.sh): local csv and json files still load
+            datasets = None
         path = Path(dataset)
         if path.suffix.lower() in FILE_BUILDERS or path.exists():
             if not path.is_file():
@@ -119,10 +146,14 @@ def load_examples(dataset: str, *, text_column: str = "text", label_column: str 
             if builder is None:
                 raise FloranaError(f"{dataset}: unsupported file type (use .csv, .json, .jsonl or .parquet)")
             try:
-                rows = datasets.load_dataset(builder, data_files=str(path), split="train")
+                rows = datasets.load_dataset(builder, data_files=str(path), split="train") if datasets else \
+                    PlainTable.read(path, builder)
             except Exception as e:  # datasets raises many types for malformed files
                 raise FloranaError(f"{dataset}: cannot read as {builder} ({type(e).__name__}: {e})") from None
         else:
+            if datasets is None:
+                raise FloranaError(f"unknown dataset {dataset!r}: not a built-in ({', '.join(BUILTIN)}), not a file, "
+                                   "and hub datasets need the datasets package, which is not installed")
             name, _, subset = dataset.partition(":")  # hub 'owner/name:config', e.g. openai/gsm8k:main
             try:
                 rows = datasets.load_dataset(name, subset or None, split="train")

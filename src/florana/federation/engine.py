@@ -3,6 +3,11 @@
 Data flows one way: config → data and partition → clients train → aggregator → new global adapter →
 evaluation and ledger → checkpoint. Every random choice derives from (seed, round, client), so a resumed
 run replays exactly what an uninterrupted one would have done.
+
+Devices (train/device.py): the model, its adapter slots and base delta, every batch and the evaluation live on the
+run's device; the server's state (global adapter, clients' personal parts, residuals, uploads) and everything that
+is checkpointed or sent lives on the CPU, so GPU memory does not grow with the number of clients. Aggregation runs
+on the run's device, a batch of modules at a time.
 """
 
 from __future__ import annotations
@@ -31,6 +36,7 @@ from florana.lora.adapter import LoraModule, at_rank, has_non_finite, revive_dea
 from florana.lora.base_delta import apply_change, dense_change, factor_change, total_change
 from florana.lora.peft_io import save_adapter
 from florana.report.provenance import record_session
+from florana.train.device import on_cpu, peak_memory_mib, precision_for, reset_peak_memory, resolve_device
 from florana.train.local import batch_indices, train_steps
 from florana.train.model import AdapterSlots, load_model
 from florana.train.tasks import CausalLMTask, ClassificationTask, Encoded
@@ -123,6 +129,8 @@ class Federation:
     def __init__(self, config: RunConfig, progress=None):
         torch.set_num_threads(config.threads)
         self.config, self.progress = config, progress
+        self.device = resolve_device(config.device)  # before anything loads: a missing GPU fails at once
+        self.precision = precision_for(self.device, config.bf16)
         self.method = method_of(config)
         causal = config.task == "causal_lm"
         examples = load_examples(config.dataset, text_column=config.text_column, label_column=config.label_column,
@@ -132,14 +140,15 @@ class Federation:
         self.rank = max(self.ranks)
         lora = {"r": self.rank, "lora_alpha": config.lora_alpha, "lora_dropout": config.lora_dropout,
                 "use_rslora": config.rslora, "target_modules": list(config.target_modules)}
-        self.model, tokenizer = load_model(config.task, config.model, len(examples.label_names), lora, config.seed)
-        self.task = (CausalLMTask(tokenizer, config.max_length, config.bf16, config.max_new_tokens) if causal else
-                     ClassificationTask(tokenizer, config.max_length, len(examples.label_names), config.bf16))
+        self.model, tokenizer = load_model(config.task, config.model, len(examples.label_names), lora, config.seed,
+                                           self.device)
+        self.task = (CausalLMTask(tokenizer, config.max_length, self.precision, config.max_new_tokens) if causal else
+                     ClassificationTask(tokenizer, config.max_length, len(examples.label_names), self.precision))
         self.data = Data(self.task.encode(test),
                          [Client(self.task.encode(tr), self.task.encode(te), len(tr)) for tr, te in zip(trains, tests)],
                          stats, examples.label_names)
         self.slots = AdapterSlots.of(self.model)
-        self.initial = self.slots.read()
+        self.initial = on_cpu(self.slots.read())
         self.modules = sorted({k.rsplit(".lora_", 1)[0] for k in self.initial if ".lora_" in k})
         self.params = self.slots.trainable()  # what a bound trains; a method's clients train what its round says
         # state that a checkpoint carries
@@ -154,6 +163,7 @@ class Federation:
         # error feedback: the residual carried into the next round's target, per module (None: off)
         self.feedback: dict[str, LoraModule] | None = {} if config.error_feedback else None
         self.history: list[dict] = []
+        self.gpu_peak: float | None = None  # the open round's peak GPU memory so far (MiB; None on the CPU)
 
     @property
     def changes_base(self) -> bool:
@@ -169,7 +179,7 @@ class Federation:
             out.update({f"personal::{u}::{k}": v for k, v in tensors.items()})
         for m, r in (self.feedback or {}).items():
             out.update({f"feedback::{m}::A": r.A, f"feedback::{m}::B": r.B})
-        return out
+        return on_cpu(out)
 
     def state_meta(self) -> dict:
         return {"ledger": self.ledger, "history": self.history, "base_round": self.base_round,
@@ -192,7 +202,7 @@ class Federation:
                 m, _, factor = rest.rpartition("::")
                 feedback.setdefault(m, {})[factor] = v
             elif kind == "base":  # written before base deltas existed: the adapted base weight itself
-                delta[rest] = v.float() - self.slots.base_weight(rest).float()
+                delta[rest] = v.float() - self.slots.base_weight(rest).float().cpu()
         self.slots.set_base_delta(delta)
         self.ledger, self.history = meta["ledger"], meta["history"]
         self.base_round = meta.get("base_round", len(self.history) if delta else 0)
@@ -291,14 +301,25 @@ class Federation:
         return payload
 
     def train_client(self, start: dict[str, Tensor], data: Encoded, steps: int, seed: int) -> tuple[float, dict]:
+        """Train the model's adapter from `start`; the mean loss and the trained adapter (on the CPU)."""
+        self.note_gpu_peak(reset=True)  # each client starts from an empty cache; the round keeps the largest peak
         self.slots.write(start)
-        torch.manual_seed(seed)
+        torch.manual_seed(seed)  # every device's generator: dropout draws the same on every run
         batches = batch_indices(len(data), self.config.batch_size, steps, np.random.default_rng(seed))
         loss = train_steps(self.model, self.params, lambda idx: self.task.batch(data, idx), batches,
-                           lr=self.config.lr, weight_decay=self.config.weight_decay, bf16=self.config.bf16,
+                           lr=self.config.lr, weight_decay=self.config.weight_decay, precision=self.precision,
                            on_step=self.progress.step if self.progress else None)
         release_memory()
-        return loss, self.slots.read()
+        return loss, on_cpu(self.slots.read())
+
+    def note_gpu_peak(self, *, reset: bool = False) -> None:
+        """Fold the GPU's peak memory since the last reset into the open round's (a no-op on the CPU); with
+        `reset`, empty the allocator's cache and restart the peak counter."""
+        peak = peak_memory_mib(self.device)
+        if peak is not None:
+            self.gpu_peak = max(self.gpu_peak or 0.0, peak)
+        if reset:
+            reset_peak_memory(self.device)
 
     def evaluate(self, tensors: dict[str, Tensor], data: Encoded) -> dict:
         self.slots.write(tensors)
@@ -359,6 +380,8 @@ class Federation:
 
     def open_round(self, round_: int, sampled: list[int], empty: list[int]) -> dict:
         """A round's metrics record as it starts: who was sampled, who had no data."""
+        self.gpu_peak = None
+        reset_peak_memory(self.device)
         return {"round": round_, "method": self.config.method, "seed": self.config.seed, "alpha": self.config.alpha,
                 "clients": sampled, "skipped_empty": empty, "missing": [], "rejected": [], "bytes_up": 0,
                 "bytes_down": 0}
@@ -409,6 +432,9 @@ class Federation:
         self.ledger["bytes_down"] += metrics["bytes_down"]
         metrics["cum_bytes_up"], metrics["cum_bytes_down"] = self.ledger["bytes_up"], self.ledger["bytes_down"]
         metrics["seconds"] = time.perf_counter() - t0
+        self.note_gpu_peak()
+        if self.gpu_peak is not None:  # CUDA only: metrics.jsonl on the CPU is as it always was
+            metrics["gpu_peak_mib"] = round(self.gpu_peak, 1)
         return metrics
 
     def aggregate(self, updates, labels, sizes, metrics) -> None:
@@ -417,14 +443,14 @@ class Federation:
         result = aggregate_adapters(updates, self.method, weights, labels,
                                     rank=None if self.method.merges else self.rank,
                                     scaling=self.slots.scaling(self.modules[0], self.rank),
-                                    round_=metrics["round"], feedback=self.feedback)
+                                    round_=metrics["round"], feedback=self.feedback, device=self.device)
         release_memory()
         report = result.report
         if not self.method.personal_B:  # fedsa's server never sees B, so it cannot know ΔW*
             metrics.update(relative_error=report.relative_error, error_floor=report.error_floor,
                            fedit_error=report.fedit_error)
-        if self.feedback is not None:
-            self.feedback = result.feedback
+        if self.feedback is not None:  # kept on the CPU with the rest of the server's state
+            self.feedback = {m: LoraModule(A=r.A.cpu(), B=r.B.cpu()) for m, r in result.feedback.items()}
             metrics.update(feedback_norm=report.feedback_norm, feedback_relative=report.feedback_relative,
                            feedback_dropped=report.feedback_dropped)
         change = factor_change(result.adapter) if self.method.merges else dense_change(result.base_update)
@@ -433,7 +459,7 @@ class Federation:
             self.base_round, self.last_change = metrics["round"], change
         new, shared, old = result.adapter.state_dict(), self.wire_keys(self.initial, up=False), self.global_tensors
         # what the server does not send (flora's LoRA, ffa's A, fedsa's B) stays at its initial value
-        self.global_tensors = {k: new[k].to(v.dtype) if k in shared else v for k, v in self.initial.items()}
+        self.global_tensors = {k: new[k].to("cpu", v.dtype) if k in shared else v for k, v in self.initial.items()}
         for k, v in self.global_tensors.items():
             if (factor := factor_of(k)) is not None and not torch.equal(v, old[k]):
                 self.changed[factor] = metrics["round"]
@@ -464,8 +490,8 @@ class RunResult:
 
 def resumed_config(run_dir: Path, requested: RunConfig | None = None) -> RunConfig:
     """The config to resume run_dir with: its stored config.toml, or `requested` where that differs from it only
-    in rounds beyond those done (an extension, written to config.toml at once, so that every runtime resumes
-    with it). Any other difference is an error naming the keys."""
+    in rounds beyond those done (an extension) or in the device (where it runs: a checkpoint is CPU tensors), written
+    to config.toml at once, so that every runtime resumes with it. Any other difference is an error naming the keys."""
     path = Path(run_dir) / "config.toml"
     if not path.is_file():
         raise FloranaError(f"{run_dir}: nothing to resume (no config.toml)")
@@ -473,11 +499,14 @@ def resumed_config(run_dir: Path, requested: RunConfig | None = None) -> RunConf
     if requested is None or requested == stored:
         return stored
     changes = differences(stored, requested)
-    others = {k: v for k, v in changes.items() if k != "rounds"}
+    others = {k: v for k, v in changes.items() if k not in ("rounds", "device")}
     if others:
         raise FloranaError(f"{run_dir}: a resumed run keeps its config, but {describe(others)} differ(s) from its "
-                           "config.toml (only rounds may change, to extend the run)")
+                           "config.toml (only rounds may change, to extend the run, and the device)")
     done = latest_round(run_dir)
+    if "rounds" not in changes:
+        write_text_atomic(path, requested.to_toml())
+        return requested
     if requested.rounds <= done:
         raise FloranaError(f"{run_dir}: {done} round(s) are done; rounds={requested.rounds} cannot extend the run")
     if stored.method == "local" and done >= stored.rounds:

@@ -28,8 +28,9 @@ def resolve_model(name: str) -> tuple[str, dict]:
     return name, {}
 
 
-def load_model(task: str, model: str, num_labels: int, lora: dict, seed: int):
-    """(PeftModel, tokenizer) for the task; `lora` holds LoraConfig fields. The seed fixes the head and LoRA init."""
+def load_model(task: str, model: str, num_labels: int, lora: dict, seed: int, device: torch.device | None = None):
+    """(PeftModel, tokenizer) for the task; `lora` holds LoraConfig fields. The seed fixes the head and LoRA init
+    (drawn on the CPU, so the same on every device). `device`: where the model is put (None: where it loaded)."""
     import transformers
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
@@ -57,6 +58,9 @@ def load_model(task: str, model: str, num_labels: int, lora: dict, seed: int):
     except ValueError as e:
         raise FloranaError(f"model {model!r}: LoRA target_modules {lora.get('target_modules')} do not fit "
                            f"({str(e).splitlines()[0][:200]})") from None
+    # device placement: a quantised base is placed as it loads (bitsandbytes weights refuse .to)
+    if device is not None and getattr(base, "hf_quantizer", None) is None:
+        peft_model = peft_model.to(device)
     return peft_model, tokenizer
 
 
@@ -129,7 +133,9 @@ class AdapterSlots:
             module_scaling(self.config, module, rank)
 
     def set_base_delta(self, delta: dict[str, Tensor]) -> None:
-        """From now on module m computes with W0 + delta[m] (ΔW layout, d×k); an empty dict restores W0."""
+        """From now on module m computes with W0 + delta[m] (ΔW layout, d×k), held on the model's device; an empty
+        dict restores W0."""
+        delta = {m: t.to(self.base_weight(m).device) for m, t in delta.items()}
         for module in set(delta) - self.hooked:
             self.model.get_submodule(module).base_layer.register_forward_hook(self._add_delta(module))
             self.hooked.add(module)

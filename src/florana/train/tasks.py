@@ -3,19 +3,20 @@
 classification: cross-entropy on the label; accuracy, macro-F1 and loss.
 causal_lm: instruction SFT with the loss on the answer tokens only; exact match of the final number in a
 greedy completion, and the answer loss.
-Batches are padded to their longest member (dynamic padding), which is what makes short texts fast.
+Batches are padded to their longest member (dynamic padding), which is what makes short texts fast. A task's
+batches are put on its precision's device (where the model is), and the model runs under its autocast.
 """
 
 from __future__ import annotations
 
 import re
-from contextlib import nullcontext
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
 from florana.data.sources import Examples
+from florana.train.device import Precision
 
 IGNORE = -100
 NUMBER = re.compile(r"-?\d[\d,]*\.?\d*")
@@ -32,10 +33,6 @@ class Encoded:
 
     def __len__(self) -> int:
         return len(self.ids)
-
-
-def autocast(enabled: bool):
-    return torch.autocast("cpu", dtype=torch.bfloat16) if enabled else nullcontext()
 
 
 PAD_MULTIPLE = 8
@@ -60,9 +57,13 @@ def macro_f1(pred: np.ndarray, gold: np.ndarray, num_classes: int) -> float:
     return float(np.mean(scores)) if scores else 0.0
 
 
+def on_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
+    return {k: v.to(device) for k, v in batch.items()}
+
+
 class ClassificationTask:
-    def __init__(self, tokenizer, max_length: int, num_classes: int, bf16: bool):
-        self.tokenizer, self.max_length, self.num_classes, self.bf16 = tokenizer, max_length, num_classes, bf16
+    def __init__(self, tokenizer, max_length: int, num_classes: int, precision: Precision):
+        self.tokenizer, self.max_length, self.num_classes, self.precision = tokenizer, max_length, num_classes, precision
 
     def encode(self, examples: Examples) -> Encoded:
         ids = self.tokenizer(examples.texts, truncation=True, max_length=self.max_length)["input_ids"] if len(
@@ -72,8 +73,9 @@ class ClassificationTask:
     def batch(self, data: Encoded, idx) -> dict:
         seqs = [data.ids[i] for i in idx]
         input_ids = _pad(seqs, self.tokenizer.pad_token_id)
-        return {"input_ids": input_ids, "attention_mask": _pad([[1] * len(s) for s in seqs], 0),
-                "labels": torch.tensor([data.targets[i] for i in idx], dtype=torch.long)}
+        return on_device({"input_ids": input_ids, "attention_mask": _pad([[1] * len(s) for s in seqs], 0),
+                          "labels": torch.tensor([data.targets[i] for i in idx], dtype=torch.long)},
+                         self.precision.device)
 
     @torch.no_grad()
     def evaluate(self, model, data: Encoded, batch_size: int) -> dict:
@@ -82,9 +84,9 @@ class ClassificationTask:
         for start in range(0, len(data), batch_size):
             idx = range(start, min(start + batch_size, len(data)))
             batch = self.batch(data, idx)
-            with autocast(self.bf16):
+            with self.precision.autocast():
                 out = model(**batch)
-            preds.append(out.logits.float().argmax(-1).numpy())
+            preds.append(out.logits.float().argmax(-1).cpu().numpy())
             losses.append(out.loss.float().item() * len(idx))
         if not preds:
             return {"accuracy": None, "macro_f1": None, "loss": None}
@@ -108,8 +110,9 @@ def final_number(text: str) -> str | None:
 class CausalLMTask:
     """Prompt = the tokenizer's chat template (or 'Question: …\\nAnswer:'), target = 'The answer is N.' + EOS."""
 
-    def __init__(self, tokenizer, max_length: int, bf16: bool, max_new_tokens: int):
-        self.tokenizer, self.max_length, self.bf16, self.max_new_tokens = tokenizer, max_length, bf16, max_new_tokens
+    def __init__(self, tokenizer, max_length: int, precision: Precision, max_new_tokens: int):
+        self.tokenizer, self.max_length, self.precision = tokenizer, max_length, precision
+        self.max_new_tokens = max_new_tokens
 
     def prompt(self, question: str) -> list[int]:
         tok = self.tokenizer
@@ -136,9 +139,9 @@ class CausalLMTask:
 
     def batch(self, data: Encoded, idx) -> dict:
         seqs = [data.ids[i] for i in idx]
-        return {"input_ids": _pad(seqs, self.tokenizer.pad_token_id),
-                "attention_mask": _pad([[1] * len(s) for s in seqs], 0),
-                "labels": _pad([data.targets[i] for i in idx], IGNORE)}
+        return on_device({"input_ids": _pad(seqs, self.tokenizer.pad_token_id),
+                          "attention_mask": _pad([[1] * len(s) for s in seqs], 0),
+                          "labels": _pad([data.targets[i] for i in idx], IGNORE)}, self.precision.device)
 
     @torch.no_grad()
     def evaluate(self, model, data: Encoded, batch_size: int) -> dict:
@@ -147,17 +150,18 @@ class CausalLMTask:
         for start in range(0, len(data), batch_size):
             idx = list(range(start, min(start + batch_size, len(data))))
             batch = self.batch(data, idx)
-            with autocast(self.bf16):
+            with self.precision.autocast():
                 out = model(**batch)
             n = int((batch["labels"][:, 1:] != IGNORE).sum())
             loss_sum, tokens = loss_sum + out.loss.float().item() * n, tokens + n
             prompts = [data.prompts[i] for i in idx]
-            input_ids = _pad(prompts, self.tokenizer.pad_token_id, left=True)
-            mask = _pad([[1] * len(p) for p in prompts], 0, left=True)
-            with autocast(self.bf16):
+            device = self.precision.device
+            input_ids = _pad(prompts, self.tokenizer.pad_token_id, left=True).to(device)
+            mask = _pad([[1] * len(p) for p in prompts], 0, left=True).to(device)
+            with self.precision.autocast():
                 gen = model.generate(input_ids=input_ids, attention_mask=mask, max_new_tokens=self.max_new_tokens,
                                      do_sample=False, pad_token_id=self.tokenizer.pad_token_id)
-            for i, row in zip(idx, gen[:, input_ids.shape[1]:]):
+            for i, row in zip(idx, gen[:, input_ids.shape[1]:].tolist()):
                 text = self.tokenizer.decode(row, skip_special_tokens=True)
                 correct += final_number(text) == final_number(data.answers[i])
         if not len(data):
