@@ -31,7 +31,7 @@ from florana.lora.adapter import LoraModule, at_rank, has_non_finite, revive_dea
 from florana.lora.base_delta import apply_change, dense_change, factor_change, total_change
 from florana.lora.peft_io import save_adapter
 from florana.train.local import batch_indices, train_steps
-from florana.train.model import AdapterSlots, load_model
+from florana.train.model import AdapterSlots, load_model, quantization_config
 from florana.train.tasks import CausalLMTask, ClassificationTask, Encoded
 
 log = logging.getLogger("florana")
@@ -123,6 +123,7 @@ class Federation:
         torch.set_num_threads(config.threads)
         self.config, self.progress = config, progress
         self.method = method_of(config)
+        quantization_config(config.quantization, config.dtype)  # a run that cannot quantize stops before loading data
         causal = config.task == "causal_lm"
         examples = load_examples(config.dataset, text_column=config.text_column, label_column=config.label_column,
                                  causal=causal, max_examples=config.max_examples, seed=config.seed)
@@ -131,7 +132,9 @@ class Federation:
         self.rank = max(self.ranks)
         lora = {"r": self.rank, "lora_alpha": config.lora_alpha, "lora_dropout": config.lora_dropout,
                 "use_rslora": config.rslora, "target_modules": list(config.target_modules)}
-        self.model, tokenizer = load_model(config.task, config.model, len(examples.label_names), lora, config.seed)
+        self.model, tokenizer = load_model(config.task, config.model, len(examples.label_names), lora, config.seed,
+                                           dtype=config.dtype, quantization=config.quantization,
+                                           gradient_checkpointing=config.gradient_checkpointing)
         self.task = (CausalLMTask(tokenizer, config.max_length, config.bf16, config.max_new_tokens) if causal else
                      ClassificationTask(tokenizer, config.max_length, len(examples.label_names), config.bf16))
         self.data = Data(self.task.encode(test),
