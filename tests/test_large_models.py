@@ -269,13 +269,13 @@ def test_all_linear_adapts_every_linear_layer_but_the_head(assets, kind):
 
 @pytest.mark.parametrize("method", ["florana", "flora"])
 def test_a_round_with_all_linear_aggregates_every_module(assets, tmp_path, method):
-    """Modules of different shapes (q/k/v/o 32×32, gate/up 64×32, down 32×64) aggregated in one round, including
-    flora's base delta (one per module, each of its own shape)."""
+    """Modules of different shapes (q/k/v/o 32×32, gate/up 64×32, down 32×64) aggregated in one round, with
+    checkpointing, including flora's base delta (one per module, each of its own shape) on a bf16 base."""
     cfg = RunConfig(task="causal_lm", model=str(assets["llama"]), dataset=str(assets["jsonl"]), text_column="question",
                     label_column="answer", target_modules=["all-linear"], method=method, num_clients=2,
                     partition="iid", rounds=1, local_steps=1, batch_size=4, eval_batch_size=8, test_size=4,
                     client_test_max=2, max_length=32, max_new_tokens=2, lora_r=2, lora_alpha=4.0, threads=1,
-                    bf16=False, gradient_checkpointing=True)
+                    bf16=False, gradient_checkpointing=True, dtype="bfloat16" if method == "flora" else "auto")
     result = run(cfg, tmp_path / "run")
     assert result.history[0]["relative_error"] < 1e-5 if method == "flora" else result.history[0]["relative_error"] >= 0
     adapter = load_adapter(tmp_path / "run" / "global_adapter")

@@ -110,7 +110,7 @@ class RunConfig:
                                    "install 'florana[gpu]'): none, 4bit (NF4, double quantization) or 8bit (LLM.int8)",
                            one_of("none", "4bit", "8bit"))
     gradient_checkpointing: bool = _f(False, "recompute activations in the backward pass: less memory for longer "
-                                             "sequences and larger models, about a third more compute")
+                                             "sequences and larger models, for one more forward pass per step")
     max_new_tokens: int = _f(24, "causal_lm: tokens generated when scoring", at_least(1))
     # run
     seed: int = _f(0, "seed of everything: split, partition, sampling, init, batches", at_least(0))
