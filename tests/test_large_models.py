@@ -2,6 +2,7 @@
 gradient checkpointing, the base's dtype, target_modules = "all-linear", and the shipped configs."""
 
 import importlib.util
+import math
 from pathlib import Path
 
 import pytest
@@ -77,6 +78,8 @@ def test_quantization_follows_qlora(monkeypatch):
 
 
 def test_a_run_that_cannot_quantize_stops_before_loading_anything(assets, tmp_path):
+    with pytest.raises(FloranaError, match="quantization='8bit' needs a CUDA device"):  # not 'unknown model'
+        load_model("causal_lm", str(tmp_path / "no-such-model"), 2, lora(["q_proj"]), 0, quantization="8bit")
     cfg = RunConfig(model=str(assets["llama"]), task="causal_lm", dataset=str(tmp_path / "absent.jsonl"),
                     quantization="4bit", num_clients=2, target_modules=["q_proj"])
     with pytest.raises(FloranaError, match="quantization='4bit' needs a CUDA device"):  # not the missing file
@@ -176,6 +179,22 @@ def test_quantized_tiny_llama_trains_on_the_gpu(assets, quantization):
     loss = model(**ids, labels=ids["input_ids"]).loss
     loss.backward()
     assert torch.isfinite(loss) and all(p.grad is not None for p in slots.trainable(train_A=False))
+
+
+@pytest.mark.skipif(not (HAS_CUDA and HAS_BNB), reason="needs a CUDA GPU and bitsandbytes (pip install "
+                                                      "'florana[gpu]')")
+@pytest.mark.parametrize("method", ["florana", "fedex"])
+def test_a_federated_run_on_a_4bit_base(assets, tmp_path, method):
+    """Two rounds of the engine on a 4-bit tiny LLaMA, fedex's float32 base delta included. Needs the engine to
+    place the run on the GPU (the `device` key, device 'auto' resolving to CUDA)."""
+    cfg = RunConfig(task="causal_lm", model=str(assets["llama"]), dataset=str(assets["jsonl"]), text_column="question",
+                    label_column="answer", target_modules=["q_proj", "v_proj"], method=method, num_clients=2,
+                    partition="iid", rounds=2, local_steps=2, batch_size=4, eval_batch_size=8, test_size=4,
+                    client_test_max=2, max_length=32, max_new_tokens=2, lora_r=2, lora_alpha=4.0,
+                    quantization="4bit", gradient_checkpointing=True)
+    result = run(cfg, tmp_path / "run")
+    assert [m["round"] for m in result.history] == [1, 2]
+    assert all(math.isfinite(m["train_loss"]) for m in result.history)
 
 
 # ---- gradient checkpointing -----------------------------------------------------------------------------------

@@ -123,7 +123,9 @@ class Federation:
         torch.set_num_threads(config.threads)
         self.config, self.progress = config, progress
         self.method = method_of(config)
-        quantization_config(config.quantization, config.dtype)  # a run that cannot quantize stops before loading data
+        # a run that cannot quantize stops before loading data; with a device setting, pass device= (the resolved
+        # one) here and to load_model, which places a quantized base itself (it must not be moved with .to)
+        quantization_config(config.quantization, config.dtype)
         causal = config.task == "causal_lm"
         examples = load_examples(config.dataset, text_column=config.text_column, label_column=config.label_column,
                                  causal=causal, max_examples=config.max_examples, seed=config.seed)

@@ -84,8 +84,7 @@ def load_model(task: str, model: str, num_labels: int, lora: dict, seed: int, *,
 
     quantized = quantization_config(quantization, dtype, device)  # before anything heavy
     path, kwargs = resolve_model(model)
-    if dtype != "auto":
-        kwargs["dtype"] = DTYPES[dtype]
+    kwargs["dtype"] = DTYPES.get(dtype, "auto")  # 'auto': the checkpoint's (transformers 4's default was float32)
     if quantized is not None:
         # Placement: a quantized base is put on its GPU as it loads (bitsandbytes quantizes as weights land there)
         # and must never be moved with .to(device); an unquantized one is moved by whoever places the model.
