@@ -263,6 +263,9 @@ def test_all_linear_in_toml_and_its_limits(tmp_path):
     assert cfg.target_modules == ["all-linear"]
     path.write_text(cfg.to_toml())
     assert load_config(path) == cfg
+    from florana.flower.wire import split_run_config
+
+    assert split_run_config({"target_modules": "all-linear"})[0].target_modules == ["all-linear"]  # Flower's form
     with pytest.raises(FloranaError, match="'all-linear' stands for every linear layer and cannot be listed"):
         RunConfig(target_modules=["all-linear", "q_proj"])
     with pytest.raises(FloranaError, match="target_modules should be a list of non-empty strings"):
