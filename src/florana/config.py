@@ -34,6 +34,7 @@ def one_of(*choices: str) -> tuple:
     return (lambda v: v in choices, "one of " + ", ".join(choices))
 
 
+ALL_LINEAR = "all-linear"  # PEFT's shorthand for every linear layer but the output head
 NON_EMPTY = (lambda v: len(v.strip() if isinstance(v, str) else v) > 0, "non-empty")
 FRACTION = (lambda v: 0 <= v < 1, "in [0, 1)")
 DEVICE_NAME = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")
@@ -103,10 +104,18 @@ class RunConfig:
     lora_alpha: float = _f(16.0, "LoRA alpha (scaling alpha/r, or alpha/sqrt(r) with rslora)", above(0))
     rslora: bool = _f(False, "rank-stabilised scaling alpha/sqrt(r)")
     lora_dropout: float = _f(0.0, "dropout on the LoRA path", FRACTION)
-    target_modules: list = _f(["query", "value"], "modules LoRA adapts (names as in the model)", NON_EMPTY)
+    target_modules: list = _f(["query", "value"], "modules LoRA adapts (names as in the model), or \"all-linear\" "
+                              "(PEFT's shorthand: every linear layer but the output head)", NON_EMPTY)
     bf16: bool = _f(True, "mixed precision for forward and backward: bfloat16 autocast on the CPU (measured faster "
                           "there) and on GPUs that support it, float16 with loss scaling on older GPUs; false: "
                           "float32 everywhere")
+    dtype: str = _f("auto", "dtype of the loaded base model: auto (as its checkpoint stores it: float32 for minilm and "
+                            "smollm2), bfloat16, float16 or float32", one_of("auto", "bfloat16", "float16", "float32"))
+    quantization: str = _f("none", "base model quantized at load, QLoRA-style (bitsandbytes on a CUDA device, pip "
+                                   "install 'florana[gpu]'): none, 4bit (NF4, double quantization) or 8bit (LLM.int8)",
+                           one_of("none", "4bit", "8bit"))
+    gradient_checkpointing: bool = _f(False, "recompute activations in the backward pass: less memory for longer "
+                                             "sequences and larger models, for one more forward pass per step")
     max_new_tokens: int = _f(24, "causal_lm: tokens generated when scoring", at_least(1))
     # run
     seed: int = _f(0, "seed of everything: split, partition, sampling, init, batches", at_least(0))
@@ -127,6 +136,9 @@ class RunConfig:
         from florana.federation.methods import check_method, check_ranks
 
         check_method(self.method, self.error_feedback)
+        if ALL_LINEAR in self.target_modules and len(self.target_modules) > 1:
+            raise FloranaError(f"target_modules: {ALL_LINEAR!r} stands for every linear layer and cannot be listed "
+                               f"with other names, got {self.target_modules!r}")
         if len(self.client_ranks) > self.num_clients:
             raise FloranaError(f"client_ranks has {len(self.client_ranks)} entries for num_clients="
                                f"{self.num_clients}: give one per client, or a shorter list that is cycled")
@@ -166,6 +178,8 @@ def _typed(key: str, kind: str, value):
         return value
     if kind == "list" and isinstance(value, list) and all(isinstance(x, str) and x.strip() for x in value):
         return list(value)
+    if kind == "list" and value == ALL_LINEAR:  # target_modules = "all-linear", stored as the list it stands for
+        return [value]
     if kind == "list[int]" and isinstance(value, list) and all(isinstance(x, numbers.Integral) and
                                                                not isinstance(x, bool) for x in value):
         return [int(x) for x in value]

@@ -38,7 +38,7 @@ from florana.lora.peft_io import save_adapter
 from florana.report.provenance import record_session
 from florana.train.device import on_cpu, peak_memory_mib, precision_for, reset_peak_memory, resolve_device
 from florana.train.local import batch_indices, train_steps
-from florana.train.model import AdapterSlots, load_model
+from florana.train.model import AdapterSlots, load_model, quantization_config
 from florana.train.tasks import CausalLMTask, ClassificationTask, Encoded
 
 log = logging.getLogger("florana")
@@ -132,6 +132,8 @@ class Federation:
         self.device = resolve_device(config.device)  # before anything loads: a missing GPU fails at once
         self.precision = precision_for(self.device, config.bf16)
         self.method = method_of(config)
+        # a run that cannot quantize stops before loading data; load_model places a quantized base itself
+        quantization_config(config.quantization, config.dtype, self.device)
         causal = config.task == "causal_lm"
         examples = load_examples(config.dataset, text_column=config.text_column, label_column=config.label_column,
                                  causal=causal, max_examples=config.max_examples, seed=config.seed)
@@ -141,7 +143,8 @@ class Federation:
         lora = {"r": self.rank, "lora_alpha": config.lora_alpha, "lora_dropout": config.lora_dropout,
                 "use_rslora": config.rslora, "target_modules": list(config.target_modules)}
         self.model, tokenizer = load_model(config.task, config.model, len(examples.label_names), lora, config.seed,
-                                           self.device)
+                                           dtype=config.dtype, quantization=config.quantization,
+                                           gradient_checkpointing=config.gradient_checkpointing, device=self.device)
         self.task = (CausalLMTask(tokenizer, config.max_length, self.precision, config.max_new_tokens) if causal else
                      ClassificationTask(tokenizer, config.max_length, len(examples.label_names), self.precision))
         self.data = Data(self.task.encode(test),
