@@ -19,13 +19,15 @@ COLUMNS = (
 
 
 def final_numbers(history: list[dict]) -> dict:
-    """The last round's metrics, the mean aggregation error over rounds, and the total MiB on the wire."""
+    """The last round's metrics (its score on the whole test set where rounds scored a subset: eval_max_examples),
+    the mean aggregation error over rounds, and the total MiB on the wire."""
     last = history[-1]
     errors = [m["relative_error"] for m in history if m.get("relative_error") is not None]
     floors = [m["error_floor"] for m in history if m.get("error_floor") is not None]
     return {
         "method": last["method"], "alpha": last.get("alpha"), "seed": last.get("seed"), "rounds": last["round"],
-        "global_accuracy": last.get("global_accuracy"), "local_accuracy_mean": last.get("local_accuracy_mean"),
+        "global_accuracy": last.get("final_global_accuracy", last.get("global_accuracy")),  # the whole test set
+        "local_accuracy_mean": last.get("local_accuracy_mean"),
         "local_global_gap": last.get("local_global_gap"),
         "relative_error": float(np.mean(errors)) if errors else None,
         "error_floor": float(np.mean(floors)) if floors else None,
