@@ -86,7 +86,8 @@ def test_writing_outside_its_folder_is_refused(tmp_path):
                 f"import os\nos.symlink({str(target)!r}, 'link')\nopen('link', 'w').write('x')",
                 f"import os\nos.mkdir({str(tmp_path / 'made')!r})",
                 f"import os\nos.chdir({str(tmp_path)!r})\nopen('escaped.txt', 'w').write('x')",
-                "open('../escaped.txt', 'w').write('x')"]
+                "open('../escaped.txt', 'w').write('x')",
+                f"import io\nio.FileIO({str(target)!r}, 'w')", f"import _io\n_io.FileIO({str(target)!r}, 'w')"]
     keep = tmp_path / "keep.txt"
     keep.write_text("mine")
     attempts += [f"import os\nos.remove({str(keep)!r})", f"import os\nos.rename({str(keep)!r}, 'stolen')",

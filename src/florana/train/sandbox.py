@@ -16,7 +16,7 @@ What is enforced, in layers, for each program (Linux):
 - it passes only if it runs to its end and exits 0: the child prints a random token after the program returns, so
   a `sys.exit(0)` or `os._exit(0)` before the asserts is a failure.
 The Python-level guards stop accidents and careless code (what a model writes), not a determined adversary: a
-program can reach the kernel through channels they do not cover (`_io.FileIO`, `os.open` with `dir_fd`, ...). The
+program can reach the kernel through channels they do not cover (the `posix` module's own functions, ...). The
 kernel-level layers hold regardless; the strongest (network namespace, user nobody) depend on the host, as above.
 """
 
@@ -85,7 +85,13 @@ def guarded_os_open(path, flags, *args, **kwargs):
     if flags & writes and (kwargs.get("dir_fd") is not None or not inside(path)):
         raise PermissionError("the florana sandbox refuses to write outside its folder")
     return real_os_open(path, flags, *args, **kwargs)
+class GuardedFileIO(io.FileIO):
+    def __init__(self, file, mode="r", *args, **kwargs):
+        if any(c in mode for c in "wax+") and not inside(file):
+            raise PermissionError("the florana sandbox refuses to write outside its folder")
+        super().__init__(file, mode, *args, **kwargs)
 builtins.open = io.open = guarded_open
+io.FileIO = sys.modules["_io"].FileIO = GuardedFileIO
 os.open = guarded_os_open
 for name, count in (("remove", 1), ("unlink", 1), ("rmdir", 1), ("mkdir", 1), ("chmod", 1), ("chown", 1),
                     ("lchown", 1), ("truncate", 1), ("utime", 1), ("mkfifo", 1), ("mknod", 1), ("rename", 2),
