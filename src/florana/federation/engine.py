@@ -39,7 +39,8 @@ from florana.report.provenance import record_session
 from florana.train.device import on_cpu, peak_memory_mib, precision_for, reset_peak_memory, resolve_device
 from florana.train.local import batch_indices, train_steps
 from florana.train.model import AdapterSlots, load_model, quantization_config
-from florana.train.tasks import CausalLMTask, ClassificationTask, Encoded
+from florana.train.sandbox import Limits
+from florana.train.tasks import CausalLMTask, ClassificationTask, CodeTask, Encoded
 
 log = logging.getLogger("florana")
 
@@ -105,6 +106,24 @@ class Data:
     label_names: list[str]
 
 
+def make_task(config: RunConfig, tokenizer, num_labels: int, precision):
+    """The task object that encodes, batches and scores examples for config.task, under `precision`'s autocast."""
+    if config.task == "classification":
+        return ClassificationTask(tokenizer, config.max_length, num_labels, precision)
+    if config.task == "code":
+        limits = Limits(timeout_s=config.code_timeout, memory_mib=config.code_memory_mib)
+        return CodeTask(tokenizer, config.max_length, precision, config.max_new_tokens, limits, config.threads)
+    return CausalLMTask(tokenizer, config.max_length, precision, config.max_new_tokens)
+
+
+def eval_subset(test: Encoded, limit: int, seed: int) -> Encoded:
+    """The part of the global test set scored every round: `limit` examples fixed by the seed (0: all of it)."""
+    if not limit or limit >= len(test):
+        return test
+    keep = np.sort(np.random.default_rng(derive_seed(seed, 8)).permutation(len(test))[:limit])
+    return test.subset(keep.tolist())
+
+
 def split_data(examples: Examples, config: RunConfig) -> tuple[Examples, list[Examples], list[Examples], list[dict]]:
     """Global test set, then each client's train and held-out parts; all fixed by the seed."""
     n = len(examples)
@@ -134,9 +153,9 @@ class Federation:
         self.method = method_of(config)
         # a run that cannot quantize stops before loading data; load_model places a quantized base itself
         quantization_config(config.quantization, config.dtype, self.device)
-        causal = config.task == "causal_lm"
         examples = load_examples(config.dataset, text_column=config.text_column, label_column=config.label_column,
-                                 causal=causal, max_examples=config.max_examples, seed=config.seed)
+                                 causal=config.task == "causal_lm", code=config.task == "code",
+                                 max_examples=config.max_examples, seed=config.seed)
         test, trains, tests, stats = split_data(examples, config)
         self.ranks = config.ranks()  # each client's LoRA rank; the model's LoRA has the largest, the global rank
         self.rank = max(self.ranks)
@@ -145,11 +164,11 @@ class Federation:
         self.model, tokenizer = load_model(config.task, config.model, len(examples.label_names), lora, config.seed,
                                            dtype=config.dtype, quantization=config.quantization,
                                            gradient_checkpointing=config.gradient_checkpointing, device=self.device)
-        self.task = (CausalLMTask(tokenizer, config.max_length, self.precision, config.max_new_tokens) if causal else
-                     ClassificationTask(tokenizer, config.max_length, len(examples.label_names), self.precision))
+        self.task = make_task(config, tokenizer, len(examples.label_names), self.precision)
         self.data = Data(self.task.encode(test),
                          [Client(self.task.encode(tr), self.task.encode(te), len(tr)) for tr, te in zip(trains, tests)],
                          stats, examples.label_names)
+        self.eval_test = eval_subset(self.data.test, config.eval_max_examples, config.seed)
         self.slots = AdapterSlots.of(self.model)
         self.initial = on_cpu(self.slots.read())
         self.modules = sorted({k.rsplit(".lora_", 1)[0] for k in self.initial if ".lora_" in k})
@@ -363,7 +382,7 @@ class Federation:
         metrics = self.open_round(round_, sampled, empty)
         results: dict[int, LocalResult] = {}
         if cfg.method == "centralized":
-            pooled = _concat([self.data.clients[u].train for u in sampled])
+            pooled = Encoded.concat([self.data.clients[u].train for u in sampled])
             loss, self.global_tensors = self.train_client(self.global_tensors, pooled, cfg.local_steps * len(sampled),
                                                           derive_seed(cfg.seed, 6, round_))
             metrics["train_loss"] = loss
@@ -425,8 +444,14 @@ class Federation:
         elif self.method is not None and self.method.personal_B:  # B never leaves a client: no global model
             glob = {"accuracy": None, "macro_f1": None, "loss": None}
         else:
-            glob = self.evaluate(self.global_tensors, self.data.test)
+            glob = self.evaluate(self.global_tensors, self.eval_test)
+            self.book_generation(glob, metrics, len(self.eval_test))
         metrics.update({f"global_{k}": v for k, v in glob.items()})
+        if round_ == cfg.rounds and self.eval_test is not self.data.test and glob["accuracy"] is not None \
+                and cfg.method != "local":  # rounds scored a subset: the last also scores the whole test set, apart
+            full = self.evaluate(self.global_tensors, self.data.test)
+            self.book_generation(full, metrics, len(self.data.test), "final_")
+            metrics.update({f"final_global_{k}": v for k, v in full.items()})
         gap_ok = metrics["local_accuracy_mean"] is not None and metrics["global_accuracy"] is not None
         metrics["local_global_gap"] = metrics["local_accuracy_mean"] - metrics["global_accuracy"] if gap_ok else None
         metrics.setdefault("relative_error", None)
@@ -439,6 +464,19 @@ class Federation:
         if self.gpu_peak is not None:  # CUDA only: metrics.jsonl on the CPU is as it always was
             metrics["gpu_peak_mib"] = round(self.gpu_peak, 1)
         return metrics
+
+    @staticmethod
+    def book_generation(scores: dict, metrics: dict, examples: int, prefix: str = "") -> None:
+        """Move a generative evaluation's throughput out of its scores into the round's metrics and the log."""
+        tokens, seconds = scores.pop("generated_tokens", None), scores.pop("generate_seconds", None)
+        if tokens is None:
+            return
+        rate = tokens / seconds if seconds else None
+        metrics[f"{prefix}eval_tokens_per_s"] = rate
+        metrics[f"{prefix}eval_generated_tokens"] = tokens
+        log.info("round %d: %sglobal test on %d examples: %d tokens generated in %.1f s (%s tokens/s)",
+                 metrics["round"], "final " if prefix else "", examples, tokens, seconds,
+                 "–" if rate is None else f"{rate:.1f}")
 
     def aggregate(self, updates, labels, sizes, metrics) -> None:
         weights = sizes if self.config.weighting == "examples" else None
@@ -476,12 +514,6 @@ class Federation:
 def factor_of(key: str) -> str | None:
     """'A' or 'B' for an adapter tensor that is a LoRA factor, None for any other (a classification head)."""
     return "A" if ".lora_A." in key else "B" if ".lora_B." in key else None
-
-
-def _concat(parts: list[Encoded]) -> Encoded:
-    return Encoded(ids=[x for p in parts for x in p.ids], targets=[x for p in parts for x in p.targets],
-                   answers=None if parts[0].answers is None else [x for p in parts for x in p.answers],
-                   prompts=None if parts[0].prompts is None else [x for p in parts for x in p.prompts])
 
 
 @dataclass
@@ -559,6 +591,9 @@ def record_round(fed: Federation, run_dir: Path, metrics: dict) -> None:
              fed.config.rounds, fed.config.method, _fmt(metrics["global_accuracy"]),
              _fmt(metrics["local_accuracy_mean"]), _fmt(metrics["relative_error"]), metrics["bytes_up"],
              metrics["bytes_down"])
+    if "final_global_accuracy" in metrics:
+        log.info("final global acc %s on the whole test set (%d examples)", _fmt(metrics["final_global_accuracy"]),
+                 len(fed.data.test))
     if fed.progress:
         fed.progress.end_round(metrics)
 
