@@ -28,8 +28,12 @@ bench: $(STAMP)
 	$(PY) benchmarks/flower_overhead.py
 
 # the pure-Python wheels scripts/gpu_check.sh needs beyond torch/transformers/peft, for a GPU machine without network
+# the wheels scripts/gpu_check.sh needs on a bare GPU machine with no network: tomli_w, and bitsandbytes (43 MB, for
+# the 4-bit check; the GPU machine's Python is 3.12 on x86-64 Linux)
 gpu-wheels: $(STAMP)
 	$(PY) -m pip download -q --no-deps -d .whl 'tomli-w>=1.0,<2'
+	$(PY) -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+		--platform manylinux_2_24_x86_64 -d .whl bitsandbytes==0.50.2
 
 # on a machine with a CUDA GPU; FLORANA_GPU_CHECK_DEVICE=cpu runs the same checks on the CPU at tiny sizes
 gpu-check:

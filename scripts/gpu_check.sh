@@ -6,7 +6,8 @@
 #
 # Needs python3 with torch, transformers, peft, numpy and safetensors (a bare GPU machine; no flwr, datasets,
 # matplotlib, network or model files). florana runs from src/; the few pure-Python wheels it needs beyond those
-# (tomli_w) come from .whl/ when that folder is there: `make gpu-wheels` fills it on a machine with network.
+# (tomli_w; bitsandbytes for the 4-bit check) come from .whl/ when that folder is there: `make gpu-wheels` fills it
+# on a machine with network.
 #
 #   scripts/gpu_check.sh                               # on the GPU machine
 #   FLORANA_GPU_CHECK_DEVICE=cpu scripts/gpu_check.sh   # the same logic on the CPU, tiny sizes (the test suite runs it)
