@@ -3,9 +3,9 @@ on the default data, model and partition (10 clients, Dirichlet 0.5, seed 0). Ru
 (a finished run is skipped, an unfinished one resumed), then printed as one table (`--table-only`).
 
 Why the old default (10 rounds × 10 steps, lr 2e-3, uniform weights) ended at the majority answer (0.595): each
-client's AdamW steps shift every logit toward its own majority label far faster than they separate the classes
-(Adam moves every coordinate of the head by about lr per step, whatever the skew), so the global model's offset is
-set by the mix of client priors the aggregation aims at. Uniform weights aim at the mean of the clients' fresh
+client's local steps shift every test example's logit margin toward its own majority label (client 0 by -1.49,
+client 8 by +1.43) while the margins' spread grows only from 0.02 to 0.04 (measured in an earlier session), so
+the global model's offset is set by the mix of client priors the aggregation aims at. Uniform weights aim at the mean of the clients' fresh
 shares, 0.700 on this partition; example weights (FedAvg's) aim at the pooled share, 0.577, next to the test set's
 0.595. Measured below: with uniform weights the global loss rose round after round (fedit 0.681 → 0.760, florana
 0.694 → 0.898 in 4 rounds) while with example weights it fell.
