@@ -58,6 +58,7 @@ CANDIDATES: dict[str, dict] = {
     "ex_r40_k3_lr5e-3": {"weighting": "examples", "rounds": 40, "local_steps": 3, "lr": 5e-3, "client_test_max": 50},
     "ex_r20_k5_lr2e-3": {"weighting": "examples", "rounds": 20, "local_steps": 5, "lr": 2e-3, "client_test_max": 50},
 }
+CHOSEN = "ex_r30_k5_lr5e-3"  # the candidate the rule picked: RunConfig's defaults (a test holds them together)
 RULE_METHODS = ("fedit", "florana", "svd")
 
 
