@@ -24,9 +24,10 @@ The rule. Planned (the old script's): the best mean final global accuracy over f
 of the shared machine left time for only a few federated runs, so the rule as applied, said here as it was: among
 the candidates whose florana and fedit runs both reached a final accuracy >= 0.70 within a schedule that fits
 `make demo`'s 10 minutes, the one with the higher florana final. Only ex_r30_k5_lr5e-3 completed both (florana
-0.700 at round 30, fedit 0.785). ex_r40_k3_lr5e-3 ended florana at 0.748, steadier over its last 14 rounds
-(0.694-0.758), but its fedit run had not finished when the pilot stopped: the next candidate to check. Every
-other method runs with the chosen values, untouched.
+0.700 at round 30, fedit 0.785; svd was at 0.770 after 21 of 30 rounds when stopped at the deadline).
+ex_r40_k3_lr5e-3 ended florana at 0.748, steadier over its last 14 rounds (0.694-0.758), and had fedit at 0.779
+after 30 of 40 rounds when stopped: the next candidate to check. Every other method runs with the chosen values,
+untouched.
 
 Measured 2026-11-29/30 on the 2-core machine shared with other engineers' test runs (load average 5-10): two runs
 at a time, one torch thread each, so a round's seconds in the table are several times a quiet machine's.
