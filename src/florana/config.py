@@ -65,7 +65,7 @@ class RunConfig:
     test_size: int = _f(1000, "examples held out as the global test set (fixed by the seed)", at_least(1))
     client_test_fraction: float = _f(0.2, "share of each client's data held out to evaluate its local model",
                                      FRACTION)
-    client_test_max: int = _f(100, "at most this many held-out examples per client are evaluated each round",
+    client_test_max: int = _f(50, "at most this many held-out examples per client are evaluated each round",
                               at_least(0))
     # federation
     method: str = _f("florana", "fedit | ffa | fedsa | flora | fedex | florana | svd | hetlora | flexlora | rolora | "
@@ -77,11 +77,11 @@ class RunConfig:
     alpha: float = _f(0.5, "Dirichlet concentration for dirichlet and quantity partitions (smaller: more skew)",
                       above(0))
     shards_per_client: int = _f(2, "labels per client for the shards partition", at_least(1))
-    rounds: int = _f(10, "federated rounds", at_least(1))
+    rounds: int = _f(30, "federated rounds", at_least(1))
     sample_fraction: float = _f(1.0, "fraction of clients sampled each round (seeded)",
                                 (lambda v: 0 < v <= 1, "in (0, 1]"))
-    weighting: str = _f("uniform", "aggregation weights: uniform (the FLoRA-NA paper) or examples (FedAvg)",
-                        one_of("uniform", "examples"))
+    weighting: str = _f("examples", "aggregation weights: examples (FedAvg: the federation aims at the pooled label "
+                                    "mix) or uniform (the FLoRA-NA paper)", one_of("uniform", "examples"))
     error_feedback: bool = _f(False, "the server keeps what aggregation lost (in rank-r factor form) and adds it to "
                                      "the next round's target, at no cost on the wire; for the inexact methods (fedit, "
                                      "florana, svd, hetlora, flexlora, lora_fair), beyond the papers")
@@ -95,10 +95,10 @@ class RunConfig:
                                         "closed-form B = argmin ‖B·Ā − ΔW*‖ for the averaged Ā)",
                               one_of("cosine", "least_squares"))
     # local training
-    local_steps: int = _f(10, "optimizer steps per client per round", at_least(1))
+    local_steps: int = _f(5, "optimizer steps per client per round", at_least(1))
     batch_size: int = _f(16, "training batch size", at_least(1))
     eval_batch_size: int = _f(64, "evaluation batch size", at_least(1))
-    lr: float = _f(2e-3, "AdamW learning rate (LoRA factors and the head)", above(0))
+    lr: float = _f(5e-3, "AdamW learning rate (LoRA factors and the head)", above(0))
     weight_decay: float = _f(0.0, "AdamW weight decay", at_least(0))
     lora_r: int = _f(8, "LoRA rank of every client (unless client_ranks gives them)", at_least(1))
     client_ranks: list[int] = _f([], "each client's LoRA rank, one per client or a shorter list cycled over the "
