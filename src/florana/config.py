@@ -77,7 +77,7 @@ class RunConfig:
     alpha: float = _f(0.5, "Dirichlet concentration for dirichlet and quantity partitions (smaller: more skew)",
                       above(0))
     shards_per_client: int = _f(2, "labels per client for the shards partition", at_least(1))
-    rounds: int = _f(30, "federated rounds", at_least(1))
+    rounds: int = _f(40, "federated rounds", at_least(1))
     sample_fraction: float = _f(1.0, "fraction of clients sampled each round (seeded)",
                                 (lambda v: 0 < v <= 1, "in (0, 1]"))
     weighting: str = _f("examples", "aggregation weights: examples (FedAvg: the federation aims at the pooled label "
@@ -95,7 +95,7 @@ class RunConfig:
                                         "closed-form B = argmin ‖B·Ā − ΔW*‖ for the averaged Ā)",
                               one_of("cosine", "least_squares"))
     # local training
-    local_steps: int = _f(5, "optimizer steps per client per round", at_least(1))
+    local_steps: int = _f(3, "optimizer steps per client per round", at_least(1))
     batch_size: int = _f(16, "training batch size", at_least(1))
     eval_batch_size: int = _f(64, "evaluation batch size", at_least(1))
     lr: float = _f(5e-3, "AdamW learning rate (LoRA factors and the head)", above(0))
