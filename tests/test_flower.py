@@ -162,6 +162,23 @@ def test_flower_moves_what_the_ledger_books(tiny, tmp_path, method):
     assert_same_run(tmp_path / "flower", tmp_path / "inproc")
 
 
+def test_method_options_and_diagnostics_through_flowers_run_config(tiny, tmp_path):
+    """A method option travels in Flower's flat run config to the server's aggregator (florana's balanced gauge:
+    ‖Â‖_F = ‖B̂‖_F), and the per-round diagnostics reach metrics.jsonl as in the in-process run."""
+    from florana.flower.server import serve
+
+    flat = flower_run_config(RunConfig(**tiny, method="florana", florana_gauge="balanced"))
+    cfg, _ = split_run_config(flat)
+    assert cfg.florana_gauge == "balanced"
+    serve(LocalGrid(2), cfg, tmp_path / "flower", node_wait=5)
+    run(cfg, tmp_path / "inproc")
+    assert_same_run(tmp_path / "flower", tmp_path / "inproc")
+    for m in read_metrics(tmp_path / "flower"):
+        assert m["norm_A"] == pytest.approx(m["norm_B"], rel=1e-5)  # FedIT's differ by a few %: balanced moved it
+        assert abs(m["fedit_norm_A"] - m["fedit_norm_B"]) > 1e-2 * m["fedit_norm_A"]
+        assert m["florana_sweeps_max"] >= 1 and m["florana_p_min"] <= m["florana_p_max"]
+
+
 @pytest.mark.parametrize("method, ranks", [("fedit", []), ("hetlora", [2, 4])])
 def test_error_feedback_lives_on_the_server(tiny, tmp_path, method, ranks):
     """The residual error feedback carries is server state: nothing more crosses the wire, and a Flower run equals
