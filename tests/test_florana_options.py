@@ -73,8 +73,9 @@ def test_svd_balanced_balances_every_component():
 
 
 # ---- the gradient solver ----------------------------------------------------------------------------------
-def test_gradient_steps_lower_the_loss_from_fedit_towards_als():
-    clients = clients5()
+@pytest.mark.parametrize("ranks", [None, [2, 3, 3, 1, 3]])
+def test_gradient_steps_lower_the_loss_from_fedit(ranks):
+    clients = clients5(ranks=ranks)
     fedit = aggregate_adapters(clients, "fedit", weights=W).report.relative_error
     names = list(clients[0].modules)
     errors = [aggregate_adapters(clients, FLORANA.configured(solver="gradient", steps=k), weights=W).report
