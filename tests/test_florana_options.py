@@ -137,15 +137,16 @@ def test_prox_als_is_stationary_for_the_proximal_objective():
     s = cf.scales[0]
     w = cf.weights
     P, Q, sweeps = fl.solve_weights(padded_blocks(cf.gram_B * s * s, cf.ranks), padded_blocks(cf.gram_A, cf.ranks),
-                                    w, max_iter=5000, tol=1e-15, prox=0.1)  # run to the end: see below
-    assert sweeps.shape == (3,) and int(sweeps.min()) >= 1
+                                    w, prox=0.1)
+    # the gauge step (prox_gauge) keeps ALS from crawling along the gauge, flat for L but not for the prox term:
+    # without it these modules took 63-138 sweeps and ended with relative gradients ~1e-5
+    assert sweeps.shape == (3,) and 1 <= int(sweeps.max()) <= 10
     for i, name in enumerate(names):
         p, q = P[i].clone().requires_grad_(True), Q[i].clone().requires_grad_(True)
         TT = ideal_update(clients, W, name).pow(2).sum()
         total = dense_loss(clients, name, p, q) + 0.1 * TT * ((p - w).pow(2).sum() + (q - w).pow(2).sum())
         total.backward()
-        # (at the default tol, ALS stops earlier with λ > 0: the gauge direction is only weakly curved, ~1e-5 here)
-        assert p.grad.norm().item() / TT.item() < 1e-7 and q.grad.norm().item() / TT.item() < 1e-7
+        assert p.grad.norm().item() / TT.item() < 1e-6 and q.grad.norm().item() / TT.item() < 1e-6
         assert (P[i] - w).norm() > 1e-3  # and it did move away from FedIT
 
 
