@@ -54,12 +54,19 @@ Targets, per method for florana and svd:
   keeping is that it costs no more than the standard method.
 
     .venv/bin/python benchmarks/aggregation_speed.py [--layers 32] [--dense-modules 32] [--dense-chunk 2]
-        [--repeats 5] [--dense-repeats 3]
+        [--repeats 5] [--dense-repeats 3] [--device cpu|cuda] [--case all|llama7b]
+
+On a GPU (`--device cuda`): the clients' factors (drawn on the CPU with the same seed, so the same numbers) are
+put on the GPU, everything runs there (the baselines too), times are taken after torch.cuda.synchronize(), and the
+memory column is the peak extra GPU memory. `--case llama7b` times only FLoRA-NA with its error report (the
+relative error, the rank-r floor and FedIT's error), once with the factors on the device and once with them on the
+CPU as a run holds them (each batch of modules is copied over as it is aggregated); target on a GPU: under 1 s.
 """
 
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import threading
 import time
@@ -86,6 +93,34 @@ def rss() -> int:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
+DEVICE = torch.device("cpu")  # set by --device
+
+
+def now() -> float:
+    """A timestamp after the device has finished what was queued (a GPU runs asynchronously)."""
+    if DEVICE.type == "cuda":
+        torch.cuda.synchronize(DEVICE)
+    return time.perf_counter()
+
+
+class PeakGPU:
+    """Peak GPU memory allocated above the level at entry; `.extra` in bytes (the CUDA twin of PeakRSS)."""
+
+    def __enter__(self):
+        torch.cuda.synchronize(DEVICE)
+        torch.cuda.reset_peak_memory_stats(DEVICE)
+        self.base = torch.cuda.memory_allocated(DEVICE)
+        return self
+
+    def __exit__(self, *exc):
+        torch.cuda.synchronize(DEVICE)
+        self.extra = torch.cuda.max_memory_allocated(DEVICE) - self.base
+
+
+def peak_memory():
+    return PeakGPU() if DEVICE.type == "cuda" else PeakRSS()
+
+
 class PeakRSS:
     """Samples RSS every millisecond in a thread; `.extra` is the peak above the level at entry."""
 
@@ -108,14 +143,15 @@ class PeakRSS:
         self.extra = self.peak - self.base
 
 
-def make_clients(layers: int, U: int, r: int, d: int, seed: int = 0) -> list[LoraAdapter]:
-    g = torch.Generator().manual_seed(seed)
+def make_clients(layers: int, U: int, r: int, d: int, seed: int = 0, device="cpu") -> list[LoraAdapter]:
+    """LoRA-like clients, drawn on the CPU (the same numbers for every device) and put on `device`."""
+    g = torch.Generator(device="cpu").manual_seed(seed)
     names = [f"base_model.model.model.layers.{i}.self_attn.{p}_proj" for i in range(layers) for p in "qkvo"]
-    A0 = {n: torch.randn(r, d, generator=g) / d ** 0.5 for n in names}
+    A0 = {n: torch.randn(r, d, generator=g, device="cpu") / d ** 0.5 for n in names}
     clients = []
     for _ in range(U):
-        mods = {n: LoraModule(A=A0[n] + 0.05 * torch.randn(r, d, generator=g) / d ** 0.5,
-                              B=0.01 * torch.randn(d, r, generator=g)) for n in names}
+        mods = {n: LoraModule(A=(A0[n] + 0.05 * torch.randn(r, d, generator=g, device="cpu") / d ** 0.5).to(device),
+                              B=(0.01 * torch.randn(d, r, generator=g, device="cpu")).to(device)) for n in names}
         clients.append(LoraAdapter(config={"r": r, "lora_alpha": 2 * r, "target_modules": ["q_proj"]},
                                    modules=mods))
     return clients
@@ -238,9 +274,9 @@ def dense_fedit(clients, names, w, s, r, chunk=2, timers=None, **_) -> dict[str,
         target = squared_norm(T)
         error = squared_norm(T.baddbmm_(sB_bar, A_bar, alpha=-1))
         del T
-        t0 = time.perf_counter()
+        t0 = now()
         rep = qr_floor(Bt, A, w, r)
-        timers["report"] = timers.get("report", 0.0) + time.perf_counter() - t0
+        timers["report"] = timers.get("report", 0.0) + now() - t0
         parts.append({"B": (sB_bar / s).contiguous(), "A": A_bar, "error": error, "target": target,
                       "floor": rep["floor"], "fedit": error})
     return concat(parts)
@@ -310,9 +346,9 @@ def dense_als(clients, names, w, s, r, chunk=2, sweeps=None, timers=None, **_) -
             gauge = torch.where(total.abs() > 1e-12, total, torch.ones_like(total))
             P, Q = P / gauge, Q * gauge
         del Z, rows, T, T_rows
-        t0 = time.perf_counter()
+        t0 = now()
         rep = qr_floor(X.view(M, U, r, d), A, w, r)
-        timers["report"] = timers.get("report", 0.0) + time.perf_counter() - t0
+        timers["report"] = timers.get("report", 0.0) + now() - t0
         parts.append({"B": (bt * Q.float().view(M, U, 1, 1)).sum(1).mT / s,
                       "A": (A * P.float().view(M, U, 1, 1)).sum(1),
                       "error": L.clamp_min(0), "target": target, "floor": rep["floor"], "fedit": fedit.clamp_min(0)})
@@ -370,10 +406,21 @@ def main() -> None:
     ap.add_argument("--methods", default="fedit,ffa,fedsa,flora,florana,svd,hetlora,flexlora,fedex,rolora,lora_fair,"
                                          "fedsvd,svd+ef",
                     help="'<method>+ef' runs it with error feedback, carrying a residual from a call before")
+    ap.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N: where the factors and every computation are")
+    ap.add_argument("--case", default="all", choices=["all", "llama7b"],
+                    help="llama7b: only FLoRA-NA and its error report, timed, no baselines")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
+    global DEVICE
+    DEVICE = torch.device(args.device)
+    if DEVICE.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit(f"--device {args.device}: no CUDA GPU here")
+    if DEVICE.type != "cpu":  # (a default device costs a Python hook on every torch call)
+        torch.set_default_device(DEVICE)  # the baselines' own tensors, made where the factors are
 
-    clients = make_clients(args.layers, args.clients, args.rank, args.dim)
+    clients = make_clients(args.layers, args.clients, args.rank, args.dim, device=DEVICE)
+    if args.case == "llama7b":
+        return llama7b(clients, args)
     shared_A = ("ffa", "rolora", "fedsvd")  # need the shared frozen A (rolora: in round 1, as timed here)
     if any(m in args.methods for m in shared_A):
         ffa_clients = [LoraAdapter(a.config, {n: LoraModule(A=clients[0].modules[n].A, B=m.B)
@@ -385,8 +432,8 @@ def main() -> None:
     s = clients[0].scaling(all_names[0])
     dense_names = all_names[: args.dense_modules]
     dense_scale = M / len(dense_names)
-    print(f"{M} modules of {args.dim}×{args.dim}, r={args.rank}, U={args.clients}, fp32, "
-          f"{torch.get_num_threads()} threads; clients' factors {factor_bytes / 2**20:.0f} MiB")
+    print(f"{M} modules of {args.dim}×{args.dim}, r={args.rank}, U={args.clients}, fp32, on {DEVICE} "
+          f"({torch.get_num_threads()} CPU threads); clients' factors {factor_bytes / 2**20:.0f} MiB")
     print(f"dense baselines: timed on {len(dense_names)} of {M} modules, {args.dense_chunk} at a time, "
           f"scaled ×{dense_scale:g} (their work is linear in the modules); QR baselines: all {M} modules, "
           f"{QR_CHUNK} at a time")
@@ -416,10 +463,10 @@ def main() -> None:
         for method in methods:
             run = runs[method]
             results.pop(method, None)
-            with PeakRSS() as mem:
-                t0 = time.perf_counter()
+            with peak_memory() as mem:
+                t0 = now()
                 result = aggregate_adapters(inputs[method], method.removesuffix("+ef"), feedback=feedback.get(method))
-                run["times"].append(time.perf_counter() - t0)
+                run["times"].append(now() - t0)
             results[method] = result
             module_reports[method] = result.report.modules
             if rnd == 0:
@@ -430,11 +477,11 @@ def main() -> None:
                 base = run["base"][name]
                 names = dense_names if dense else all_names
                 timers: dict[str, float] = {}
-                with PeakRSS() as mem:
-                    t0 = time.perf_counter()
+                with peak_memory() as mem:
+                    t0 = now()
                     out = fn(clients, names, w, s, args.rank, chunk=args.dense_chunk,
                              sweeps={n: result.report.modules[n].get("sweeps", 0) for n in names}, timers=timers)
-                    base["times"].append(time.perf_counter() - t0)
+                    base["times"].append(now() - t0)
                 base["timers"].append(timers)
                 if rnd == 0:
                     base["mem"], base["out"] = mem.extra, out
@@ -504,6 +551,41 @@ def main() -> None:
         ok = row["seconds"] <= 3.0 and speed >= least and row["mem"] <= 2.0 and b["ok"]
         print(f"target {row['method']}: {row['seconds']:.2f} s (≤ 3 s), speed-up {ratio(speed)} over the {name} way "
               f"(≥ {least:g}×), peak extra memory {row['mem']:.2f}× the factors (≤ 2×): {'met' if ok else 'MISSED'}")
+
+
+def llama7b(clients: list[LoraAdapter], args) -> None:
+    """FLoRA-NA alone with its report at the given shape, on the factors' device: the best of --repeats calls, with
+    the factors on the device, then as a run holds them (on the CPU) aggregated on the device."""
+    M = len(clients[0].modules)
+    factor_bytes = sum(m.A.nbytes + m.B.nbytes for a in clients for m in a.modules.values())
+    print(f"FLoRA-NA, {M} modules of {args.dim}×{args.dim}, r={args.rank}, U={args.clients}, fp32, on {DEVICE}; "
+          f"clients' factors {factor_bytes / 2**20:.0f} MiB")
+    on_cpu = [LoraAdapter(a.config, {n: LoraModule(A=m.A.cpu(), B=m.B.cpu()) for n, m in a.modules.items()})
+              for a in clients] if DEVICE.type != "cpu" else None
+    aggregate_adapters(clients, "florana", device=DEVICE)  # warm-up: kernels, allocator, cuBLAS handles
+    times, host, result, extra = [], [], None, None
+    for _ in range(args.repeats):
+        with peak_memory() as mem:
+            t0 = now()
+            result = aggregate_adapters(clients, "florana", device=DEVICE)
+            times.append(now() - t0)
+        extra = mem.extra if extra is None else extra
+        if on_cpu is not None:
+            t0 = now()
+            aggregate_adapters(on_cpu, "florana", device=DEVICE)
+            host.append(now() - t0)
+    rep = result.report
+    print(f"florana on {DEVICE}: {min(times):.3f} s (best of {len(times)}; all: "
+          + ", ".join(f"{t:.3f}" for t in times) + ")"
+          + (f"; factors on the CPU, aggregated on {DEVICE}: {min(host):.3f} s" if host else ""))
+    print(f"report: relative error {rep.relative_error:.4f}, rank-r floor {rep.error_floor:.4f}, FedIT's error "
+          f"{rep.fedit_error:.4f}, ALS sweeps up to {max(m['sweeps'] for m in rep.modules.values())}; peak extra "
+          f"{'GPU ' if DEVICE.type == 'cuda' else ''}memory {extra / 2**20:.0f} MiB ({extra / factor_bytes:.2f}× "
+          f"the factors)")
+    limit = 1.0 if DEVICE.type == "cuda" else 3.0
+    ok = min(times) <= limit and math.isfinite(rep.relative_error) and rep.relative_error <= rep.fedit_error + 1e-9
+    print(f"target llama7b florana on {DEVICE.type}: {min(times):.3f} s (≤ {limit:g} s), error ≤ FedIT's: "
+          f"{'met' if ok else 'MISSED'}")
 
 
 if __name__ == "__main__":

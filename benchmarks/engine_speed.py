@@ -19,7 +19,7 @@ import torch
 from florana.config import RunConfig
 from florana.federation.engine import Federation, derive_seed
 from florana.train.local import batch_indices
-from florana.train.tasks import autocast
+from florana.train.device import precision_for
 
 
 def plain_loop(fed: Federation, batches_per_client: list[list[np.ndarray]], pad_to: int | None, bf16: bool) -> float:
@@ -36,7 +36,7 @@ def plain_loop(fed: Federation, batches_per_client: list[list[np.ndarray]], pad_
             if pad_to:
                 batch = {k: torch.nn.functional.pad(v, (0, pad_to - v.shape[1]), value=0 if k != "labels" else 0)
                          if v.dim() == 2 else v for k, v in batch.items()}
-            with autocast(bf16):
+            with precision_for(fed.device, bf16).autocast():
                 loss = model(**batch).loss
             loss.backward()
             opt.step()

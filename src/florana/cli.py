@@ -120,22 +120,27 @@ def run(
     partition: Annotated[str | None, typer.Option(help="iid | dirichlet | shards | quantity")] = None,
     dataset: Annotated[str | None, typer.Option()] = None,
     model: Annotated[str | None, typer.Option()] = None,
-    task: Annotated[str | None, typer.Option(help="classification | causal_lm")] = None,
+    task: Annotated[str | None, typer.Option(help="classification | causal_lm | code")] = None,
     text_column: Annotated[str | None, typer.Option()] = None,
     label_column: Annotated[str | None, typer.Option()] = None,
     client_ranks: Annotated[str | None, typer.Option(help="Each client's LoRA rank, e.g. 4,8,16 (a shorter list "
                                                           "is cycled over the clients).")] = None,
+    device: Annotated[str | None, typer.Option(help="auto | cpu | cuda | cuda:N (with --resume: where the rest of "
+                                                    "the run goes).")] = None,
     quiet: Annotated[bool, typer.Option("--quiet", help="Log lines only, no progress display.")] = False,
     runtime: Annotated[str, typer.Option(help="inprocess (one process) | flower (Flower's simulation engine on "
                                               "Ray, one virtual SuperNode per client).")] = "inprocess",
     min_nodes: Annotated[int, typer.Option(help="flower: fewest replies a round accepts before the run stops.")] = 1,
+    gpus_per_client: Annotated[float, typer.Option(min=0.0, help="flower: the share of a GPU Ray gives each client "
+                                                                 "(e.g. 0.25: four clients train on one GPU at "
+                                                                 "once); 0: clients train on the CPU.")] = 0.0,
 ) -> None:
     """Federated LoRA fine-tuning (offline MiniLM + Rotten Tomatoes by default), in one process or on Flower.
     With --resume, flags and --config must match the run's config, except --rounds, which extends it."""
     try:
         flags = dict(method=method, rounds=rounds, seed=seed, alpha=alpha, num_clients=num_clients,
                      local_steps=local_steps, partition=partition, dataset=dataset, model=model, task=task,
-                     text_column=text_column, label_column=label_column,
+                     text_column=text_column, label_column=label_column, device=device,
                      client_ranks=None if client_ranks is None else _numbers(client_ranks, int, "--client-ranks"))
         if resume is not None:
             extend_run(resume, config, flags)
@@ -144,10 +149,14 @@ def run(
             cfg = build_config(config, **flags)
         if runtime not in ("inprocess", "flower"):
             raise FloranaError(f"--runtime must be inprocess or flower, not {runtime!r}")
+        if gpus_per_client and runtime != "flower":
+            raise FloranaError("--gpus-per-client is for --runtime flower (in one process, --device says where the "
+                               "run computes)")
     except FloranaError as e:
         fail(str(e))
     run_dir = resume or out or Path("runs") / f"{cfg.method}-{_stamp()}"
-    _run_and_print(cfg, run_dir, resume is not None, quiet, runtime=runtime, min_nodes=min_nodes)
+    _run_and_print(cfg, run_dir, resume is not None, quiet, runtime=runtime, min_nodes=min_nodes,
+                   gpus_per_client=gpus_per_client)
 
 
 def extend_run(run_dir: Path, config_path: Path | None, flags: dict) -> None:
@@ -163,7 +172,7 @@ def extend_run(run_dir: Path, config_path: Path | None, flags: dict) -> None:
 
 
 def _run_and_print(cfg, run_dir: Path, resume: bool, quiet: bool, runtime: str = "inprocess",
-                   min_nodes: int = 1) -> None:
+                   min_nodes: int = 1, gpus_per_client: float = 0.0) -> None:
     """Run (or resume) one federation with a progress display, then print its table."""
     from florana.federation.engine import run as run_federation
     from florana.report.tables import Run, label_runs, summarize
@@ -174,7 +183,7 @@ def _run_and_print(cfg, run_dir: Path, resume: bool, quiet: bool, runtime: str =
             from florana.flower.simulation import run as run_on_flower
 
             log_to_stderr()
-            result = run_on_flower(cfg, run_dir, resume=resume, min_nodes=min_nodes)
+            result = run_on_flower(cfg, run_dir, resume=resume, min_nodes=min_nodes, gpus_per_client=gpus_per_client)
         else:
             with progress_for(quiet) as progress:
                 result = run_federation(cfg, run_dir, resume=resume, progress=progress)

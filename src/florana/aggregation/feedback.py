@@ -38,23 +38,24 @@ def feed_back(clients: ClientFactors, B_hat: Tensor, A_hat: Tensor, scale: float
     if residual is not None:
         B_R, A_R = (t.to(work) for t in residual)
         B_t, A_t, _ = best_rank(torch.cat([scale * B_hat.to(work), B_R], dim=-1),
-                                torch.cat([A_hat.to(work), A_R], dim=-2), rank)
-        norm_hat = A_hat.double().pow(2).sum((-2, -1)).sqrt()
-        norm_t = A_t.double().pow(2).sum((-2, -1)).sqrt()
+                                torch.cat([A_hat.to(work), A_R], dim=-2), rank, dtype=clients.real)
+        norm_hat = A_hat.to(clients.real).pow(2).sum((-2, -1)).sqrt()
+        norm_t = A_t.to(clients.real).pow(2).sum((-2, -1)).sqrt()
         gauge = torch.where(norm_t > 0, norm_hat / norm_t.where(norm_t > 0, 1.0), 1.0)[:, None, None]
-        B_hat = (B_t.double() / (scale * gauge)).to(dtype)
-        A_hat = (A_t.double() * gauge).to(dtype)
+        B_hat = (B_t.to(clients.real) / (scale * gauge)).to(dtype)
+        A_hat = (A_t.to(clients.real) * gauge).to(dtype)
     # R_t's factors: the clients' stack [B·D | E] [A; F], with E = [B_R, −s·B̃] and F = [A_R; Ã] a few columns and
     # rows; the clients' Grams are the ones every report computes, so only E's and F's are new
     E = torch.cat(([B_R] if residual is not None else []) + [-scale * B_hat.to(work)], dim=-1)
     F = torch.cat(([A_R] if residual is not None else []) + [A_hat.to(work)], dim=-2)
     D = clients.column_weights
-    cross_X = D[:, None] * cross_gram(clients.B, E, rows=False)
+    real = clients.real
+    cross_X = D[:, None] * cross_gram(clients.B, E, rows=False, dtype=real)
     gram_X = torch.cat([torch.cat([clients.gram_X, cross_X], dim=-1),
-                        torch.cat([cross_X.mT, gram(E, rows=False)], dim=-1)], dim=-2)
-    cross_Y = cross_gram(clients.A, F, rows=True)
+                        torch.cat([cross_X.mT, gram(E, rows=False, dtype=real)], dim=-1)], dim=-2)
+    cross_Y = cross_gram(clients.A, F, rows=True, dtype=real)
     gram_Y = torch.cat([torch.cat([clients.gram_A, cross_Y], dim=-1),
-                        torch.cat([cross_Y.mT, gram(F, rows=True)], dim=-1)], dim=-2)
+                        torch.cat([cross_Y.mT, gram(F, rows=True, dtype=real)], dim=-1)], dim=-2)
     coef_B, coef_A, sigma_sq = best_rank_coefficients(gram_X, gram_Y, rank)
     R = clients.B.shape[-1]
     B_new = clients.B @ (D[:, None] * coef_B[:, :R]).to(work) + E @ coef_B[:, R:].to(work)

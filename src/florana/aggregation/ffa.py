@@ -18,7 +18,7 @@ def estimate(clients: ClientFactors, scale: float) -> Estimate:
     for bit, not a rounded mean)."""
     r = clients.out_rank
     coef_B, _ = weighted_mean_coefficients(clients, scale, r)
-    first = torch.zeros(clients.B.shape[0], clients.num_clients, dtype=torch.float64)
+    first = torch.zeros(clients.B.shape[0], clients.num_clients, dtype=clients.real, device=clients.device)
     first[:, clients.ranks.index(max(clients.ranks))] = 1.0
     return Estimate(coef_B, block_coefficients(clients.ranks, first, r).mT)
 

@@ -14,7 +14,7 @@ from florana.aggregation.factors import ClientFactors
 def estimate(clients: ClientFactors, scale: float) -> Estimate:
     M, R = clients.B.shape[0], clients.B.shape[2]
     coef_B = torch.diag(clients.column_weights / scale).expand(M, R, R)
-    coef_A = torch.eye(R, dtype=torch.float64).expand(M, R, R)
+    coef_A = torch.eye(R, dtype=clients.real, device=clients.device).expand(M, R, R)
     return Estimate(coef_B, coef_A)
 
 

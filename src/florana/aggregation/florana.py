@@ -99,21 +99,21 @@ def gradients(Gb: Tensor, Ga: Tensor, J: Tensor, P: Tensor, Q: Tensor) -> tuple[
 def _solve(H: Tensor, g: Tensor) -> Tensor:
     U = H.shape[-1]
     ridge = RIDGE * torch.diagonal(H, dim1=-2, dim2=-1).sum(-1).clamp_min(1e-300) / U
-    H = H + ridge[:, None, None] * torch.eye(U, dtype=H.dtype)
+    H = H + ridge[:, None, None] * torch.eye(U, dtype=H.dtype, device=H.device)
     return torch.linalg.solve(H, g.unsqueeze(-1)).squeeze(-1)
 
 
 def _block_Q(Gb: Tensor, Ga: Tensor, J: Tensor, P: Tensor, mu: Tensor, w: Tensor) -> tuple[Tensor, Tensor]:
     """For fixed P the objective is QᵀHQ − 2Qᵀg + const (prox folded in): (H, g)."""
     U = P.shape[-1]
-    H = against(Gb, combine(Ga, P)) + mu[:, None, None] * torch.eye(U, dtype=P.dtype)
+    H = against(Gb, combine(Ga, P)) + mu[:, None, None] * torch.eye(U, dtype=P.dtype, device=P.device)
     return H, torch.einsum("muv,mv->mu", J, P) + mu[:, None] * w
 
 
 def _block_P(Gb: Tensor, Ga: Tensor, J: Tensor, Q: Tensor, mu: Tensor, w: Tensor) -> tuple[Tensor, Tensor]:
     """For fixed Q the objective is PᵀHP − 2Pᵀg + const (prox folded in): (H, g)."""
     U = Q.shape[-1]
-    H = against(Ga, combine(Gb, Q)) + mu[:, None, None] * torch.eye(U, dtype=Q.dtype)
+    H = against(Ga, combine(Gb, Q)) + mu[:, None, None] * torch.eye(U, dtype=Q.dtype, device=Q.device)
     return H, torch.einsum("muv,mu->mv", J, Q) + mu[:, None] * w
 
 
@@ -136,7 +136,7 @@ def solve_weights(Gb: Tensor, Ga: Tensor, w: Tensor, max_iter: int = MAX_ITER, t
     P = w.expand(M, U).clone()
     Q = P.clone()
     L = objective(Gb, Ga, J, TT, P, Q, w, prox)
-    converged_at = torch.zeros(M, dtype=torch.long)
+    converged_at = torch.zeros(M, dtype=torch.long, device=P.device)
     sweeps = 0
     for sweeps in range(1, max_iter + 1):
         before = L
@@ -229,17 +229,17 @@ def estimate(clients: ClientFactors, scale: float, solver: str = "als", steps: i
              prox: float = 0.0, gauge: str = "sum_p") -> Estimate:
     check_options(solver, steps, lr, prox, gauge)
     r, ranks = clients.out_rank, clients.ranks
-    s = torch.repeat_interleave(torch.tensor(clients.scales, dtype=torch.float64), torch.tensor(ranks))
+    s = torch.repeat_interleave(clients.scale_vector, torch.tensor(ranks, device=clients.device))
     Gb = padded_blocks(clients.gram_B * s[:, None] * s[None, :], ranks)
     Ga = padded_blocks(clients.gram_A, ranks)
-    w = clients.weights.to(torch.float64)
+    w = clients.weights.to(clients.real)
     if solver == "als":
         P, Q, sweeps = solve_weights(Gb, Ga, w, prox=prox)
     else:
         P, Q = gradient_weights(Gb, Ga, w, steps, lr, prox)
-        sweeps = torch.full((P.shape[0],), steps)
+        sweeps = torch.full((P.shape[0],), steps, device=P.device)
     P, Q = fix_gauge(gauge, P, Q, Gb, Ga, scale, clients.mean_A_norm())
-    coef_B = block_coefficients(ranks, Q * torch.tensor(clients.scales, dtype=torch.float64) / scale, r)
+    coef_B = block_coefficients(ranks, Q * clients.scale_vector / scale, r)
     coef_A = block_coefficients(ranks, P, r).mT
     return Estimate(coef_B, coef_A, info={"P": P, "Q": Q, "sweeps": sweeps})
 
@@ -247,7 +247,7 @@ def estimate(clients: ClientFactors, scale: float, solver: str = "als", steps: i
 def summarize(info: dict[str, Tensor]) -> dict[str, float]:
     """Over all modules of a round: P's and Q's smallest and largest entries, the mean Σ P, Σ Q and Σ P·Σ Q, and
     the mean and largest number of sweeps."""
-    P, Q, sweeps = info["P"], info["Q"], info["sweeps"].to(torch.float64)
+    P, Q, sweeps = info["P"], info["Q"], info["sweeps"].to(info["P"].dtype)
     sum_P, sum_Q = P.sum(-1), Q.sum(-1)
     values = {"p_min": P.min(), "p_max": P.max(), "p_sum": sum_P.mean(), "q_min": Q.min(), "q_max": Q.max(),
               "q_sum": sum_Q.mean(), "pq_sum": (sum_P * sum_Q).mean(), "sweeps_mean": sweeps.mean(),

@@ -33,12 +33,12 @@ def update_norms(clients: ClientFactors) -> Tensor:
     """(M, U) ‖s_u B_u A_u‖_F per module, from client u's diagonal Gram blocks: ‖BA‖² = ⟨BᵀB, AAᵀ⟩."""
     norm_sq = torch.stack([(clients.gram_B[:, b, b] * clients.gram_A[:, b, b]).sum(dim=(-2, -1))
                            for b in clients.blocks], dim=-1)
-    return norm_sq.clamp_min(0).sqrt() * torch.tensor(clients.scales, dtype=torch.float64).abs()
+    return norm_sq.clamp_min(0).sqrt() * clients.scale_vector.abs()
 
 
 def norm_weights(clients: ClientFactors) -> Tensor:
     """(M, U) w'_u ∝ w_u ‖s_u B_u A_u‖_F, summing to 1 per module; the client weights where every update is zero."""
-    w = clients.weights.to(torch.float64)
+    w = clients.weights.to(clients.real)
     raw = w * update_norms(clients)
     total = raw.sum(-1, keepdim=True)
     return torch.where(total > 0, raw / total.where(total > 0, 1.0), w.expand_as(raw))

@@ -1,7 +1,14 @@
 """Factor-space linear algebra: everything about Σ_u w_u s_u B_u A_u without ever forming a d×k matrix.
 
 All functions are pure and batched over a leading module axis M. Small matrices (R×R, R = Σ_u r_u) are
-float64; the big factors stay in their own dtype and are only read through Grams and thin matmuls.
+float64; the big factors stay in their own dtype and are only read through Grams and thin matmuls. Every tensor
+is made on the device of its inputs, so the same code runs on the CPU and on a GPU.
+
+Devices without float64 (Apple's MPS) compute the small matrices in float32 (`real_dtype`). A float32 Gram of
+factors with n rows is off by at most about n·2⁻²⁴ relative to the product of the norms of the rows it pairs
+(≈ 2.4e-4 for n = 4096, typically √n·2⁻²⁴ ≈ 4e-6), so a reported squared error is known to within that fraction of
+‖ΔW*‖²: relative errors below ≈ √(n·2⁻²⁴) (≈ 1.6e-2 worst case at n = 4096, ≈ 2e-3 typically) are not resolved, and
+an exact method may report up to that instead of 0. Ridges of 1e-12 are below float32's resolution there.
 """
 
 from __future__ import annotations
@@ -15,24 +22,30 @@ from torch import Tensor
 GRAM_CHUNK_ELEMENTS = 1 << 21
 
 
-def cross_gram(X: Tensor, Y: Tensor, *, rows: bool) -> Tensor:
-    """float64 cross Gram of two batches (M, n, p), (M, n', p'): XᵀY (p×p') when rows is False, X Yᵀ (n×n') when
-    rows is True, converted to float64 a chunk of modules at a time."""
+def real_dtype(device: torch.device) -> torch.dtype:
+    """The dtype of the small matrices on `device`: float64 wherever the device has it (CPU, CUDA), float32 on MPS."""
+    return torch.float32 if torch.device(device).type == "mps" else torch.float64
+
+
+def cross_gram(X: Tensor, Y: Tensor, *, rows: bool, dtype: torch.dtype | None = None) -> Tensor:
+    """Cross Gram of two batches (M, n, p), (M, n', p'): XᵀY (p×p') when rows is False, X Yᵀ (n×n') when rows is
+    True, in `dtype` (default: real_dtype of X's device, float64 but on MPS), converted a chunk of modules at a time."""
+    dtype = dtype or real_dtype(X.device)
     M = X.shape[0]
     per_module = X.shape[1] * X.shape[2] + Y.shape[1] * Y.shape[2]
     step = max(1, GRAM_CHUNK_ELEMENTS // max(per_module, 1))
     shape = (X.shape[1], Y.shape[1]) if rows else (X.shape[2], Y.shape[2])
-    out = torch.empty(M, *shape, dtype=torch.float64)
+    out = torch.empty(M, *shape, dtype=dtype, device=X.device)
     for i in range(0, M, step):
-        x = X[i : i + step].to(torch.float64)
-        y = x if Y is X else Y[i : i + step].to(torch.float64)
+        x = X[i : i + step].to(dtype)
+        y = x if Y is X else Y[i : i + step].to(dtype)
         out[i : i + step] = x @ y.mT if rows else x.mT @ y
     return out
 
 
-def gram(X: Tensor, *, rows: bool) -> Tensor:
-    """float64 Gram of a batch (M, n, p): XᵀX (p×p) when rows is False, X Xᵀ (n×n) when rows is True."""
-    return cross_gram(X, X, rows=rows)
+def gram(X: Tensor, *, rows: bool, dtype: torch.dtype | None = None) -> Tensor:
+    """Gram of a batch (M, n, p): XᵀX (p×p) when rows is False, X Xᵀ (n×n) when rows is True (dtype: cross_gram's)."""
+    return cross_gram(X, X, rows=rows, dtype=dtype)
 
 
 def quad_norm_sq(gram_left: Tensor, N: Tensor, gram_right: Tensor) -> Tensor:
@@ -50,7 +63,7 @@ def sqrt_factor(G: Tensor, rel_tol: float = 1e-13) -> tuple[Tensor, Tensor]:
     diag = torch.diagonal(L, dim1=-2, dim2=-1)
     ok = (info == 0) & (diag.amin(-1) > 1e-6 * diag.amax(-1))
     S = L.mT.contiguous()
-    eye = torch.eye(G.shape[-1], dtype=G.dtype).expand_as(G)
+    eye = torch.eye(G.shape[-1], dtype=G.dtype, device=G.device).expand_as(G)
     S_pinv = torch.linalg.solve_triangular(torch.where(ok[:, None, None], S, eye), eye, upper=True)
     if not bool(ok.all()):
         bad = ~ok
@@ -65,21 +78,23 @@ def sqrt_factor(G: Tensor, rel_tol: float = 1e-13) -> tuple[Tensor, Tensor]:
 
 def block_coefficients(ranks: tuple[int, ...], coef: Tensor, r_out: int) -> Tensor:
     """(M, R, r_out) matrix whose u-th row block is coef[:, u]·[I_{r_u} 0]: B @ it is Σ_u coef_u B_u
-    (smaller ranks zero-padded to r_out). `coef` is (M, U)."""
+    (smaller ranks zero-padded to r_out). `coef` is (M, U), in the dtype and on the device of the result."""
     M = coef.shape[0]
-    out = torch.zeros(M, sum(ranks), r_out, dtype=torch.float64)
+    out = coef.new_zeros(M, sum(ranks), r_out)
     start = 0
     for u, r in enumerate(ranks):
-        idx = torch.arange(r)
-        out[:, start + idx, idx] = coef[:, u : u + 1].to(torch.float64)
+        idx = torch.arange(r, device=coef.device)
+        out[:, start + idx, idx] = coef[:, u : u + 1]
         start += r
     return out
 
 
-def best_rank(X: Tensor, Y: Tensor, rank: int) -> tuple[Tensor, Tensor, Tensor]:
+def best_rank(X: Tensor, Y: Tensor, rank: int, dtype: torch.dtype | None = None) -> tuple[Tensor, Tensor, Tensor]:
     """The best rank-`rank` approximation of X·Y (X (M, d, n), Y (M, n, k)) as factors B (M, d, rank) and
-    A (M, rank, k), with X·Y's squared singular values (M, n), decreasing; see best_rank_coefficients."""
-    coef_B, coef_A, sigma_sq = best_rank_coefficients(gram(X, rows=False), gram(Y, rows=True), rank)
+    A (M, rank, k), with X·Y's squared singular values (M, n), decreasing; see best_rank_coefficients. `dtype`: the
+    Grams' (cross_gram's default)."""
+    coef_B, coef_A, sigma_sq = best_rank_coefficients(gram(X, rows=False, dtype=dtype), gram(Y, rows=True, dtype=dtype),
+                                                      rank)
     return X @ coef_B.to(X.dtype), coef_A.to(Y.dtype) @ Y, sigma_sq
 
 
@@ -110,7 +125,7 @@ def padded_blocks(gram: Tensor, ranks: tuple[int, ...]) -> Tensor:
     M, U, r = gram.shape[0], len(ranks), max(ranks)
     if len(set(ranks)) == 1:
         return gram.view(M, U, r, U, r)
-    idx = torch.cat([u * r + torch.arange(ru) for u, ru in enumerate(ranks)])
+    idx = torch.cat([u * r + torch.arange(ru, device=gram.device) for u, ru in enumerate(ranks)])
     out = gram.new_zeros(M, U * r, U * r)
     out[:, idx[:, None], idx[None, :]] = gram
     return out.view(M, U, r, U, r)

@@ -55,7 +55,7 @@ def estimate(clients: ClientFactors, scale: float, lam: float = LAMBDA, steps: i
     cos_start = _cosine(start, H, K, norm_T)
     if refit == "least_squares":
         ridge = 1e-12 * torch.diagonal(H, dim1=-2, dim2=-1).sum(-1).clamp_min(1e-300) / r
-        beta = torch.linalg.solve(H + ridge[:, None, None] * torch.eye(r, dtype=H.dtype), K.mT / scale).mT
+        beta = torch.linalg.solve(H + ridge[:, None, None] * torch.eye(r, dtype=H.dtype, device=H.device), K.mT / scale).mT
     else:
         beta = start.clone()
         for _ in range(steps):

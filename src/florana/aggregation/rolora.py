@@ -32,8 +32,8 @@ from florana.aggregation.linalg import block_coefficients
 def estimate_B_frozen(clients: ClientFactors, scale: float) -> Estimate:
     """Â = Σ w_u s_u A_u / scale, B̂ = the shared B itself (client 0's copy)."""
     r, M = clients.uniform_rank, clients.B.shape[0]
-    ws = clients.weights.to(torch.float64) * torch.tensor(clients.scales, dtype=torch.float64)
-    first = torch.zeros(M, clients.num_clients, dtype=torch.float64)
+    ws = clients.weights.to(clients.real) * clients.scale_vector
+    first = torch.zeros(M, clients.num_clients, dtype=clients.real, device=clients.device)
     first[:, 0] = 1.0
     coef_A = block_coefficients(clients.ranks, (ws / scale).expand(M, -1), r).mT
     return Estimate(block_coefficients(clients.ranks, first, r), coef_A)

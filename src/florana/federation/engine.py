@@ -3,6 +3,11 @@
 Data flows one way: config → data and partition → clients train → aggregator → new global adapter →
 evaluation and ledger → checkpoint. Every random choice derives from (seed, round, client), so a resumed
 run replays exactly what an uninterrupted one would have done.
+
+Devices (train/device.py): the model, its adapter slots and base delta, every batch and the evaluation live on the
+run's device; the server's state (global adapter, clients' personal parts, residuals, uploads) and everything that
+is checkpointed or sent lives on the CPU, so GPU memory does not grow with the number of clients. Aggregation runs
+on the run's device, a batch of modules at a time.
 """
 
 from __future__ import annotations
@@ -31,9 +36,11 @@ from florana.lora.adapter import LoraModule, at_rank, has_non_finite, revive_dea
 from florana.lora.base_delta import apply_change, dense_change, factor_change, total_change
 from florana.lora.peft_io import save_adapter
 from florana.report.provenance import record_session
+from florana.train.device import on_cpu, peak_memory_mib, precision_for, reset_peak_memory, resolve_device
 from florana.train.local import batch_indices, train_steps
-from florana.train.model import AdapterSlots, load_model
-from florana.train.tasks import CausalLMTask, ClassificationTask, Encoded
+from florana.train.model import AdapterSlots, load_model, quantization_config
+from florana.train.sandbox import Limits
+from florana.train.tasks import CausalLMTask, ClassificationTask, CodeTask, Encoded
 
 log = logging.getLogger("florana")
 
@@ -99,6 +106,24 @@ class Data:
     label_names: list[str]
 
 
+def make_task(config: RunConfig, tokenizer, num_labels: int, precision):
+    """The task object that encodes, batches and scores examples for config.task, under `precision`'s autocast."""
+    if config.task == "classification":
+        return ClassificationTask(tokenizer, config.max_length, num_labels, precision)
+    if config.task == "code":
+        limits = Limits(timeout_s=config.code_timeout, memory_mib=config.code_memory_mib)
+        return CodeTask(tokenizer, config.max_length, precision, config.max_new_tokens, limits, config.threads)
+    return CausalLMTask(tokenizer, config.max_length, precision, config.max_new_tokens)
+
+
+def eval_subset(test: Encoded, limit: int, seed: int) -> Encoded:
+    """The part of the global test set scored every round: `limit` examples fixed by the seed (0: all of it)."""
+    if not limit or limit >= len(test):
+        return test
+    keep = np.sort(np.random.default_rng(derive_seed(seed, 8)).permutation(len(test))[:limit])
+    return test.subset(keep.tolist())
+
+
 def split_data(examples: Examples, config: RunConfig) -> tuple[Examples, list[Examples], list[Examples], list[dict]]:
     """Global test set, then each client's train and held-out parts; all fixed by the seed."""
     n = len(examples)
@@ -123,23 +148,29 @@ class Federation:
     def __init__(self, config: RunConfig, progress=None):
         torch.set_num_threads(config.threads)
         self.config, self.progress = config, progress
+        self.device = resolve_device(config.device)  # before anything loads: a missing GPU fails at once
+        self.precision = precision_for(self.device, config.bf16)
         self.method = method_of(config)
-        causal = config.task == "causal_lm"
+        # a run that cannot quantize stops before loading data; load_model places a quantized base itself
+        quantization_config(config.quantization, config.dtype, self.device)
         examples = load_examples(config.dataset, text_column=config.text_column, label_column=config.label_column,
-                                 causal=causal, max_examples=config.max_examples, seed=config.seed)
+                                 causal=config.task == "causal_lm", code=config.task == "code",
+                                 max_examples=config.max_examples, seed=config.seed)
         test, trains, tests, stats = split_data(examples, config)
         self.ranks = config.ranks()  # each client's LoRA rank; the model's LoRA has the largest, the global rank
         self.rank = max(self.ranks)
         lora = {"r": self.rank, "lora_alpha": config.lora_alpha, "lora_dropout": config.lora_dropout,
                 "use_rslora": config.rslora, "target_modules": list(config.target_modules)}
-        self.model, tokenizer = load_model(config.task, config.model, len(examples.label_names), lora, config.seed)
-        self.task = (CausalLMTask(tokenizer, config.max_length, config.bf16, config.max_new_tokens) if causal else
-                     ClassificationTask(tokenizer, config.max_length, len(examples.label_names), config.bf16))
+        self.model, tokenizer = load_model(config.task, config.model, len(examples.label_names), lora, config.seed,
+                                           dtype=config.dtype, quantization=config.quantization,
+                                           gradient_checkpointing=config.gradient_checkpointing, device=self.device)
+        self.task = make_task(config, tokenizer, len(examples.label_names), self.precision)
         self.data = Data(self.task.encode(test),
                          [Client(self.task.encode(tr), self.task.encode(te), len(tr)) for tr, te in zip(trains, tests)],
                          stats, examples.label_names)
+        self.eval_test = eval_subset(self.data.test, config.eval_max_examples, config.seed)
         self.slots = AdapterSlots.of(self.model)
-        self.initial = self.slots.read()
+        self.initial = on_cpu(self.slots.read())
         self.modules = sorted({k.rsplit(".lora_", 1)[0] for k in self.initial if ".lora_" in k})
         self.params = self.slots.trainable()  # what a bound trains; a method's clients train what its round says
         # state that a checkpoint carries
@@ -154,6 +185,7 @@ class Federation:
         # error feedback: the residual carried into the next round's target, per module (None: off)
         self.feedback: dict[str, LoraModule] | None = {} if config.error_feedback else None
         self.history: list[dict] = []
+        self.gpu_peak: float | None = None  # the open round's peak GPU memory so far (MiB; None on the CPU)
 
     @property
     def changes_base(self) -> bool:
@@ -169,7 +201,7 @@ class Federation:
             out.update({f"personal::{u}::{k}": v for k, v in tensors.items()})
         for m, r in (self.feedback or {}).items():
             out.update({f"feedback::{m}::A": r.A, f"feedback::{m}::B": r.B})
-        return out
+        return on_cpu(out)
 
     def state_meta(self) -> dict:
         return {"ledger": self.ledger, "history": self.history, "base_round": self.base_round,
@@ -192,7 +224,7 @@ class Federation:
                 m, _, factor = rest.rpartition("::")
                 feedback.setdefault(m, {})[factor] = v
             elif kind == "base":  # written before base deltas existed: the adapted base weight itself
-                delta[rest] = v.float() - self.slots.base_weight(rest).float()
+                delta[rest] = v.float() - self.slots.base_weight(rest).float().cpu()
         self.slots.set_base_delta(delta)
         self.ledger, self.history = meta["ledger"], meta["history"]
         self.base_round = meta.get("base_round", len(self.history) if delta else 0)
@@ -291,14 +323,25 @@ class Federation:
         return payload
 
     def train_client(self, start: dict[str, Tensor], data: Encoded, steps: int, seed: int) -> tuple[float, dict]:
+        """Train the model's adapter from `start`; the mean loss and the trained adapter (on the CPU)."""
+        self.note_gpu_peak(reset=True)  # each client starts from an empty cache; the round keeps the largest peak
         self.slots.write(start)
-        torch.manual_seed(seed)
+        torch.manual_seed(seed)  # every device's generator: dropout draws the same on every run
         batches = batch_indices(len(data), self.config.batch_size, steps, np.random.default_rng(seed))
         loss = train_steps(self.model, self.params, lambda idx: self.task.batch(data, idx), batches,
-                           lr=self.config.lr, weight_decay=self.config.weight_decay, bf16=self.config.bf16,
+                           lr=self.config.lr, weight_decay=self.config.weight_decay, precision=self.precision,
                            on_step=self.progress.step if self.progress else None)
         release_memory()
-        return loss, self.slots.read()
+        return loss, on_cpu(self.slots.read())
+
+    def note_gpu_peak(self, *, reset: bool = False) -> None:
+        """Fold the GPU's peak memory since the last reset into the open round's (a no-op on the CPU); with
+        `reset`, empty the allocator's cache and restart the peak counter."""
+        peak = peak_memory_mib(self.device)
+        if peak is not None:
+            self.gpu_peak = max(self.gpu_peak or 0.0, peak)
+        if reset:
+            reset_peak_memory(self.device)
 
     def evaluate(self, tensors: dict[str, Tensor], data: Encoded) -> dict:
         self.slots.write(tensors)
@@ -339,7 +382,7 @@ class Federation:
         metrics = self.open_round(round_, sampled, empty)
         results: dict[int, LocalResult] = {}
         if cfg.method == "centralized":
-            pooled = _concat([self.data.clients[u].train for u in sampled])
+            pooled = Encoded.concat([self.data.clients[u].train for u in sampled])
             loss, self.global_tensors = self.train_client(self.global_tensors, pooled, cfg.local_steps * len(sampled),
                                                           derive_seed(cfg.seed, 6, round_))
             metrics["train_loss"] = loss
@@ -359,6 +402,8 @@ class Federation:
 
     def open_round(self, round_: int, sampled: list[int], empty: list[int]) -> dict:
         """A round's metrics record as it starts: who was sampled, who had no data."""
+        self.gpu_peak = None
+        reset_peak_memory(self.device)
         return {"round": round_, "method": self.config.method, "seed": self.config.seed, "alpha": self.config.alpha,
                 "clients": sampled, "skipped_empty": empty, "missing": [], "rejected": [], "bytes_up": 0,
                 "bytes_down": 0}
@@ -399,8 +444,14 @@ class Federation:
         elif self.method is not None and self.method.personal_B:  # B never leaves a client: no global model
             glob = {"accuracy": None, "macro_f1": None, "loss": None}
         else:
-            glob = self.evaluate(self.global_tensors, self.data.test)
+            glob = self.evaluate(self.global_tensors, self.eval_test)
+            self.book_generation(glob, metrics, len(self.eval_test))
         metrics.update({f"global_{k}": v for k, v in glob.items()})
+        if round_ == cfg.rounds and self.eval_test is not self.data.test and glob["accuracy"] is not None \
+                and cfg.method != "local":  # rounds scored a subset: the last also scores the whole test set, apart
+            full = self.evaluate(self.global_tensors, self.data.test)
+            self.book_generation(full, metrics, len(self.data.test), "final_")
+            metrics.update({f"final_global_{k}": v for k, v in full.items()})
         gap_ok = metrics["local_accuracy_mean"] is not None and metrics["global_accuracy"] is not None
         metrics["local_global_gap"] = metrics["local_accuracy_mean"] - metrics["global_accuracy"] if gap_ok else None
         metrics.setdefault("relative_error", None)
@@ -409,7 +460,23 @@ class Federation:
         self.ledger["bytes_down"] += metrics["bytes_down"]
         metrics["cum_bytes_up"], metrics["cum_bytes_down"] = self.ledger["bytes_up"], self.ledger["bytes_down"]
         metrics["seconds"] = time.perf_counter() - t0
+        self.note_gpu_peak()
+        if self.gpu_peak is not None:  # CUDA only: metrics.jsonl on the CPU is as it always was
+            metrics["gpu_peak_mib"] = round(self.gpu_peak, 1)
         return metrics
+
+    @staticmethod
+    def book_generation(scores: dict, metrics: dict, examples: int, prefix: str = "") -> None:
+        """Move a generative evaluation's throughput out of its scores into the round's metrics and the log."""
+        tokens, seconds = scores.pop("generated_tokens", None), scores.pop("generate_seconds", None)
+        if tokens is None:
+            return
+        rate = tokens / seconds if seconds else None
+        metrics[f"{prefix}eval_tokens_per_s"] = rate
+        metrics[f"{prefix}eval_generated_tokens"] = tokens
+        log.info("round %d: %sglobal test on %d examples: %d tokens generated in %.1f s (%s tokens/s)",
+                 metrics["round"], "final " if prefix else "", examples, tokens, seconds,
+                 "–" if rate is None else f"{rate:.1f}")
 
     def aggregate(self, updates, labels, sizes, metrics) -> None:
         weights = sizes if self.config.weighting == "examples" else None
@@ -417,14 +484,14 @@ class Federation:
         result = aggregate_adapters(updates, self.method, weights, labels,
                                     rank=None if self.method.merges else self.rank,
                                     scaling=self.slots.scaling(self.modules[0], self.rank),
-                                    round_=metrics["round"], feedback=self.feedback)
+                                    round_=metrics["round"], feedback=self.feedback, device=self.device)
         release_memory()
         report = result.report
         if not self.method.personal_B:  # fedsa's server never sees B, so it cannot know ΔW*
             metrics.update(relative_error=report.relative_error, error_floor=report.error_floor,
                            fedit_error=report.fedit_error, **report.diagnostics)
-        if self.feedback is not None:
-            self.feedback = result.feedback
+        if self.feedback is not None:  # kept on the CPU with the rest of the server's state
+            self.feedback = {m: LoraModule(A=r.A.cpu(), B=r.B.cpu()) for m, r in result.feedback.items()}
             metrics.update(feedback_norm=report.feedback_norm, feedback_relative=report.feedback_relative,
                            feedback_dropped=report.feedback_dropped)
         change = factor_change(result.adapter) if self.method.merges else dense_change(result.base_update)
@@ -433,7 +500,7 @@ class Federation:
             self.base_round, self.last_change = metrics["round"], change
         new, shared, old = result.adapter.state_dict(), self.wire_keys(self.initial, up=False), self.global_tensors
         # what the server does not send (flora's LoRA, ffa's A, fedsa's B) stays at its initial value
-        self.global_tensors = {k: new[k].to(v.dtype) if k in shared else v for k, v in self.initial.items()}
+        self.global_tensors = {k: new[k].to("cpu", v.dtype) if k in shared else v for k, v in self.initial.items()}
         for k, v in self.global_tensors.items():
             if (factor := factor_of(k)) is not None and not torch.equal(v, old[k]):
                 self.changed[factor] = metrics["round"]
@@ -449,12 +516,6 @@ def factor_of(key: str) -> str | None:
     return "A" if ".lora_A." in key else "B" if ".lora_B." in key else None
 
 
-def _concat(parts: list[Encoded]) -> Encoded:
-    return Encoded(ids=[x for p in parts for x in p.ids], targets=[x for p in parts for x in p.targets],
-                   answers=None if parts[0].answers is None else [x for p in parts for x in p.answers],
-                   prompts=None if parts[0].prompts is None else [x for p in parts for x in p.prompts])
-
-
 @dataclass
 class RunResult:
     run_dir: Path
@@ -464,8 +525,8 @@ class RunResult:
 
 def resumed_config(run_dir: Path, requested: RunConfig | None = None) -> RunConfig:
     """The config to resume run_dir with: its stored config.toml, or `requested` where that differs from it only
-    in rounds beyond those done (an extension, written to config.toml at once, so that every runtime resumes
-    with it). Any other difference is an error naming the keys."""
+    in rounds beyond those done (an extension) or in the device (where it runs: a checkpoint is CPU tensors), written
+    to config.toml at once, so that every runtime resumes with it. Any other difference is an error naming the keys."""
     path = Path(run_dir) / "config.toml"
     if not path.is_file():
         raise FloranaError(f"{run_dir}: nothing to resume (no config.toml)")
@@ -473,11 +534,14 @@ def resumed_config(run_dir: Path, requested: RunConfig | None = None) -> RunConf
     if requested is None or requested == stored:
         return stored
     changes = differences(stored, requested)
-    others = {k: v for k, v in changes.items() if k != "rounds"}
+    others = {k: v for k, v in changes.items() if k not in ("rounds", "device")}
     if others:
         raise FloranaError(f"{run_dir}: a resumed run keeps its config, but {describe(others)} differ(s) from its "
-                           "config.toml (only rounds may change, to extend the run)")
+                           "config.toml (only rounds may change, to extend the run, and the device)")
     done = latest_round(run_dir)
+    if "rounds" not in changes:
+        write_text_atomic(path, requested.to_toml())
+        return requested
     if requested.rounds <= done:
         raise FloranaError(f"{run_dir}: {done} round(s) are done; rounds={requested.rounds} cannot extend the run")
     if stored.method == "local" and done >= stored.rounds:
@@ -527,6 +591,9 @@ def record_round(fed: Federation, run_dir: Path, metrics: dict) -> None:
              fed.config.rounds, fed.config.method, _fmt(metrics["global_accuracy"]),
              _fmt(metrics["local_accuracy_mean"]), _fmt(metrics["relative_error"]), metrics["bytes_up"],
              metrics["bytes_down"])
+    if "final_global_accuracy" in metrics:
+        log.info("final global acc %s on the whole test set (%d examples)", _fmt(metrics["final_global_accuracy"]),
+                 len(fed.data.test))
     if fed.progress:
         fed.progress.end_round(metrics)
 

@@ -4,7 +4,8 @@ The server sends the run config, its method's share of the global adapter and, f
 the base weights the node lacks; the node trains its own partition with the engine's `Federation.local_update`
 and replies with what its method uploads, and metrics. What a node keeps between rounds (fedsa's personal B, the
 base delta of flora/fedex, the global factors rolora and fedsvd do not send every round) lives in Flower's per-node
-context state.
+context state. A node computes on the run's device unless its node config names its own (`device="cuda:1"` in
+flower-supernode's --node-config): where a node trains is the node's business.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 from torch import Tensor
 
+from florana.config import RunConfig
 from florana.errors import FloranaError
 from florana.federation.engine import Federation
 from florana.flower.wire import base_change_from_record, config_from_text, from_record, partition_problem, to_record
@@ -28,16 +30,30 @@ GLOBAL_KEY, GLOBAL_ROUND_KEY = "florana.global", "florana.global-round"
 
 app = ClientApp()
 
-# the Federation this process serves (model + data), rebuilt only when the run config changes
-_worker: dict[str, Federation] = {}
+# the Federation this process serves (model + data), rebuilt only when the run config or the node's device changes
+_worker: dict[tuple[str, str | None], Federation] = {}
 
 
-def worker(config_text: str) -> Federation:
-    """This process's Federation for the run config the server sent (a Ray worker serves many nodes and rounds)."""
-    if config_text not in _worker:
+def node_config_of(config_text: str, context: Context) -> RunConfig:
+    """The run config the server sent, on the device the node config names (its `device` key), if it names one."""
+    config = config_from_text(config_text, "server message")
+    device = context.node_config.get("device")
+    if device is None:
+        return config
+    try:
+        return config.with_overrides(device=device)
+    except FloranaError as e:
+        raise FloranaError(f"node {context.node_id}: its node config's {e}") from None
+
+
+def worker(config_text: str, context: Context) -> Federation:
+    """This process's Federation for the run config the server sent, on the node's device (a Ray worker serves many
+    nodes and rounds)."""
+    key = (config_text, context.node_config.get("device"))
+    if key not in _worker:
         _worker.clear()
-        _worker[config_text] = Federation(config_from_text(config_text, "server message"))
-    return _worker[config_text]
+        _worker[key] = Federation(node_config_of(config_text, context))
+    return _worker[key]
 
 
 def partition_of(context: Context) -> tuple[int, int]:
@@ -63,7 +79,7 @@ def train(msg: Message, context: Context) -> Message:
     """Train this node's partition from what the server sent (its method's share of the global adapter, and the
     base change where the method has one), reply with the method's upload; keep the personal part in the node."""
     config = msg.content["config"]
-    fed = worker(str(config["toml"]))
+    fed = worker(str(config["toml"]), context)
     round_ = int(config["round"])
     u, n = partition_of(context)
     if problem := partition_problem(context.node_id, u, n, fed.config.num_clients):

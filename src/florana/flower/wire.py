@@ -26,10 +26,10 @@ CLIENTS_FROM_NODES = 0
 
 
 def to_record(tensors: dict[str, Tensor]) -> ArrayRecord:
-    """Tensors → ArrayRecord; bfloat16 (which NumPy lacks) travels as its raw 16-bit pattern, so it costs on the
-    wire exactly what the ledger books."""
-    return ArrayRecord({k: Array((t.detach().view(torch.int16) if t.dtype == torch.bfloat16 else t.detach()).numpy())
-                        for k, t in tensors.items()})
+    """Tensors (on any device: the wire is CPU memory) → ArrayRecord; bfloat16 (which NumPy lacks) travels as its
+    raw 16-bit pattern, so it costs on the wire exactly what the ledger books."""
+    return ArrayRecord({k: Array((t.detach().cpu().view(torch.int16) if t.dtype == torch.bfloat16 else
+                                  t.detach().cpu()).numpy()) for k, t in tensors.items()})
 
 
 def _tensor(record: ArrayRecord, key: str, source: str) -> Tensor:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import warnings
 from dataclasses import dataclass, field
@@ -10,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from florana.config import ALL_LINEAR
 from florana.errors import FloranaError
 from florana.lora.adapter import LORA_A, LORA_B, PEFT_PREFIX, LoraAdapter, at_rank, module_scaling
 from florana.lora.peft_io import adapter_from_state_dict
@@ -28,19 +30,75 @@ def resolve_model(name: str) -> tuple[str, dict]:
     return name, {}
 
 
-def load_model(task: str, model: str, num_labels: int, lora: dict, seed: int):
-    """(PeftModel, tokenizer) for the task; `lora` holds LoraConfig fields. The seed fixes the head and LoRA init."""
+DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+GPU_EXTRA = "pip install 'florana[gpu]'"
+
+
+def quantization_config(quantization: str, dtype: str = "auto", device: torch.device | str = "cpu"):
+    """transformers' BitsAndBytesConfig for `quantization` (None for 'none'), QLoRA's recipe: NF4 with double
+    quantization computing in bf16 (fp16 on a GPU without bf16; `dtype` when it names a precision), or LLM.int8.
+    Cheap, so that a run that cannot quantize stops before any data or weights are loaded."""
+    if quantization == "none":
+        return None
+    device = torch.device(device)
+    if device.type != "cuda":
+        raise FloranaError(f"quantization={quantization!r} needs a CUDA device (bitsandbytes' 4-bit and 8-bit layers "
+                           f"run there) and this run's device is {device}: set quantization = \"none\" or run on "
+                           "a GPU")
+    if not torch.cuda.is_available():
+        raise FloranaError(f"quantization={quantization!r} needs a CUDA device and torch {torch.__version__} sees "
+                           "none (a CPU build of torch, or no GPU): install a CUDA build of torch (see README) or "
+                           "set quantization = \"none\"")
+    if importlib.util.find_spec("bitsandbytes") is None:
+        raise FloranaError(f"quantization={quantization!r} needs bitsandbytes, which is not installed: {GPU_EXTRA}")
+    from transformers import BitsAndBytesConfig
+
+    if quantization == "8bit":
+        return BitsAndBytesConfig(load_in_8bit=True)
+    compute = DTYPES.get(dtype) or (torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16)
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                              bnb_4bit_compute_dtype=compute)
+
+
+def enable_checkpointing(base) -> None:
+    """Recompute each layer's activations in the backward pass (non-reentrant checkpoints), with the input
+    embeddings' output requiring grad so that gradients reach the LoRA layers of a frozen base."""
+    kwargs = {"use_reentrant": False}
+    if hasattr(base, "activation_checkpointing_enable"):  # transformers 5's name; gradient_… is deprecated there
+        base.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        base.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    if not getattr(base, "_require_grads_hooks", None):  # transformers hooks the embeddings itself for input_ids
+        base.enable_input_require_grads()
+
+
+def load_model(task: str, model: str, num_labels: int, lora: dict, seed: int, *, dtype: str = "auto",
+               quantization: str = "none", gradient_checkpointing: bool = False,
+               device: torch.device | str | None = None):
+    """(PeftModel, tokenizer) for the task; `lora` holds LoraConfig fields (target_modules ["all-linear"] is PEFT's
+    shorthand). The seed fixes the head and LoRA init. `dtype`: the base's dtype ('auto': as its checkpoint stores
+    it); `quantization`: 'none', '4bit' or '8bit' (QLoRA-style, on the CUDA `device`). Init is drawn on the CPU, so
+    it is the same on every device; `device`: where the model is put (None: where it loaded)."""
     import transformers
-    from peft import LoraConfig, get_peft_model
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
+    quantized = quantization_config(quantization, dtype, device or "cpu")  # before anything heavy
     path, kwargs = resolve_model(model)
+    kwargs["dtype"] = DTYPES.get(dtype, "auto")  # 'auto': the checkpoint's (transformers 4's default was float32)
+    if quantized is not None:
+        # Placement: a quantized base is put on its GPU as it loads (bitsandbytes quantizes as weights land there)
+        # and must never be moved with .to(device); an unquantized one is moved by whoever places the model.
+        device = torch.device(device)
+        kwargs.update(quantization_config=quantized,
+                      device_map={"": device.index if device.index is not None else torch.cuda.current_device()})
     transformers.logging.set_verbosity_error()
     transformers.logging.disable_progress_bar()
     warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+    warnings.filterwarnings("ignore", message=".*gradient_checkpointing_enable.*", category=FutureWarning)
     torch.manual_seed(seed)
     try:
-        tokenizer = AutoTokenizer.from_pretrained(path, **kwargs)
+        tokenizer = AutoTokenizer.from_pretrained(path, **{k: v for k, v in kwargs.items() if k == "gguf_file"})
         if task == "classification":
             base = AutoModelForSequenceClassification.from_pretrained(path, num_labels=num_labels, **kwargs)
         else:
@@ -51,12 +109,23 @@ def load_model(task: str, model: str, num_labels: int, lora: dict, seed: int):
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token or tokenizer.sep_token
     base.config.pad_token_id = tokenizer.pad_token_id
+    if quantized is not None:  # freezes the base, casts what is not quantized to float32, checkpoints if asked
+        base = prepare_model_for_kbit_training(base, use_gradient_checkpointing=gradient_checkpointing,
+                                               gradient_checkpointing_kwargs={"use_reentrant": False})
+    elif gradient_checkpointing:
+        enable_checkpointing(base)
+    targets = lora.get("target_modules")
+    if targets == [ALL_LINEAR]:  # PEFT expands the string itself: every linear layer but the output head
+        lora = {**lora, "target_modules": ALL_LINEAR}
     config = LoraConfig(task_type="SEQ_CLS" if task == "classification" else "CAUSAL_LM", **lora)
     try:
         peft_model = get_peft_model(base, config)
     except ValueError as e:
-        raise FloranaError(f"model {model!r}: LoRA target_modules {lora.get('target_modules')} do not fit "
+        raise FloranaError(f"model {model!r}: LoRA target_modules {targets} do not fit "
                            f"({str(e).splitlines()[0][:200]})") from None
+    # device placement: a quantised base is placed as it loads (bitsandbytes weights refuse .to)
+    if device is not None and getattr(base, "hf_quantizer", None) is None:
+        peft_model = peft_model.to(device)
     return peft_model, tokenizer
 
 
@@ -129,7 +198,9 @@ class AdapterSlots:
             module_scaling(self.config, module, rank)
 
     def set_base_delta(self, delta: dict[str, Tensor]) -> None:
-        """From now on module m computes with W0 + delta[m] (ΔW layout, d×k); an empty dict restores W0."""
+        """From now on module m computes with W0 + delta[m] (ΔW layout, d×k), held on the model's device; an empty
+        dict restores W0."""
+        delta = {m: t.to(self.base_weight(m).device) for m, t in delta.items()}
         for module in set(delta) - self.hooked:
             self.model.get_submodule(module).base_layer.register_forward_hook(self._add_delta(module))
             self.hooked.add(module)
@@ -185,8 +256,11 @@ class AdapterSlots:
         return adapter_from_state_dict(self.config, tensors if tensors is not None else self.read(), source)
 
     def base_weight(self, module: str) -> Tensor:
-        """The frozen base weight under LoRA module `module` (a PEFT path 'base_model.model.…')."""
-        return self.model.get_submodule(module).base_layer.weight
+        """The frozen base weight under LoRA module `module` (a PEFT path 'base_model.model.…'), d×k; a 4-bit or
+        8-bit one dequantized (its stored tensor is packed: neither its shape nor its values are W0's)."""
+        from peft.utils.integrations import dequantize_module_weight
+
+        return dequantize_module_weight(self.model.get_submodule(module).base_layer)
 
     def trainable(self, *, train_A: bool = True, train_B: bool = True) -> list[Tensor]:
         """Parameters to optimise: everything in the adapter, less lora_A when A is frozen (ffa, fedsvd, rolora's

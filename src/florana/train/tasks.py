@@ -3,19 +3,25 @@
 classification: cross-entropy on the label; accuracy, macro-F1 and loss.
 causal_lm: instruction SFT with the loss on the answer tokens only; exact match of the final number in a
 greedy completion, and the answer loss.
-Batches are padded to their longest member (dynamic padding), which is what makes short texts fast.
+code: instruction → a Python function; the target is the reference solution, the score pass@1 of the greedy
+completion run with the example's own tests in the sandbox (train/sandbox.py), never in this process.
+Batches are padded to their longest member (dynamic padding), which is what makes short texts fast; generation
+is batched greedy decoding, prompts left-padded, with the KV cache. A task's batches are put on its precision's
+device (where the model is), and the model runs under its autocast.
 """
 
 from __future__ import annotations
 
 import re
-from contextlib import nullcontext
-from dataclasses import dataclass
+import time
+from dataclasses import dataclass, fields
 
 import numpy as np
 import torch
 
 from florana.data.sources import Examples
+from florana.train.device import Precision
+from florana.train.sandbox import Limits, run_programs
 
 IGNORE = -100
 NUMBER = re.compile(r"-?\d[\d,]*\.?\d*")
@@ -23,19 +29,27 @@ NUMBER = re.compile(r"-?\d[\d,]*\.?\d*")
 
 @dataclass(frozen=True)
 class Encoded:
-    """Tokenised examples: input ids, per-token labels (causal) or class labels, and the raw answers."""
+    """Tokenised examples: input ids, per-token labels (causal) or class labels, the raw answers, the prompts'
+    ids (generation); for code, each example's tests and the Python its completion continues (HumanEval's prompt)."""
 
     ids: list[list[int]]
     targets: list
     answers: list[str] | None = None
     prompts: list[list[int]] | None = None
+    tests: list[str] | None = None
+    prefixes: list[str] | None = None
 
     def __len__(self) -> int:
         return len(self.ids)
 
+    def subset(self, idx) -> Encoded:
+        return Encoded(**{f.name: None if getattr(self, f.name) is None else [getattr(self, f.name)[i] for i in idx]
+                          for f in fields(self)})
 
-def autocast(enabled: bool):
-    return torch.autocast("cpu", dtype=torch.bfloat16) if enabled else nullcontext()
+    @staticmethod
+    def concat(parts: list[Encoded]) -> Encoded:
+        return Encoded(**{f.name: None if getattr(parts[0], f.name) is None else
+                          [x for p in parts for x in getattr(p, f.name)] for f in fields(Encoded)})
 
 
 PAD_MULTIPLE = 8
@@ -60,9 +74,13 @@ def macro_f1(pred: np.ndarray, gold: np.ndarray, num_classes: int) -> float:
     return float(np.mean(scores)) if scores else 0.0
 
 
+def on_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
+    return {k: v.to(device) for k, v in batch.items()}
+
+
 class ClassificationTask:
-    def __init__(self, tokenizer, max_length: int, num_classes: int, bf16: bool):
-        self.tokenizer, self.max_length, self.num_classes, self.bf16 = tokenizer, max_length, num_classes, bf16
+    def __init__(self, tokenizer, max_length: int, num_classes: int, precision: Precision):
+        self.tokenizer, self.max_length, self.num_classes, self.precision = tokenizer, max_length, num_classes, precision
 
     def encode(self, examples: Examples) -> Encoded:
         ids = self.tokenizer(examples.texts, truncation=True, max_length=self.max_length)["input_ids"] if len(
@@ -72,8 +90,9 @@ class ClassificationTask:
     def batch(self, data: Encoded, idx) -> dict:
         seqs = [data.ids[i] for i in idx]
         input_ids = _pad(seqs, self.tokenizer.pad_token_id)
-        return {"input_ids": input_ids, "attention_mask": _pad([[1] * len(s) for s in seqs], 0),
-                "labels": torch.tensor([data.targets[i] for i in idx], dtype=torch.long)}
+        return on_device({"input_ids": input_ids, "attention_mask": _pad([[1] * len(s) for s in seqs], 0),
+                          "labels": torch.tensor([data.targets[i] for i in idx], dtype=torch.long)},
+                         self.precision.device)
 
     @torch.no_grad()
     def evaluate(self, model, data: Encoded, batch_size: int) -> dict:
@@ -82,9 +101,9 @@ class ClassificationTask:
         for start in range(0, len(data), batch_size):
             idx = range(start, min(start + batch_size, len(data)))
             batch = self.batch(data, idx)
-            with autocast(self.bf16):
+            with self.precision.autocast():
                 out = model(**batch)
-            preds.append(out.logits.float().argmax(-1).numpy())
+            preds.append(out.logits.float().argmax(-1).cpu().numpy())
             losses.append(out.loss.float().item() * len(idx))
         if not preds:
             return {"accuracy": None, "macro_f1": None, "loss": None}
@@ -108,8 +127,9 @@ def final_number(text: str) -> str | None:
 class CausalLMTask:
     """Prompt = the tokenizer's chat template (or 'Question: …\\nAnswer:'), target = 'The answer is N.' + EOS."""
 
-    def __init__(self, tokenizer, max_length: int, bf16: bool, max_new_tokens: int):
-        self.tokenizer, self.max_length, self.bf16, self.max_new_tokens = tokenizer, max_length, bf16, max_new_tokens
+    def __init__(self, tokenizer, max_length: int, precision: Precision, max_new_tokens: int):
+        self.tokenizer, self.max_length, self.precision = tokenizer, max_length, precision
+        self.max_new_tokens = max_new_tokens
 
     def prompt(self, question: str) -> list[int]:
         tok = self.tokenizer
@@ -121,14 +141,19 @@ class CausalLMTask:
             ids = tok(f"Question: {question}\nAnswer:", add_special_tokens=False)["input_ids"]
         return list(ids)
 
+    def target(self, answer: str) -> str:
+        return f" The answer is {answer}."
+
+    def fit(self, prompt: list[int], answer: list[int]) -> tuple[list[int], list[int]]:
+        """The prompt and answer ids of one training sequence: the prompt loses its start to keep the answer."""
+        return prompt[-max(1, self.max_length - len(answer)):], answer
+
     def encode(self, examples: Examples) -> Encoded:
         tok = self.tokenizer
         eos = [tok.eos_token_id] if tok.eos_token_id is not None else []
         ids, targets, prompts = [], [], []
         for question, answer in zip(examples.texts, examples.answers):
-            p = self.prompt(question)
-            a = tok(f" The answer is {answer}.", add_special_tokens=False)["input_ids"] + eos
-            p = p[-max(1, self.max_length - len(a)):]
+            p, a = self.fit(self.prompt(question), tok(self.target(answer), add_special_tokens=False)["input_ids"] + eos)
             ids.append(p + a)
             targets.append([IGNORE] * len(p) + a)
             prompts.append(p)
@@ -136,30 +161,108 @@ class CausalLMTask:
 
     def batch(self, data: Encoded, idx) -> dict:
         seqs = [data.ids[i] for i in idx]
-        return {"input_ids": _pad(seqs, self.tokenizer.pad_token_id),
-                "attention_mask": _pad([[1] * len(s) for s in seqs], 0),
-                "labels": _pad([data.targets[i] for i in idx], IGNORE)}
+        return on_device({"input_ids": _pad(seqs, self.tokenizer.pad_token_id),
+                          "attention_mask": _pad([[1] * len(s) for s in seqs], 0),
+                          "labels": _pad([data.targets[i] for i in idx], IGNORE)}, self.precision.device)
+
+    def eos_ids(self, model) -> set[int]:
+        """Every token id that ends a generation (the generation config may list several, e.g. chat models)."""
+        ids = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+        ids = set(ids if isinstance(ids, list) else [] if ids is None else [ids])
+        return ids | ({self.tokenizer.eos_token_id} if self.tokenizer.eos_token_id is not None else set())
+
+    @torch.no_grad()
+    def generate(self, model, prompts: list[list[int]]) -> tuple[list[str], int]:
+        """Greedy completions of a batch of prompts, left-padded so that each continues its own last token, with
+        the KV cache; and the tokens generated (up to each one's end of sequence)."""
+        input_ids = _pad(prompts, self.tokenizer.pad_token_id, left=True).to(self.precision.device)
+        mask = _pad([[1] * len(p) for p in prompts], 0, left=True).to(self.precision.device)
+        with self.precision.autocast():
+            gen = model.generate(input_ids=input_ids, attention_mask=mask, max_new_tokens=self.max_new_tokens,
+                                 do_sample=False, use_cache=True, pad_token_id=self.tokenizer.pad_token_id)
+        eos, texts, tokens = self.eos_ids(model), [], 0
+        for row in gen[:, input_ids.shape[1]:].tolist():
+            end = next((j + 1 for j, t in enumerate(row) if t in eos), len(row))
+            tokens += end
+            texts.append(self.tokenizer.decode(row[:end], skip_special_tokens=True))
+        return texts, tokens
+
+    def correct(self, completions: list[str], data: Encoded, idx: list[int]) -> list[bool]:
+        """Exact match of the final number."""
+        return [final_number(text) == final_number(data.answers[i]) for text, i in zip(completions, idx)]
 
     @torch.no_grad()
     def evaluate(self, model, data: Encoded, batch_size: int) -> dict:
+        """Accuracy of greedy completions and the answer loss; with the tokens generated and the seconds it took."""
         model.eval()
-        correct, loss_sum, tokens = 0, 0.0, 0
+        loss_sum, tokens, completions, generated, seconds = 0.0, 0, [], 0, 0.0
         for start in range(0, len(data), batch_size):
             idx = list(range(start, min(start + batch_size, len(data))))
             batch = self.batch(data, idx)
-            with autocast(self.bf16):
+            with self.precision.autocast():
                 out = model(**batch)
             n = int((batch["labels"][:, 1:] != IGNORE).sum())
             loss_sum, tokens = loss_sum + out.loss.float().item() * n, tokens + n
-            prompts = [data.prompts[i] for i in idx]
-            input_ids = _pad(prompts, self.tokenizer.pad_token_id, left=True)
-            mask = _pad([[1] * len(p) for p in prompts], 0, left=True)
-            with autocast(self.bf16):
-                gen = model.generate(input_ids=input_ids, attention_mask=mask, max_new_tokens=self.max_new_tokens,
-                                     do_sample=False, pad_token_id=self.tokenizer.pad_token_id)
-            for i, row in zip(idx, gen[:, input_ids.shape[1]:]):
-                text = self.tokenizer.decode(row, skip_special_tokens=True)
-                correct += final_number(text) == final_number(data.answers[i])
+            t0 = time.perf_counter()
+            texts, count = self.generate(model, [data.prompts[i] for i in idx])
+            seconds += time.perf_counter() - t0
+            completions += texts
+            generated += count
         if not len(data):
             return {"accuracy": None, "macro_f1": None, "loss": None}
-        return {"accuracy": correct / len(data), "macro_f1": None, "loss": loss_sum / max(tokens, 1)}
+        correct = self.correct(completions, data, list(range(len(data))))
+        return {"accuracy": sum(correct) / len(data), "macro_f1": None, "loss": loss_sum / max(tokens, 1),
+                "generated_tokens": generated, "generate_seconds": seconds}
+
+
+FENCE = re.compile(r"```[ \t]*([A-Za-z0-9_+-]*)[ \t]*\n(.*?)(?:```|\Z)", re.DOTALL)
+
+
+def extract_code(text: str) -> str:
+    """The Python in a completion: the first fenced block that defines something (else the first fenced block;
+    an unclosed fence runs to the end), or the raw text; indentation kept, since a body continues a prompt."""
+    blocks = [body for lang, body in FENCE.findall(text) if lang.lower() in ("", "python", "py", "python3")]
+    if blocks:
+        return next((b for b in blocks if "def " in b), blocks[0])
+    return text
+
+
+def is_python(text: str) -> bool:
+    try:
+        compile(text, "<prompt>", "exec")
+    except (SyntaxError, ValueError):
+        return False
+    return True
+
+
+class CodeTask(CausalLMTask):
+    """Prompt = the instruction (chat template), target = the reference code + EOS; scored by pass@1: the greedy
+    completion's code, run with the example's own tests in a sandboxed process each, `workers` at a time. When the
+    prompt is itself Python (HumanEval's signature and docstring) the program is prompt + completion + tests: a
+    completion of only the body continues the prompt's function, a whole function redefines it below the
+    prompt's imports."""
+
+    def __init__(self, tokenizer, max_length: int, precision: Precision, max_new_tokens: int,
+                 limits: Limits = Limits(), workers: int = 2):
+        super().__init__(tokenizer, max_length, precision, max_new_tokens)
+        self.limits, self.workers = limits, workers
+
+    def target(self, answer: str) -> str:
+        return answer
+
+    def fit(self, prompt: list[int], answer: list[int]) -> tuple[list[int], list[int]]:
+        """The prompt kept (its last max_length − 1 tokens), the code cut to the room left: code is long."""
+        prompt = prompt[-(self.max_length - 1):] if self.max_length > 1 else prompt[-1:]
+        return prompt, answer[: max(0, self.max_length - len(prompt))]
+
+    def encode(self, examples: Examples) -> Encoded:
+        enc = super().encode(examples)
+        prefixes = [t + "\n" if "def " in t and is_python(t) else "" for t in examples.texts]
+        return Encoded(enc.ids, enc.targets, enc.answers, enc.prompts, list(examples.tests), prefixes)
+
+    def program(self, completion: str, data: Encoded, i: int) -> str:
+        return f"{data.prefixes[i]}{extract_code(completion)}\n\n{data.tests[i]}"
+
+    def correct(self, completions: list[str], data: Encoded, idx: list[int]) -> list[bool]:
+        programs = [self.program(text, data, i) for text, i in zip(completions, idx)]
+        return [o.passed for o in run_programs(programs, self.limits, self.workers)]
