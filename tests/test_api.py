@@ -245,5 +245,7 @@ def test_method_options_reach_the_method(models, folders):
     reference = aggregate_adapters([load_adapter(f) for f in folders], METHODS["lora_fair"].configured(lam=0.5))
     assert all(torch.equal(out[k], v) for k, v in reference.adapter.state_dict().items())
     assert any(not torch.equal(out[k], default[k]) for k in out)
-    with pytest.raises(florana.FloranaError, match="svd takes no options, got lam"):
+    with pytest.raises(florana.FloranaError, match="fedit takes no options, got lam"):
+        florana.aggregate(states, "fedit", lora_config=LORA, options={"lam": 0.5})
+    with pytest.raises(florana.FloranaError, match="svd has no option lam; its options: split"):
         florana.aggregate(states, "svd", lora_config=LORA, options={"lam": 0.5})

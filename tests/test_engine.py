@@ -60,6 +60,8 @@ def test_every_method_runs_and_writes_its_outputs(assets, tmp_path, method):
         elif method != "fedsa":
             assert m["relative_error"] >= 0 and m["bytes_up"] > 0 and m["bytes_down"] > 0
             assert m["cum_bytes_up"] >= m["bytes_up"]
+            assert all(m[k] > 0 for k in ("norm_A", "fedit_norm_A", "fedit_norm_B"))  # B̂ may be 0 (ffa round 1)
+            assert any(k.startswith("florana_") for k in m) == (method == "florana")
         if method != "centralized":
             assert set(m["local_accuracy"]) == {"0", "1", "2"}
     out = tmp_path / "run"

@@ -162,6 +162,23 @@ def test_flower_moves_what_the_ledger_books(tiny, tmp_path, method):
     assert_same_run(tmp_path / "flower", tmp_path / "inproc")
 
 
+def test_method_options_and_diagnostics_through_flowers_run_config(tiny, tmp_path):
+    """A method option travels in Flower's flat run config to the server's aggregator (florana's balanced gauge:
+    ‖Â‖_F = ‖B̂‖_F), and the per-round diagnostics reach metrics.jsonl as in the in-process run."""
+    from florana.flower.server import serve
+
+    flat = flower_run_config(RunConfig(**tiny, method="florana", florana_gauge="balanced"))
+    cfg, _ = split_run_config(flat)
+    assert cfg.florana_gauge == "balanced"
+    serve(LocalGrid(2), cfg, tmp_path / "flower", node_wait=5)
+    run(cfg, tmp_path / "inproc")
+    assert_same_run(tmp_path / "flower", tmp_path / "inproc")
+    for m in read_metrics(tmp_path / "flower"):
+        assert m["norm_A"] == pytest.approx(m["norm_B"], rel=1e-5)  # FedIT's differ by a few %: balanced moved it
+        assert abs(m["fedit_norm_A"] - m["fedit_norm_B"]) > 1e-2 * m["fedit_norm_A"]
+        assert m["florana_sweeps_max"] >= 1 and m["florana_p_min"] <= m["florana_p_max"]
+
+
 def test_backend_config_gives_each_client_its_share_of_a_gpu():
     """--gpus-per-client becomes Ray's num_gpus per client (and Ray is told the machine's GPUs); asking for a GPU
     that is not there, or a CUDA device for clients that get none, is an error before Ray starts."""

@@ -65,7 +65,8 @@ def aggregate(clients: Sequence[Client], method: str = "florana", lora_config=No
     when None. rank: the global rank where a method pads (default the largest client rank). round: the round these
     adapters close, for methods whose protocol alternates (rolora trains B in odd rounds, A in even; fedsvd
     re-factors). labels: the clients' names in error messages (default 'client 0', 'client 1', ...). options: the
-    method's own (lora_fair: lam, steps, lr; fedsvd: period, its re-factoring interval in rounds).
+    method's own (lora_fair: lam, steps, lr; fedsvd: period, its re-factoring interval in rounds; florana: solver,
+    steps, lr, prox, gauge; svd: split).
 
     Returns the global adapter as a state dict in PEFT's keys (what `set_peft_model_state_dict` takes), in the
     clients' dtype and on their device (the arithmetic runs there too, its small matrices in float64 where the device

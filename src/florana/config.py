@@ -94,6 +94,22 @@ class RunConfig:
     lora_fair_refit: str = _f("cosine", "lora_fair: cosine (the paper's gradient steps) or least_squares (the "
                                         "closed-form B = argmin ‖B·Ā − ΔW*‖ for the averaged Ā)",
                               one_of("cosine", "least_squares"))
+    florana_solver: str = _f("als", "florana: als (alternating least squares to convergence) or gradient "
+                                    "(florana_steps alternating gradient steps from FedIT's weights)",
+                             one_of("als", "gradient"))
+    florana_steps: int = _f(10, "florana: gradient steps (each one on Q, then one on P) of the gradient solver",
+                            at_least(1))
+    florana_lr: float = _f(1.0, "florana: the gradient solver's step as a fraction of 1/Lipschitz constant of its "
+                                "block's gradient (the objective decreases for any value in (0, 2))",
+                           (lambda v: 0 < v < 2, "in (0, 2)"))
+    florana_prox: float = _f(0.0, "florana: λ of the proximal term λ·‖ΔW*‖²·(‖P − w‖² + ‖Q − w‖²) towards FedIT's "
+                                  "weights (0: none)", at_least(0))
+    florana_gauge: str = _f("sum_p", "florana: how the product is split between Â and B̂: sum_p (Σ P = 1), balanced "
+                                     "(‖Â‖_F = ‖B̂‖_F) or client_norm (‖Â‖_F = the clients' mean ‖A_u‖_F)",
+                            one_of("sum_p", "balanced", "client_norm"))
+    svd_split: str = _f("client_norm", "svd: how the product is split between Â and B̂: client_norm (‖Â‖_F = the "
+                                       "clients' mean ‖A_u‖_F), balanced (‖Â‖_F = ‖B̂‖_F) or b (Σ in B̂, Â with "
+                                       "orthonormal rows)", one_of("client_norm", "balanced", "b"))
     # local training
     local_steps: int = _f(3, "optimizer steps per client per round", at_least(1))
     batch_size: int = _f(16, "training batch size", at_least(1))

@@ -14,7 +14,7 @@ from torch import Tensor
 from florana.aggregation.base import Method, client_weights, weighted_mean_coefficients
 from florana.aggregation.factors import ClientFactors
 from florana.aggregation.feedback import feed_back
-from florana.aggregation.linalg import real_dtype
+from florana.aggregation.linalg import factor_norms, real_dtype
 from florana.aggregation.registry import METHODS, get_method
 from florana.errors import FloranaError
 from florana.lora.adapter import LoraAdapter, LoraModule, has_non_finite, with_ranks
@@ -34,7 +34,9 @@ class Report:
     differ), so any method can be read against the baseline and the floor without a second run. The error floor is
     Eckart–Young's at the global rank (the largest client rank, or the rank asked for). With error feedback: ‖R_t‖_F
     of the residual kept for the next round (feedback_norm), it and what its rank-r truncation dropped relative to
-    ‖ΔW*‖_F (feedback_relative, feedback_dropped); None without.
+    ‖ΔW*‖_F (feedback_relative, feedback_dropped); None without. diagnostics: the means over modules of ‖Â‖_F and
+    ‖B̂‖_F as output (norm_A, norm_B) and of FedIT's on the same clients (fedit_norm_A, fedit_norm_B, from the
+    Grams), plus the method's own summary of its per-module diagnostics (Method.summarize: florana's P, Q, sweeps).
     """
 
     method: str
@@ -45,6 +47,7 @@ class Report:
     feedback_norm: float | None = None
     feedback_relative: float | None = None
     feedback_dropped: float | None = None
+    diagnostics: dict[str, float] = field(default_factory=dict)
     modules: dict[str, dict] = field(default_factory=dict)
     values_up_per_client: list[int] = field(default_factory=list)
     values_down_per_client: list[int] = field(default_factory=list)
@@ -178,6 +181,8 @@ def aggregate_adapters(adapters: Sequence[LoraAdapter], method: str | Method,
     base_update: dict[str, Tensor] = {}
     module_reports: dict[str, dict] = {}
     err_sq = target_sq = floor_sq = fedit_sq = kept_sq = dropped_sq = 0.0
+    norms = [0.0] * 4  # Σ over modules of ‖Â‖, ‖B̂‖ and FedIT's ‖Â‖, ‖B̂‖
+    per_module_info: dict[str, list[Tensor]] = defaultdict(list)
     new_feedback: dict[str, LoraModule] | None = None if feedback is None else {}
     wire = _Ledger(len(adapters))
 
@@ -214,7 +219,14 @@ def aggregate_adapters(adapters: Sequence[LoraAdapter], method: str | Method,
             clients.error_sq(est.coef_B, est.coef_A, scale)
         t_sq = clients.target_norm_sq
         f_sq = clients.floor_sq(clients.out_rank)
-        fedit_sq += clients.error_sq(*weighted_mean_coefficients(clients, scale, clients.out_rank), scale).sum().item()
+        fedit_coef = weighted_mean_coefficients(clients, scale, clients.out_rank)
+        fedit_sq += clients.error_sq(*fedit_coef, scale).sum().item()
+        fedit_B, fedit_A = factor_norms(*fedit_coef, clients.gram_B, clients.gram_A)
+        for i, t in enumerate((_norms(A_hat), _norms(B_hat), fedit_A, fedit_B)):
+            norms[i] += t.sum().item()
+        for key, value in est.info.items():
+            if isinstance(value, Tensor):
+                per_module_info[key].append(value)
         e_sq = lowrank_sq.clone()
         for i, name in enumerate(names):
             out_modules[name] = LoraModule(A=A_hat[i].contiguous(), B=B_hat[i].contiguous(),
@@ -251,6 +263,10 @@ def aggregate_adapters(adapters: Sequence[LoraAdapter], method: str | Method,
         for u, a in enumerate(adapters):
             wire.add(u, t.numel(), a.extra[key].element_size(), t.numel(), t.element_size())
 
+    norm_A, norm_B, fedit_norm_A, fedit_norm_B = (n / max(len(module_reports), 1) for n in norms)
+    diagnostics = {"norm_A": norm_A, "norm_B": norm_B, "fedit_norm_A": fedit_norm_A, "fedit_norm_B": fedit_norm_B}
+    if method.summarize is not None and per_module_info:
+        diagnostics.update(method.summarize({k: torch.cat(v) for k, v in per_module_info.items()}))
     config = dict(ref.config)
     if any(out_ranks[n] != ref.modules[n].rank for n in out_ranks):
         config = with_ranks(ref.config, out_ranks, out_scales)
@@ -263,6 +279,7 @@ def aggregate_adapters(adapters: Sequence[LoraAdapter], method: str | Method,
         feedback_norm=None if feedback is None else math.sqrt(kept_sq),
         feedback_relative=None if feedback is None else _relative(kept_sq, target_sq),
         feedback_dropped=None if feedback is None else _relative(dropped_sq, target_sq),
+        diagnostics=diagnostics,
         modules=module_reports,
         values_up_per_client=wire.values_up, values_down_per_client=wire.values_down,
         bytes_up_per_client=wire.bytes_up, bytes_down_per_client=wire.bytes_down,
@@ -321,6 +338,12 @@ def _require_finite(adapters: Sequence[LoraAdapter], labels: Sequence[str], name
             for factor in ("A", "B"):
                 if has_non_finite(getattr(a.modules[name], factor)):
                     raise FloranaError(f"{label}: module {name}: lora_{factor} holds NaN or Inf")
+
+
+def _norms(factors: Tensor) -> Tensor:
+    """‖·‖_F of each module's factor (M,), summed in float32 at least: 20× faster than float64 on the output
+    factors, and exact enough for a diagnostic."""
+    return torch.linalg.vector_norm(factors, dim=(-2, -1), dtype=torch.promote_types(factors.dtype, torch.float32))
 
 
 def _relative(err_sq: float, target_sq: float) -> float:

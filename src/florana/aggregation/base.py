@@ -7,6 +7,7 @@ piece of code apply any method, measure its exact error in factor space and coun
 
 from __future__ import annotations
 
+import inspect
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -59,7 +60,9 @@ class Method:
     that took part in the round before receives as the round starts (where that is not simply what it trains). The
     method itself, unspecialised, describes every round at once: a factor it trains or sends is one some round
     trains or sends. `configure(method, **options)` gives the method with options (lora_fair's λ, fedsvd's
-    period; federation/methods.py maps run config keys to them).
+    period; federation/methods.py maps run config keys to them). `summarize(info) -> {name: float}` reduces its
+    per-module diagnostics (Estimate.info's tensors, concatenated over all modules) to the round's, which the run
+    records in metrics.jsonl (florana's P, Q and sweeps).
     """
 
     name: str
@@ -77,6 +80,7 @@ class Method:
     down: frozenset[str] | None = None
     by_round: Callable[[Method, int], Method] | None = None
     configure: Callable[..., Method] | None = None
+    summarize: Callable[[dict[str, Tensor]], dict[str, float]] | None = None
 
     @property
     def changes_base(self) -> bool:
@@ -105,6 +109,9 @@ class Method:
             return self
         if self.configure is None:
             raise FloranaError(f"{self.name} takes no options, got {', '.join(sorted(options))}")
+        known = list(inspect.signature(self.configure).parameters)[1:]
+        if unknown := sorted(set(options) - set(known)):
+            raise FloranaError(f"{self.name} has no option {', '.join(unknown)}; its options: {', '.join(known)}")
         return self.configure(self, **options)
 
     def trains(self, factor: str) -> bool:

@@ -137,3 +137,25 @@ def pad_rank(coef_B: Tensor, coef_A: Tensor, rank: int) -> tuple[Tensor, Tensor]
     if extra <= 0:
         return coef_B, coef_A
     return F.pad(coef_B, (0, extra)), F.pad(coef_A, (0, 0, 0, extra))
+
+
+def factor_norms(coef_B: Tensor, coef_A: Tensor, gram_B: Tensor, gram_A: Tensor) -> tuple[Tensor, Tensor]:
+    """‖B·coef_B‖_F and ‖coef_A·A‖_F per module (M,), from the Grams BᵀB and A Aᵀ (R×R): no d×r or r×k matrix."""
+    norm_B = torch.einsum("mij,mik,mkj->m", coef_B, gram_B, coef_B).clamp_min(0).sqrt()
+    norm_A = torch.einsum("mij,mjk,mik->m", coef_A, gram_A, coef_A).clamp_min(0).sqrt()
+    return norm_B, norm_A
+
+
+def rescaling(split: str, norm_B: Tensor, norm_A: Tensor, target_A: Tensor | None = None) -> Tensor:
+    """The gauge c (M,) for (B̂/c, c·Â), which keeps B̂Â: "balanced" makes ‖B̂‖_F = ‖Â‖_F (both √(‖B̂‖‖Â‖)),
+    "client_norm" makes ‖Â‖_F = target_A (the clients' mean ‖A_u‖_F). 1 where a norm vanishes (nothing to split)."""
+    ok = (norm_A > 0) & (norm_B > 0)
+    safe_A = norm_A.where(ok, 1.0)
+    if split == "balanced":
+        c = (norm_B.where(ok, 1.0) / safe_A).sqrt()
+    elif split == "client_norm":
+        ok = ok & (target_A > 0)
+        c = target_A / safe_A
+    else:
+        raise ValueError(f"unknown split {split!r}")
+    return torch.where(ok, c, 1.0)

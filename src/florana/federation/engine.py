@@ -489,7 +489,7 @@ class Federation:
         report = result.report
         if not self.method.personal_B:  # fedsa's server never sees B, so it cannot know ΔW*
             metrics.update(relative_error=report.relative_error, error_floor=report.error_floor,
-                           fedit_error=report.fedit_error)
+                           fedit_error=report.fedit_error, **report.diagnostics)
         if self.feedback is not None:  # kept on the CPU with the rest of the server's state
             self.feedback = {m: LoraModule(A=r.A.cpu(), B=r.B.cpu()) for m, r in result.feedback.items()}
             metrics.update(feedback_norm=report.feedback_norm, feedback_relative=report.feedback_relative,

@@ -37,6 +37,11 @@ def method_options(config: RunConfig) -> dict:
     if config.method == "lora_fair":
         return {"lam": config.lora_fair_lambda, "steps": config.lora_fair_steps, "lr": config.lora_fair_lr,
                 "refit": config.lora_fair_refit}
+    if config.method == "florana":
+        return {"solver": config.florana_solver, "steps": config.florana_steps, "lr": config.florana_lr,
+                "prox": config.florana_prox, "gauge": config.florana_gauge}
+    if config.method == "svd":
+        return {"split": config.svd_split}
     return {}
 
 

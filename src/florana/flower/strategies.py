@@ -46,7 +46,8 @@ class FloranaLoRA(FedAvg):
     lora_config : peft.LoraConfig or dict (required)
         The clients' LoRA configuration: it sets each module's scaling (lora_alpha / r, rslora, alpha_pattern).
     options : dict (default: None)
-        The method's own options (lora_fair: lam, steps, lr; fedsvd: period).
+        The method's own options (lora_fair: lam, steps, lr; fedsvd: period; florana: solver, steps, lr, prox,
+        gauge; svd: split).
     uniform_weights : bool (default: False)
         Weigh every client alike (the FLoRA-NA paper's choice) instead of by `weighted_by_key` ("num-examples"),
         which replies then need not carry.
