@@ -18,7 +18,7 @@ from florana.federation.checkpoint import latest_checkpoint
 from florana.federation.engine import lora_settings, run
 from florana.lora.peft_io import atomic_directory
 from florana.train.model import AdapterSlots, load_model
-from tiny import arithmetic_jsonl, sentiment_csv, tiny_bert, tiny_llama
+from tiny import arithmetic_jsonl, sentiment_csv, tiny_bert, tiny_bert_bf16, tiny_llama
 
 runner = CliRunner()
 TEXTS = ["the film was great and moving", "a dull boring plot", "the cast is superb", "weak clumsy script"]
@@ -35,6 +35,8 @@ def runs(tmp_path_factory):
     llama = {**base, "model": str(tiny_llama(root)), "dataset": str(arithmetic_jsonl(root)), "task": "causal_lm",
              "text_column": "question", "label_column": "answer", "target_modules": ["q_proj", "v_proj"],
              "test_size": 10, "max_length": 32, "max_new_tokens": 2, "partition": "iid", "rounds": 1}
+    out["bf16-fedex"] = run(RunConfig(**{**base, "model": str(tiny_bert_bf16(root)), "rounds": 1}, method="fedex"),
+                            root / "bf16-fedex").run_dir
     out["llama-flora"] = run(RunConfig(**llama, method="flora"), root / "llama-flora").run_dir
     return out
 
@@ -107,6 +109,24 @@ def test_merged_causal_lm(runs, tmp_path):
     assert torch.allclose(logits(model, tokenizer), want, atol=1e-5, rtol=1e-5)
     without, _ = run_model(runs["llama-flora"], base_delta=False)
     assert (logits(without, ref_tokenizer) - want).abs().max() > 1e-4
+
+
+def test_merged_bf16_base_rounds_once(runs, tmp_path):
+    """A bfloat16 base stays bfloat16: each adapted weight is W0 + Δbase + s·B·A summed in float32, rounded once."""
+    out = tmp_path / "merged"
+    assert export(runs["bf16-fedex"], "--merged", out).exit_code == 0
+    merged = load_file(out / "model.safetensors")
+    base = load_file(load_config(runs["bf16-fedex"] / "config.toml").model + "/model.safetensors")
+    adapter = load_file(runs["bf16-fedex"] / "global_adapter" / "adapter_model.safetensors")
+    delta = load_file(runs["bf16-fedex"] / "global_adapter" / "base_update.safetensors")
+    key = "bert.encoder.layer.1.attention.self.value"
+    lora = adapter[f"base_model.model.{key}.lora_B.weight"] @ adapter[f"base_model.model.{key}.lora_A.weight"]
+    want = (base[f"{key}.weight"].float() + delta[f"{key}.weight"].float() + lora * (4.0 / 2)).to(torch.bfloat16)
+    assert merged[f"{key}.weight"].dtype == torch.bfloat16 and delta[f"{key}.weight"].abs().max() > 0
+    assert torch.equal(merged[f"{key}.weight"], want)
+    model = AutoModelForSequenceClassification.from_pretrained(out).eval()
+    reference, tokenizer = run_model(runs["bf16-fedex"])
+    assert torch.allclose(logits(model, tokenizer).float(), logits(reference, tokenizer).float(), atol=2e-2)
 
 
 def test_adapter_loads_with_peft(runs, tmp_path):
