@@ -35,6 +35,8 @@ def runs(tmp_path_factory):
     llama = {**base, "model": str(tiny_llama(root)), "dataset": str(arithmetic_jsonl(root)), "task": "causal_lm",
              "text_column": "question", "label_column": "answer", "target_modules": ["q_proj", "v_proj"],
              "test_size": 10, "max_length": 32, "max_new_tokens": 2, "partition": "iid", "rounds": 1}
+    out["mixed-fedex"] = run(RunConfig(**{**base, "local_steps": 4, "client_ranks": [2, 4]}, method="fedex"),
+                             root / "mixed-fedex").run_dir
     out["bf16-fedex"] = run(RunConfig(**{**base, "model": str(tiny_bert_bf16(root)), "rounds": 1}, method="fedex"),
                             root / "bf16-fedex").run_dir
     out["llama-flora"] = run(RunConfig(**llama, method="flora"), root / "llama-flora").run_dir
@@ -64,7 +66,7 @@ def export(*args):
     return runner.invoke(app, ["export", *map(str, args)])
 
 
-@pytest.mark.parametrize("method", ["fedit", "flora", "fedex"])
+@pytest.mark.parametrize("method", ["fedit", "flora", "fedex", "mixed-fedex"])
 def test_merged_model_is_the_runs_final_model(runs, method, tmp_path):
     out = tmp_path / "merged"
     res = export(runs[method], "--merged", out)
@@ -126,7 +128,7 @@ def test_merged_bf16_base_rounds_once(runs, tmp_path):
     assert torch.equal(merged[f"{key}.weight"], want)
     model = AutoModelForSequenceClassification.from_pretrained(out).eval()
     reference, tokenizer = run_model(runs["bf16-fedex"])
-    assert torch.allclose(logits(model, tokenizer).float(), logits(reference, tokenizer).float(), atol=2e-2)
+    assert torch.allclose(logits(model, tokenizer).float(), logits(reference, tokenizer).float(), atol=2e-3)
 
 
 def test_adapter_loads_with_peft(runs, tmp_path):
