@@ -135,9 +135,10 @@ def test_adapter_loads_with_peft(runs, tmp_path):
     from peft import PeftModel
 
     out = tmp_path / "adapter"
-    res = export(runs["fedit"], "--adapter", out)
+    res = export(runs["fedit"], "--adapter", out, "--merged", tmp_path / "merged")  # both at once
     assert res.exit_code == 0, res.output
     assert sorted(p.name for p in out.iterdir()) == ["adapter_config.json", "adapter_model.safetensors"]
+    assert (tmp_path / "merged" / "model.safetensors").is_file()
     cfg = load_config(runs["fedit"] / "config.toml")
     base = AutoModelForSequenceClassification.from_pretrained(cfg.model, num_labels=2)
     model = PeftModel.from_pretrained(base, out).eval()
@@ -193,6 +194,10 @@ def test_unfinished_and_quantized_runs(runs, tmp_path):
     res = export(quantized, "--merged", tmp_path / "m")
     assert res.exit_code == 2 and "quantized" in res.output and "--adapter" in res.output
     assert export(quantized, "--adapter", tmp_path / "a").exit_code == 0
+    for method, keeps in (("local", "its own adapter"), ("fedsa", "its own B")):  # no global model
+        (quantized / "config.toml").write_text(text.replace('method = "fedit"', f'method = "{method}"'))
+        res = export(quantized, "--merged", tmp_path / "m")
+        assert res.exit_code == 2 and f"a {method} run has no global model" in res.output and keeps in res.output
 
 
 def test_atomic_directory_any_files(tmp_path):
