@@ -1,4 +1,4 @@
-"""The `florana` command line: aggregate | run | compare | report | demo."""
+"""The `florana` command line: aggregate | run | compare | report | export | demo."""
 
 from __future__ import annotations
 
@@ -275,6 +275,33 @@ def report(
         fail(str(e))
     print_rows(rows)
     _echo_outputs(out or run_dirs[0])
+
+
+@app.command()
+def export(
+    run_dir: Annotated[Path, typer.Argument(help="A finished run folder.")],
+    adapter: Annotated[Path | None, typer.Option(help="Write the global LoRA adapter here, a PEFT folder (new or "
+                                                      "empty), for PeftModel.from_pretrained on the run's base "
+                                                      "model; not for flora or fedex, which change the base.")] = None,
+    merged: Annotated[Path | None, typer.Option(help="Write the full merged model here (new or empty folder): base + "
+                                                     "adapter + any base change, with its tokenizer and label names, "
+                                                     "for transformers' AutoModelFor*.from_pretrained.")] = None,
+) -> None:
+    """Export a finished run's global model: its PEFT adapter (--adapter) and/or a merged transformers model
+    (--merged) that loads without florana. An unfinished run is refused (finish it with run --resume)."""
+    from florana.federation.export import export_adapter, export_merged
+
+    try:
+        if adapter is None and merged is None:
+            raise FloranaError("say what to export: --adapter OUT and/or --merged OUT")
+        if adapter is not None:
+            export_adapter(run_dir, adapter)
+            typer.echo(f"adapter → {adapter}")
+        if merged is not None:
+            export_merged(run_dir, merged)
+            typer.echo(f"merged model → {merged}")
+    except FloranaError as e:
+        fail(str(e))
 
 
 @app.command()

@@ -66,6 +66,12 @@ def derive_seed(*parts: int) -> int:
     return int(np.random.SeedSequence([int(p) for p in parts]).generate_state(1)[0])
 
 
+def lora_settings(config: RunConfig) -> dict:
+    """The LoraConfig fields of a run's model: its LoRA has the largest client rank (the global rank)."""
+    return {"r": max(config.ranks()), "lora_alpha": config.lora_alpha, "lora_dropout": config.lora_dropout,
+            "use_rslora": config.rslora, "target_modules": list(config.target_modules)}
+
+
 @dataclass
 class Client:
     """One client's data: its training part and the held-out part its local model is scored on."""
@@ -159,10 +165,8 @@ class Federation:
         test, trains, tests, stats = split_data(examples, config)
         self.ranks = config.ranks()  # each client's LoRA rank; the model's LoRA has the largest, the global rank
         self.rank = max(self.ranks)
-        lora = {"r": self.rank, "lora_alpha": config.lora_alpha, "lora_dropout": config.lora_dropout,
-                "use_rslora": config.rslora, "target_modules": list(config.target_modules)}
-        self.model, tokenizer = load_model(config.task, config.model, len(examples.label_names), lora, config.seed,
-                                           dtype=config.dtype, quantization=config.quantization,
+        self.model, tokenizer = load_model(config.task, config.model, len(examples.label_names), lora_settings(config),
+                                           config.seed, dtype=config.dtype, quantization=config.quantization,
                                            gradient_checkpointing=config.gradient_checkpointing, device=self.device)
         self.task = make_task(config, tokenizer, len(examples.label_names), self.precision)
         self.data = Data(self.task.encode(test),

@@ -103,3 +103,14 @@ def remove_run(run_dir: Path) -> None:
             os.rmdir(folder)
         except OSError:  # not empty: someone else's file is in it
             pass
+
+
+def check_export_folder(out: Path, run_dir: Path, flag: str) -> None:
+    """`florana export` writes into a new or empty folder outside the run's (whose files a later --force compare
+    may delete by name), never over anyone's files, a previous export's included."""
+    here, there = Path(out).resolve(), Path(run_dir).resolve()
+    if here == there or there in here.parents or here in there.parents:
+        raise FloranaError(f"{flag} {out} overlaps the run folder {run_dir}; choose a folder outside it")
+    if _existing_folder(Path(out)) and (names := sorted(p.name for p in Path(out).iterdir())):
+        raise FloranaError(f"{flag} {out}: holds files ({listing(names)}); export writes into a new or empty folder "
+                           "only")

@@ -140,22 +140,26 @@ def _new_sibling(target: Path) -> Path:
 
 
 @contextmanager
-def atomic_directory(target: str | Path, owned: Collection[str] = ADAPTER_FILES):
+def atomic_directory(target: str | Path, owned: Collection[str] | None = ADAPTER_FILES):
     """Yield a temporary sibling folder to write some of the `owned` files into. On success a new `target` is that
     folder, renamed into place in one step; an existing one receives each file by an atomic replace and loses the
     owned files not written this time (a stale base_update.safetensors), while every other file in it stays.
-    On error the temporary folder vanishes and `target` is untouched."""
+    owned=None: any files (a saved transformers model), into a new or empty `target` only, which the folder
+    replaces in one step. On error the temporary folder vanishes and `target` is untouched."""
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = _new_sibling(target)
     try:
         yield tmp
         written = {p.name for p in tmp.iterdir()}
-        if written - set(owned):
+        if owned is not None and written - set(owned):
             raise ValueError(f"atomic_directory({target}): wrote {sorted(written - set(owned))}, not owned files")
         file_mode = stat.S_IMODE(tmp.stat().st_mode) & 0o666  # the umask's, as mkdir applied it to tmp
         for name in written:
-            os.chmod(tmp / name, file_mode)  # safetensors creates its files 0600
+            if (tmp / name).is_file():
+                os.chmod(tmp / name, file_mode)  # safetensors creates its files 0600
+        if owned is None and os.path.lexists(target):
+            target.rmdir()  # fails, keeping it, unless it is an empty folder
         if not target.exists():
             os.rename(tmp, target)
             return
