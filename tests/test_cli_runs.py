@@ -20,7 +20,7 @@ def tiny_cfg(tmp_path_factory):
     root = tmp_path_factory.mktemp("cli")
     cfg = RunConfig(model=str(tiny_bert(root)), dataset=str(sentiment_csv(root)), num_clients=3, rounds=2,
                     local_steps=2, batch_size=8, test_size=40, client_test_max=10, max_length=16, lora_r=2,
-                    threads=1, bf16=False)
+                    threads=1, bf16=False, lr=2e-3)  # lr pinned: a test below edits it in the file
     path = root / "tiny.toml"
     path.write_text(cfg.to_toml())
     return path
