@@ -15,7 +15,6 @@ import importlib.util
 import json
 import math
 import os
-import random
 import subprocess
 import sys
 import tempfile
@@ -27,9 +26,8 @@ ROOT = Path(__file__).resolve().parent.parent
 DEVICE = os.environ.get("FLORANA_GPU_CHECK_DEVICE", "cuda")
 ON_GPU = DEVICE.startswith("cuda")
 NEEDED = ("torch", "transformers", "peft", "numpy", "safetensors", "tomli_w")
-GOOD = "good great fine superb lovely wonderful brilliant moving".split()
-BAD = "bad awful dull boring poor weak tedious clumsy".split()
-FILL = "the film movie plot story acting cast script and was is a".split()
+sys.path.insert(0, str(ROOT / "tests"))
+from tiny import BAD, FILL, GOOD, arithmetic_jsonl, sentiment_csv  # noqa: E402  the test suite's generated data
 WORDS = GOOD + BAD + FILL + "what plus question answer".split()
 SPECIAL = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
 results: list[tuple[str, str, str]] = []
@@ -99,29 +97,6 @@ def tiny_llama(root: Path) -> Path:
     LlamaForCausalLM(cfg).save_pretrained(out)
     tokenizer_into(out)
     return out
-
-
-def reviews_csv(root: Path, n: int = 600) -> Path:
-    rng = random.Random(0)
-    lines = ["text,label"]
-    for _ in range(n):
-        label = rng.random() < 0.5
-        words = rng.sample(FILL, 4) + rng.sample(GOOD if label else BAD, 2)
-        rng.shuffle(words)
-        lines.append(f"{' '.join(words)},{'pos' if label else 'neg'}")
-    path = root / "reviews.csv"
-    path.write_text("\n".join(lines) + "\n")
-    return path
-
-
-def sums_jsonl(root: Path, n: int = 120) -> Path:
-    rng = random.Random(0)
-    path = root / "sums.jsonl"
-    with path.open("w") as f:
-        for _ in range(n):
-            a, b = rng.randint(1, 9), rng.randint(1, 9)
-            f.write(json.dumps({"question": f"what is {a} plus {b}?", "answer": str(a + b)}) + "\n")
-    return path
 
 
 def base_config(assets: dict, **kw):
@@ -211,18 +186,23 @@ def check_base_delta(assets):
     return "PASS", ", ".join(out) + " (exact, base delta on the device)"
 
 
-@check("cuda_causal_lm")
-def check_causal(assets):
-    """A tiny Llama, instruction SFT and greedy generation on the device."""
+def causal_rounds(assets: dict, name: str, **kw) -> str:
+    """Two rounds of the tiny Llama on the generated sums (instruction SFT, greedy scoring); its answer losses."""
     from florana.federation.engine import read_metrics
 
     cfg = base_config(assets, task="causal_lm", model=str(assets["llama"]), dataset=str(assets["jsonl"]),
                       text_column="question", label_column="answer", test_size=20, max_length=32, max_new_tokens=6,
-                      target_modules=["q_proj", "v_proj"], partition="iid")
-    run_rounds(cfg, assets["root"] / "run-causal")
-    history = read_metrics(assets["root"] / "run-causal")
+                      target_modules=["q_proj", "v_proj"], partition="iid", **kw)
+    run_rounds(cfg, assets["root"] / name)
+    history = read_metrics(assets["root"] / name)
     assert len(history) == 2 and all(math.isfinite(m["global_loss"]) for m in history), history
-    return "PASS", f"2 rounds, answer loss {history[0]['global_loss']:.3f} → {history[-1]['global_loss']:.3f}"
+    return f"answer loss {history[0]['global_loss']:.3f} → {history[-1]['global_loss']:.3f}"
+
+
+@check("cuda_causal_lm")
+def check_causal(assets):
+    """A tiny Llama, instruction SFT and greedy generation on the device."""
+    return "PASS", "2 rounds, " + causal_rounds(assets, "run-causal")
 
 
 @check("fp16_gradscaler")
@@ -282,22 +262,11 @@ def check_aggregation(assets):
 @check("4bit")
 def check_4bit(assets):
     """A causal LM in 4-bit (QLoRA-style) for 2 rounds, where bitsandbytes and florana's quantization are there."""
-    from florana.config import FIELDS
-    from florana.federation.engine import read_metrics
-
     if not installed("bitsandbytes"):
         return "SKIP", "4bit: bitsandbytes not installed (pip install 'florana[gpu]' where it can come along)"
     if not ON_GPU:
         return "SKIP", "4bit: bitsandbytes 4-bit needs a CUDA GPU"
-    if "quantization" not in FIELDS:
-        return "SKIP", "4bit: this florana has no `quantization` key yet"
-    cfg = base_config(assets, task="causal_lm", model=str(assets["llama"]), dataset=str(assets["jsonl"]),
-                      text_column="question", label_column="answer", test_size=20, max_length=32, max_new_tokens=6,
-                      target_modules=["q_proj", "v_proj"], partition="iid", quantization="4bit")
-    run_rounds(cfg, assets["root"] / "run-4bit")
-    history = read_metrics(assets["root"] / "run-4bit")
-    assert len(history) == 2 and all(math.isfinite(m["global_loss"]) for m in history), history
-    return "PASS", f"2 rounds in 4-bit, answer loss {history[0]['global_loss']:.3f} → {history[-1]['global_loss']:.3f}"
+    return "PASS", "2 rounds in 4-bit, " + causal_rounds(assets, "run-4bit", quantization="4bit")
 
 
 @check("gpu_memory")
@@ -353,8 +322,8 @@ def main() -> int:
         root = Path(args.keep or tmp)
         root.mkdir(parents=True, exist_ok=True)
         try:
-            assets = {"root": root, "bert": tiny_bert(root), "llama": tiny_llama(root), "csv": reviews_csv(root),
-                      "jsonl": sums_jsonl(root)}
+            assets = {"root": root, "bert": tiny_bert(root), "llama": tiny_llama(root),
+                      "csv": sentiment_csv(root, n=600), "jsonl": arithmetic_jsonl(root, n=120)}
         except Exception as e:
             report("assets", "FAIL", f"cannot build the tiny models offline: {type(e).__name__}: {e}")
             return 1
