@@ -13,7 +13,6 @@ from florana.config import RunConfig, config_from_dict, load_config
 from florana.errors import FloranaError
 from florana.federation.engine import run
 from florana.lora import load_adapter
-from florana.train import model as model_module
 from florana.train.model import AdapterSlots, load_model, quantization_config
 from tiny import arithmetic_jsonl, sentiment_csv, tiny_bert, tiny_bert_bf16, tiny_llama
 
