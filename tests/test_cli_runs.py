@@ -3,6 +3,7 @@
 import csv
 import io
 import json
+import re
 
 import pytest
 from typer.testing import CliRunner
@@ -36,6 +37,9 @@ def test_compare_then_report(tiny_cfg, tmp_path):
     # identical partitions across methods for a seed
     parts = {p.name: (p / "partition.json").read_text() for p in out.glob("*-seed0")}
     assert len(set(parts.values())) == 1
+    printed = runner.invoke(app, ["report", str(out)])  # not a terminal: the table is whole, not cut to "0.…"
+    assert printed.exit_code == 0 and "not reached (≥0.7: 1/2)" in printed.output, printed.output
+    assert re.search(r"│ fedit +│ alpha=0\.5 │ +2 │ \d\.\d{3} \[", printed.output), printed.output
     table = (out / "summary.md").read_text()
     assert "## alpha=0.5" in table and "| florana | 2 | 2 | " in table and " ± " in table
     summary = list(csv.DictReader(io.StringIO((out / "summary.csv").read_text())))

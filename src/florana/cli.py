@@ -97,12 +97,18 @@ def progress_for(quiet: bool):
     return RichProgress()
 
 
+PIPED_WIDTH = 180  # a log file or pipe has no width; rich would assume 80 and cut every number to "0.7…"
+
+
 def print_rows(rows) -> None:
     from rich.console import Console
 
     from florana.report.tables import rich_table
 
-    Console().print(rich_table(rows))
+    console = Console()
+    if not console.is_terminal:
+        console = Console(width=PIPED_WIDTH)
+    console.print(rich_table(rows))
 
 
 @app.command()
