@@ -262,3 +262,30 @@ def test_other_versions_are_a_warning_or_with_strict_versions_an_error(files, tm
     with pytest.raises(FloranaError, match=r"node 101 runs torch 0.0.1 .*\(strict_versions = true\)"):
         serve(NodeGrid([own(files["a"]), own(files["b"])], edit=other_torch),
               tiny_config(files, rounds=1, strict_versions=True), tmp_path / "strict", node_wait=5)
+
+
+# ---- real processes on loopback ---------------------------------------------------------------------------
+def test_loopback_mixed_federation_from_the_script(files, tmp_path):
+    """scripts/loopback_federation.py --nodes 1 --node-data a.csv,b.csv: a SuperLink, one SuperNode on a partition
+    of the run's dataset and two on their own files, `flwr run`; the label list is the union of the dataset's and
+    the nodes' names, and the two own-data nodes score the global model."""
+    import subprocess
+    import sys
+
+    from florana.flower.deploy import pids_with_env
+    from tiny import sentiment_csv
+
+    root = Path(__file__).resolve().parent.parent
+    cfg = tiny_config(files, dataset=str(sentiment_csv(tmp_path)), test_size=40, rounds=1, num_clients=3)
+    (tmp_path / "cfg.toml").write_text(cfg.to_toml())
+    done = subprocess.run([sys.executable, str(root / "scripts" / "loopback_federation.py"), "--nodes", "1",
+                           "--node-data", f"{files['a']},{files['b']}", "--config", str(tmp_path / "cfg.toml"),
+                           "--out", str(tmp_path / "run"), "--home", str(tmp_path / "home"), "--round-timeout", "120"],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
+    assert "1 SuperNodes on partitions, 2 on their own data" in done.stdout
+    (m,) = read_metrics(tmp_path / "run")
+    assert m["clients"] == [0, 1, 2] and m["rejected"] == [] and m["global_test"] == "none"
+    assert sorted(m["node_global_accuracy"]) == ["1", "2"]  # own data fills the highest free slots
+    assert 'labels = [\n    "meh",\n    "neg",\n    "pos",\n]' in (tmp_path / "run" / "config.toml").read_text()
+    assert not pids_with_env("FLWR_HOME", str((tmp_path / "home" / "flwr").resolve()))

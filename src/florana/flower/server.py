@@ -196,7 +196,8 @@ class FloranaStrategy(FedAvg):
         not answer in time (or answers with an error) is named in a warning and asked again next time."""
         unknown = [n for n in grid.get_node_ids() if n not in self.nodes.values() and n not in self.ignored]
         if unknown:
-            self.admit(grid, ask_nodes(grid, unknown, timeout, self.config_text), unknown, strict)
+            answers = ask_nodes(grid, unknown, timeout, self.config_text)
+            self.admit(grid, {n: answers.get(n, f"no answer within {timeout:.0f}s") for n in unknown}, unknown, strict)
 
     def admit(self, grid: Grid, answers: dict[int, Hello | str], asked: list[int], strict: bool) -> None:
         """Give each node that answered its client slot (its partition-id, or for own data the highest free slot),
