@@ -62,6 +62,12 @@ class RunConfig:
                               "default 2000)", at_least(0))
     max_length: int = _f(64, "tokens per example (longer ones are truncated; batches are padded to their longest)",
                          at_least(1))
+    labels: list = _f([], "classification: the run's label names, in the head's order (a node whose data has a label "
+                      "not listed is an error); empty: the dataset's own, and in a Flower run with node-local data "
+                      "the union of the names the nodes report before round 1 (which reveals them to the server)")
+    server_test_data: str = _f("", "a local file (or hub name) the server scores the global model on, in place of the "
+                                   "test split of dataset; in a Flower run with node-local data, the only global test "
+                                   "(empty: none, the nodes score the global model on their own held-out parts)")
     test_size: int = _f(1000, "examples held out as the global test set (fixed by the seed)", at_least(1))
     client_test_fraction: float = _f(0.2, "share of each client's data held out to evaluate its local model",
                                      FRACTION)
@@ -148,6 +154,11 @@ class RunConfig:
     threads: int = _f(2, "torch threads", at_least(1))
     device: str = _f("auto", "auto (a CUDA GPU when one is visible, else the CPU) | cpu | cuda | cuda:N: where the "
                              "model, batches, evaluation and aggregation run", DEVICE)
+    max_examples_per_node: int = _f(0, "Flower, node-local data: the most training examples a node may report (its "
+                                       "example-count weight); a larger or malformed count is an error naming the "
+                                       "node (0: no bound)", at_least(0))
+    strict_versions: bool = _f(False, "Flower: a node whose florana, torch or transformers version differs from the "
+                                      "server's is an error before round 1 (false: a warning naming the node)")
     keep_checkpoints: int = _f(2, "checkpoints kept in checkpoints/ (the newest; an older one is removed once a newer "
                                   "one is in place)", at_least(1))
 

@@ -258,3 +258,17 @@ def load_examples(dataset: str, *, text_column: str = "text", label_column: str 
         keep = np.sort(np.random.default_rng(seed).permutation(len(examples))[:max_examples])
         examples = examples.subset(keep)
     return examples
+
+
+def relabel(examples: Examples, names: list[str], source: str) -> Examples:
+    """`examples` with their labels renumbered into the agreed label list `names` (the classification head's order);
+    a label `names` lacks is an error naming `source` and the label."""
+    index = {name: i for i, name in enumerate(names)}
+    present = set(np.unique(examples.labels).tolist())
+    unknown = [n for i, n in enumerate(examples.label_names) if n not in index and i in present]
+    if unknown:
+        raise FloranaError(f"{source}: label {unknown[0]!r} is not one of the run's labels {names} (add it to the "
+                           f"run config's labels, or drop those rows)")
+    order = np.array([index.get(n, -1) for n in examples.label_names], dtype=int)
+    return Examples(examples.texts, order[examples.labels] if len(examples) else examples.labels, list(names),
+                    examples.answers, examples.tests)

@@ -26,7 +26,7 @@ from torch import Tensor
 
 from florana.aggregation import aggregate_adapters
 from florana.config import RunConfig, describe, differences, load_config
-from florana.data import Examples, load_examples, partition, partition_stats
+from florana.data import Examples, load_examples, partition, partition_stats, relabel
 from florana.errors import FloranaError
 from florana.federation.checkpoint import (latest_checkpoint, latest_round, prune_checkpoints, save_checkpoint,
                                            write_text_atomic)
@@ -106,7 +106,7 @@ class LocalResult:
 
 @dataclass
 class Data:
-    test: Encoded
+    test: Encoded | None  # None: the run has no global test set (node-local data without server_test_data)
     clients: list[Client]
     stats: list[dict]
     label_names: list[str]
@@ -148,10 +148,43 @@ def split_data(examples: Examples, config: RunConfig) -> tuple[Examples, list[Ex
     return test, trains, tests, partition_stats(pool.labels, parts, pool.label_names)
 
 
+@dataclass
+class Split:
+    """A run's examples before encoding: the global test set (None: none), each client's train and held-out parts,
+    the partition's statistics and the label names (the classification head's order)."""
+
+    test: Examples | None
+    trains: list[Examples]
+    tests: list[Examples]
+    stats: list[dict]
+    label_names: list[str]
+
+
+def load_test(config: RunConfig, label_names: list[str]) -> Examples:
+    """The server's own test file (server_test_data), in the run's label order."""
+    test = load_examples(config.server_test_data, text_column=config.text_column, label_column=config.label_column,
+                         causal=config.task == "causal_lm", code=config.task == "code", seed=config.seed)
+    return relabel(test, label_names, config.server_test_data) if config.task == "classification" else test
+
+
+def load_split(config: RunConfig) -> Split:
+    """The dataset named by the config, split into the global test set and the clients' parts (labels in the order
+    `labels` gives, if it gives one); the global test set is server_test_data where the config names one."""
+    examples = load_examples(config.dataset, text_column=config.text_column, label_column=config.label_column,
+                             causal=config.task == "causal_lm", code=config.task == "code",
+                             max_examples=config.max_examples, seed=config.seed)
+    if config.labels and config.task == "classification":
+        examples = relabel(examples, config.labels, config.dataset)
+    test, trains, tests, stats = split_data(examples, config)
+    if config.server_test_data:
+        test = load_test(config, examples.label_names)
+    return Split(test, trains, tests, stats, examples.label_names)
+
+
 class Federation:
     """The live state of a run: model, data, the global adapter, per-client state, and the ledger."""
 
-    def __init__(self, config: RunConfig, progress=None):
+    def __init__(self, config: RunConfig, progress=None, split: Split | None = None):
         torch.set_num_threads(config.threads)
         self.config, self.progress = config, progress
         self.device = resolve_device(config.device)  # before anything loads: a missing GPU fails at once
@@ -159,20 +192,20 @@ class Federation:
         self.method = method_of(config)
         # a run that cannot quantize stops before loading data; load_model places a quantized base itself
         quantization_config(config.quantization, config.dtype, self.device)
-        examples = load_examples(config.dataset, text_column=config.text_column, label_column=config.label_column,
-                                 causal=config.task == "causal_lm", code=config.task == "code",
-                                 max_examples=config.max_examples, seed=config.seed)
-        test, trains, tests, stats = split_data(examples, config)
+        split = split or load_split(config)  # a Flower node or server with node-local data brings its own
+        names = split.label_names
         self.ranks = config.ranks()  # each client's LoRA rank; the model's LoRA has the largest, the global rank
         self.rank = max(self.ranks)
-        self.model, tokenizer = load_model(config.task, config.model, len(examples.label_names), lora_settings(config),
+        self.model, tokenizer = load_model(config.task, config.model, len(names), lora_settings(config),
                                            config.seed, dtype=config.dtype, quantization=config.quantization,
                                            gradient_checkpointing=config.gradient_checkpointing, device=self.device)
-        self.task = make_task(config, tokenizer, len(examples.label_names), self.precision)
-        self.data = Data(self.task.encode(test),
-                         [Client(self.task.encode(tr), self.task.encode(te), len(tr)) for tr, te in zip(trains, tests)],
-                         stats, examples.label_names)
-        self.eval_test = eval_subset(self.data.test, config.eval_max_examples, config.seed)
+        self.task = make_task(config, tokenizer, len(names), self.precision)
+        encode = lambda x: self.task.encode(x) if len(x) else Encoded([], [])  # noqa: E731 (a slot with no data here)
+        self.data = Data(None if split.test is None else encode(split.test),
+                         [Client(encode(tr), encode(te), len(tr)) for tr, te in zip(split.trains, split.tests)],
+                         split.stats, names)
+        self.eval_test = None if self.data.test is None else \
+            eval_subset(self.data.test, config.eval_max_examples, config.seed)
         self.slots = AdapterSlots.of(self.model)
         self.initial = on_cpu(self.slots.read())
         self.modules = sorted({k.rsplit(".lora_", 1)[0] for k in self.initial if ".lora_" in k})
@@ -241,7 +274,7 @@ class Federation:
     # ---- one round ------------------------------------------------------------------------------------
     def sample(self, round_: int) -> tuple[list[int], list[int]]:
         """Clients with training data, a seeded fraction of them; and the ones skipped for having none."""
-        empty = [u for u, c in enumerate(self.data.clients) if len(c.train) == 0]
+        empty = [u for u, c in enumerate(self.data.clients) if c.size == 0]  # a remote node's data: its count
         eligible = [u for u in range(len(self.data.clients)) if u not in empty]
         if not eligible:
             raise FloranaError("no client has training data")
@@ -447,6 +480,9 @@ class Federation:
                     for k in ("accuracy", "macro_f1", "loss")}
         elif self.method is not None and self.method.personal_B:  # B never leaves a client: no global model
             glob = {"accuracy": None, "macro_f1": None, "loss": None}
+        elif self.data.test is None:  # node-local data and no server_test_data: the nodes score it (Flower)
+            glob = {"accuracy": None, "macro_f1": None, "loss": None}
+            metrics["global_test"] = "none"
         else:
             glob = self.evaluate(self.global_tensors, self.eval_test)
             self.book_generation(glob, metrics, len(self.eval_test))
@@ -555,10 +591,12 @@ def resumed_config(run_dir: Path, requested: RunConfig | None = None) -> RunConf
     return requested
 
 
-def open_run(config: RunConfig | None, run_dir: Path, *, resume: bool = False, progress=None) -> tuple[Federation, int]:
+def open_run(config: RunConfig | None, run_dir: Path, *, resume: bool = False, progress=None,
+             split=None) -> tuple[Federation, int]:
     """Set up run_dir (config.toml, partition.json, run.log, a line in sessions.jsonl) and the federation, restored from the last checkpoint
     when resuming (with `config`, only to extend it by more rounds); returns it with the first round still to run.
-    Both runtimes start here."""
+    Both runtimes start here; `split(config)`, where given, supplies the examples (a Flower server whose nodes
+    bring their own data)."""
     run_dir = Path(run_dir)
     if resume:
         config = resumed_config(run_dir, config)
@@ -566,7 +604,7 @@ def open_run(config: RunConfig | None, run_dir: Path, *, resume: bool = False, p
         check_run_folder(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     _attach_log(run_dir)
-    fed = Federation(config, progress)
+    fed = Federation(config, progress, split=None if split is None else split(config))
     if not resume:
         write_text_atomic(run_dir / "config.toml", config.to_toml())
     write_text_atomic(run_dir / "partition.json", json.dumps(fed.data.stats, indent=1))

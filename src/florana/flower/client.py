@@ -5,7 +5,9 @@ the base weights the node lacks; the node trains its own partition with the engi
 and replies with what its method uploads, and metrics. What a node keeps between rounds (fedsa's personal B, the
 base delta of flora/fedex, the global factors rolora and fedsvd do not send every round) lives in Flower's per-node
 context state. A node computes on the run's device unless its node config names its own (`device="cuda:1"` in
-flower-supernode's --node-config): where a node trains is the node's business.
+flower-supernode's --node-config): where a node trains is the node's business. A node may also bring its own data
+(`data-path`, flower/nodedata.py) and its own copy of the base model (`model-path`, checked by hash:
+flower/handshake.py).
 """
 
 from __future__ import annotations
@@ -19,6 +21,9 @@ from torch import Tensor
 from florana.config import RunConfig
 from florana.errors import FloranaError
 from florana.federation.engine import Federation
+from florana.flower.handshake import model_hash, versions
+from florana.flower.nodedata import (in_run_labels, load_node_examples, node_data_of, node_split, own_split,
+                                     present_labels)
 from florana.flower.wire import base_change_from_record, config_from_text, from_record, partition_problem, to_record
 from florana.lora.base_delta import REPLACE, apply_change, total_change
 
@@ -31,29 +36,49 @@ GLOBAL_KEY, GLOBAL_ROUND_KEY = "florana.global", "florana.global-round"
 app = ClientApp()
 
 # the Federation this process serves (model + data), rebuilt only when the run config or the node's device changes
-_worker: dict[tuple[str, str | None], Federation] = {}
+_worker: dict[tuple, Federation] = {}
 
 
 def node_config_of(config_text: str, context: Context) -> RunConfig:
-    """The run config the server sent, on the device the node config names (its `device` key), if it names one."""
+    """The run config the server sent, on the device the node config names (its `device` key) and with the base
+    model from its `model-path` (checked against the server's by hash before round 1), where it names them."""
     config = config_from_text(config_text, "server message")
-    device = context.node_config.get("device")
-    if device is None:
-        return config
+    node, overrides = context.node_config, {}
+    if "device" in node:
+        overrides["device"] = node["device"]
+    if "model-path" in node:
+        overrides["model"] = node["model-path"]
     try:
-        return config.with_overrides(device=device)
+        return config.with_overrides(**overrides)
     except FloranaError as e:
         raise FloranaError(f"node {context.node_id}: its node config's {e}") from None
 
 
-def worker(config_text: str, context: Context) -> Federation:
-    """This process's Federation for the run config the server sent, on the node's device (a Ray worker serves many
-    nodes and rounds)."""
-    key = (config_text, context.node_config.get("device"))
+def worker(config_text: str, context: Context, u: int) -> Federation:
+    """This process's Federation for the run config the server sent, on the node's device, as client u (a Ray
+    worker serves many nodes and rounds). A node with its own data loads only that, into slot u."""
+    node = context.node_config
+    key = (config_text, node.get("device"), node.get("model-path"), node.get("data-path"), u)
     if key not in _worker:
         _worker.clear()
-        _worker[key] = Federation(node_config_of(config_text, context))
+        config = node_config_of(config_text, context)
+        data = node_data_of(node, context.node_id)
+        split = None
+        if data is not None:
+            examples = in_run_labels(load_node_examples(data, config, context.node_id), config, context.node_id)
+            split = node_split(config, examples, u, data.test_fraction)
+        _worker[key] = Federation(config, split=split)
     return _worker[key]
+
+
+def client_of(msg: Message, context: Context, num_clients: int) -> int:
+    """The client slot this node trains as: its partition-id, or (own data) the slot the server gave it."""
+    if node_data_of(context.node_config, context.node_id) is not None:
+        return int(msg.content["config"]["client"])
+    u, n = partition_of(context)
+    if problem := partition_problem(context.node_id, u, n, num_clients):
+        raise FloranaError(problem)
+    return u
 
 
 def partition_of(context: Context) -> tuple[int, int]:
@@ -69,9 +94,30 @@ def partition_of(context: Context) -> tuple[int, int]:
 
 @app.query()
 def hello(msg: Message, context: Context) -> Message:
-    """Tell the server which partition this node holds, so that it can sample partitions as the engine does."""
-    u, n = partition_of(context)
-    return Message(RecordDict({"metrics": MetricRecord({"partition-id": u, "num-partitions": n})}), reply_to=msg)
+    """Tell the server which partition this node holds (or that it has its own data), so that it can sample clients
+    as the engine does; with the run config, also the versions it runs, its pinned model's hash, and for its own
+    data the count of training examples and, if the run has no label list yet, its label names. Nothing else of
+    the data: no text, no histogram."""
+    node, info = context.node_config, {**versions()}
+    data = node_data_of(node, context.node_id)
+    metrics = {"node-data": 1} if data is not None else dict(zip(("partition-id", "num-partitions"),
+                                                                   partition_of(context)))
+    if "config" in msg.content.config_records:
+        config = config_from_text(str(msg.content["config"]["toml"]), "server message")
+        if "model-path" in node:
+            info["model-hash"] = model_hash(str(node["model-path"]))
+        if data is not None:
+            examples = load_node_examples(data, config, context.node_id)
+            if config.task == "classification" and not config.labels:
+                info["labels"] = present_labels(examples)
+            else:
+                try:
+                    examples = in_run_labels(examples, config, context.node_id)
+                except FloranaError as e:
+                    info["problem"] = str(e)
+            metrics["num-examples"] = len(own_split(examples, config, data.test_fraction)[0])
+    content = RecordDict({"metrics": MetricRecord(metrics), "node": ConfigRecord(info)})
+    return Message(content, reply_to=msg)
 
 
 @app.train()
@@ -79,11 +125,10 @@ def train(msg: Message, context: Context) -> Message:
     """Train this node's partition from what the server sent (its method's share of the global adapter, and the
     base change where the method has one), reply with the method's upload; keep the personal part in the node."""
     config = msg.content["config"]
-    fed = worker(str(config["toml"]), context)
+    run_config = config_from_text(str(config["toml"]), "server message")
+    u = client_of(msg, context, run_config.num_clients)
+    fed = worker(str(config["toml"]), context, u)
     round_ = int(config["round"])
-    u, n = partition_of(context)
-    if problem := partition_problem(context.node_id, u, n, fed.config.num_clients):
-        raise FloranaError(problem)
     mine = fed.for_client(fed.initial, u)  # the shapes of this client's adapter, at its own rank
     shared = node_global(fed, context, msg.content["global"], int(config["held-round"]), round_, mine)
     fed.slots.set_base_delta(node_base_delta(fed, context, msg, int(config["base-round"])))
@@ -101,6 +146,26 @@ def train(msg: Message, context: Context) -> Message:
     if kept:
         context.state[PERSONAL_KEY] = to_record(kept)
     return Message(content, reply_to=msg)
+
+
+@app.evaluate()
+def evaluate(msg: Message, context: Context) -> Message:
+    """Score the global model the server sent (its adapter and, for flora/fedex, its whole base delta) on this
+    node's held-out part; the node's own state is left as it was."""
+    config = msg.content["config"]
+    u = int(config["client"])
+    fed = worker(str(config["toml"]), context, u)
+    tensors = from_record(msg.content["global"], fed.initial, "server message")
+    shapes = {m: (fed.initial[f"{m}.lora_B.weight"].shape[0], fed.initial[f"{m}.lora_A.weight"].shape[1])
+              for m in fed.modules}
+    record = msg.content.array_records.get("base")
+    fed.slots.set_base_delta({} if record is None else
+                             apply_change({}, base_change_from_record(record, shapes, "server message")))
+    test = fed.data.clients[u].test
+    scores = fed.evaluate(tensors, test)
+    metrics = {"num-test": len(test), **{f"global-{k}": float(v) for k, v in scores.items()
+                                         if k in ("accuracy", "loss") and v is not None}}
+    return Message(RecordDict({"metrics": MetricRecord(metrics)}), reply_to=msg)
 
 
 def node_global(fed: Federation, context: Context, record, held_round: int, round_: int,
