@@ -149,6 +149,21 @@ class RunConfig:
     code_timeout: float = _f(5.0, "code: wall-clock seconds (and CPU seconds) each generated program may run",
                              above(0))
     code_memory_mib: int = _f(1024, "code: address space each generated program may use, MiB", at_least(64))
+    # differential privacy
+    dp: str = _f("none", "differential privacy: none | sample (DP-SGD at each client: per-example clipping, Gaussian "
+                         "noise, Poisson batches; ε per client protects its examples; every method) | client "
+                         "(DP-FedAvg: each client's update clipped, the server adds noise to their sum; ε protects "
+                         "a whole client; fedit, ffa, fedsa, rolora only, with uniform weighting)",
+                 one_of("none", "sample", "client"))
+    dp_clip: float = _f(1.0, "dp: L2 bound C on each example's gradient (sample) or each client's update (client), "
+                             "over all the tensors it trains", above(0))
+    dp_noise: float = _f(0.0, "dp: noise multiplier σ (Gaussian noise of std σ·dp_clip on the sum); 0: calibrated "
+                              "before round 1 so that the planned rounds end within dp_epsilon", at_least(0))
+    dp_epsilon: float = _f(0.0, "dp: target ε at dp_delta; with dp_noise also given it is a budget: the run stops "
+                                "before a round that would exceed it; 0: none (dp_noise must then be given)",
+                           at_least(0))
+    dp_delta: float = _f(0.0, "dp: δ of the (ε, δ) guarantee; 0: 1/N_u for each client (sample; N_u its training "
+                              "examples) or 1/num_clients (client)", FRACTION)
     # run
     seed: int = _f(0, "seed of everything: split, partition, sampling, init, batches", at_least(0))
     threads: int = _f(2, "torch threads", at_least(1))
@@ -170,7 +185,7 @@ class RunConfig:
             valid = f.metadata["valid"]
             if valid is not None and not valid[0](value):
                 raise FloranaError(f"{f.name} must be {valid[1]}, got {value!r}")
-        from florana.federation.methods import check_method, check_ranks
+        from florana.federation.methods import check_method, check_privacy, check_ranks
 
         check_method(self.method, self.error_feedback)
         if ALL_LINEAR in self.target_modules and len(self.target_modules) > 1:
@@ -180,6 +195,7 @@ class RunConfig:
             raise FloranaError(f"client_ranks has {len(self.client_ranks)} entries for num_clients="
                                f"{self.num_clients}: give one per client, or a shorter list that is cycled")
         check_ranks(self.method, self.ranks())
+        check_privacy(self)
 
     def ranks(self) -> list[int]:
         """Each client's LoRA rank: client_ranks cycled over the clients, or lora_r for all."""

@@ -52,7 +52,9 @@ class Method:
     the global factors, so it downloads at its own rank). exact: the update it applies equals ΔW* (given its
     preconditions). trains_A / trains_B / personal_B / merges / residual: how clients train under it (ffa freezes
     A; fedsa keeps each client's B; flora merges the product into the base and restarts LoRA each round; fedex adds
-    the dense residual ΔW* − scale·B̂Â to the base).
+    the dense residual ΔW* − scale·B̂Â to the base). sum_shaped: the server step is a weighted sum of what the clients
+    send (fedit, ffa, fedsa, rolora), so a noisy sum (client-level DP) or a secure sum (SecAgg+) is all the server needs;
+    the others need each client's factors (FLoRA-NA's Gram matrices, SVDs, stacking).
 
     Methods whose protocol changes from round to round (rolora alternates the factor that trains, fedsvd re-factors
     every few rounds) give `by_round(method, round_) -> Method`: the method as it acts in that round, with the
@@ -77,6 +79,7 @@ class Method:
     personal_B: bool = False
     merges: bool = False
     residual: bool = False
+    sum_shaped: bool = False
     down: frozenset[str] | None = None
     by_round: Callable[[Method, int], Method] | None = None
     configure: Callable[..., Method] | None = None

@@ -35,9 +35,11 @@ from florana.federation.methods import method_of
 from florana.lora.adapter import LoraModule, at_rank, has_non_finite, revive_dead_slots
 from florana.lora.base_delta import apply_change, dense_change, factor_change, total_change
 from florana.lora.peft_io import save_adapter
+from florana.privacy import PrivacyPlan, clip_update, dp_fedavg, poisson_batches
+from florana.privacy.accountant import FEDERATION, client_level_plan, sample_level_plan
 from florana.report.provenance import record_session
 from florana.train.device import on_cpu, peak_memory_mib, precision_for, reset_peak_memory, resolve_device
-from florana.train.local import batch_indices, train_steps
+from florana.train.local import batch_indices, private_train_steps, train_steps
 from florana.train.model import AdapterSlots, load_model, quantization_config
 from florana.train.sandbox import Limits
 from florana.train.tasks import CausalLMTask, ClassificationTask, CodeTask, Encoded
@@ -60,6 +62,10 @@ def release_memory() -> None:
     take new shapes, and without this glibc's arenas keep growing with the number of clients."""
     if _LIBC is not None:
         _LIBC.malloc_trim(0)
+
+
+class BudgetSpent(FloranaError):
+    """The next round would take a client past the run's target ε (dp_epsilon with dp_noise)."""
 
 
 def derive_seed(*parts: int) -> int:
@@ -181,6 +187,19 @@ def load_split(config: RunConfig) -> Split:
     return Split(test, trains, tests, stats, examples.label_names)
 
 
+def privacy_plan(config: RunConfig, sizes: list[int]) -> PrivacyPlan | None:
+    """The run's DP (None without): the noise multiplier given or calibrated for the planned rounds, each accounted
+    unit's sample rate and δ. `sizes`: each client's training examples."""
+    common = dict(clip=config.dp_clip, noise=config.dp_noise or None, target=config.dp_epsilon or None,
+                  delta=config.dp_delta or None, rounds=config.rounds)
+    if config.dp == "sample":
+        return sample_level_plan(**common, batch_size=config.batch_size, local_steps=config.local_steps,
+                                 sizes={u: n for u, n in enumerate(sizes) if n > 0})
+    if config.dp == "client":
+        return client_level_plan(**common, sample_fraction=config.sample_fraction, num_clients=config.num_clients)
+    return None
+
+
 class Federation:
     """The live state of a run: model, data, the global adapter, per-client state, and the ledger."""
 
@@ -206,6 +225,9 @@ class Federation:
                          split.stats, names)
         self.eval_test = None if self.data.test is None else \
             eval_subset(self.data.test, config.eval_max_examples, config.seed)
+        self.privacy = privacy_plan(config, [c.size for c in self.data.clients])
+        if self.privacy is not None:
+            log.info("dp=%s: noise multiplier %.4f, clip %g", config.dp, self.privacy.noise, config.dp_clip)
         self.slots = AdapterSlots.of(self.model)
         self.initial = on_cpu(self.slots.read())
         self.modules = sorted({k.rsplit(".lora_", 1)[0] for k in self.initial if ".lora_" in k})
@@ -222,6 +244,7 @@ class Federation:
         # error feedback: the residual carried into the next round's target, per module (None: off)
         self.feedback: dict[str, LoraModule] | None = {} if config.error_feedback else None
         self.history: list[dict] = []
+        self.spent: dict[int, int] = {}  # DP: rounds charged to each accounted unit (a client, or FEDERATION)
         self.gpu_peak: float | None = None  # the open round's peak GPU memory so far (MiB; None on the CPU)
 
     @property
@@ -243,7 +266,9 @@ class Federation:
     def state_meta(self) -> dict:
         return {"ledger": self.ledger, "history": self.history, "base_round": self.base_round,
                 "synced": {str(u): r for u, r in self.synced.items()},
-                "held": {str(u): r for u, r in self.held.items()}, "changed": self.changed}
+                "held": {str(u): r for u, r in self.held.items()}, "changed": self.changed,
+                "privacy": None if self.privacy is None else
+                {"noise": self.privacy.noise, "spent": {str(u): n for u, n in self.spent.items()}}}
 
     def load_state(self, tensors: dict[str, Tensor], meta: dict) -> None:
         self.global_tensors = {k.split("::", 1)[1]: v for k, v in tensors.items() if k.startswith("global::")}
@@ -268,6 +293,12 @@ class Federation:
         self.synced = {int(u): r for u, r in meta.get("synced", {}).items()}
         self.held = {int(u): r for u, r in meta.get("held", {}).items()}
         self.changed = dict(meta.get("changed", {}))
+        if self.privacy is not None:
+            stored = meta.get("privacy") or {}
+            if stored.get("noise") != self.privacy.noise:
+                raise FloranaError(f"checkpoint's DP noise multiplier {stored.get('noise')} differs from this run's "
+                                   f"{self.privacy.noise}: its accounting cannot continue")
+            self.spent = {int(u): n for u, n in stored["spent"].items()}
         if self.feedback is not None:
             self.feedback = {m: LoraModule(A=f["A"], B=f["B"]) for m, f in feedback.items()}
 
@@ -278,8 +309,10 @@ class Federation:
         eligible = [u for u in range(len(self.data.clients)) if u not in empty]
         if not eligible:
             raise FloranaError("no client has training data")
-        k = max(1, int(round(self.config.sample_fraction * len(eligible))))
         rng = np.random.default_rng(derive_seed(self.config.seed, 4, round_))
+        if self.config.dp == "client":  # Poisson sampling, as the accountant's amplification assumes (maybe nobody)
+            return [u for u, x in zip(eligible, rng.random(len(eligible))) if x < self.config.sample_fraction], empty
+        k = max(1, int(round(self.config.sample_fraction * len(eligible))))
         return sorted(rng.choice(eligible, size=k, replace=False).tolist()), empty
 
     def for_client(self, tensors: dict[str, Tensor], u: int) -> dict[str, Tensor]:
@@ -359,15 +392,26 @@ class Federation:
         metrics["bytes_down"] += tensor_bytes(payload)
         return payload
 
-    def train_client(self, start: dict[str, Tensor], data: Encoded, steps: int, seed: int) -> tuple[float, dict]:
-        """Train the model's adapter from `start`; the mean loss and the trained adapter (on the CPU)."""
+    def train_client(self, start: dict[str, Tensor], data: Encoded, steps: int, seed: int,
+                     rate: float | None = None) -> tuple[float, dict]:
+        """Train the model's adapter from `start`; the mean loss and the trained adapter (on the CPU). With `rate`,
+        by DP-SGD on Poisson batches of that sample rate."""
         self.note_gpu_peak(reset=True)  # each client starts from an empty cache; the round keeps the largest peak
         self.slots.write(start)
         torch.manual_seed(seed)  # every device's generator: dropout draws the same on every run
-        batches = batch_indices(len(data), self.config.batch_size, steps, np.random.default_rng(seed))
-        loss = train_steps(self.model, self.params, lambda idx: self.task.batch(data, idx), batches,
-                           lr=self.config.lr, weight_decay=self.config.weight_decay, precision=self.precision,
-                           on_step=self.progress.step if self.progress else None)
+        cfg, make_batch = self.config, (lambda idx: self.task.batch(data, idx))
+        on_step = self.progress.step if self.progress else None
+        if rate is None:
+            batches = batch_indices(len(data), cfg.batch_size, steps, np.random.default_rng(seed))
+            loss = train_steps(self.model, self.params, make_batch, batches, lr=cfg.lr,
+                               weight_decay=cfg.weight_decay, precision=self.precision, on_step=on_step)
+        else:
+            batches = poisson_batches(len(data), rate, steps, np.random.default_rng(seed))
+            loss = private_train_steps(self.model, self.params, make_batch, batches, lr=cfg.lr,
+                                       weight_decay=cfg.weight_decay, precision=self.precision, clip=cfg.dp_clip,
+                                       noise=self.privacy.noise, expected_batch=rate * len(data),
+                                       generator=torch.Generator().manual_seed(derive_seed(seed, 10)),
+                                       on_step=on_step)
         release_memory()
         return loss, on_cpu(self.slots.read())
 
@@ -392,14 +436,19 @@ class Federation:
         if self.method is not None:  # what trains this round (ffa: B; rolora: B or A; fedsvd: B), and the head
             method = self.method.at_round(round_)
             self.params = self.slots.trainable(train_A=method.trains_A, train_B=method.trains_B)
+        private = self.privacy is not None and self.privacy.mode == "sample"
         loss, tensors = self.train_client(start, client.train, self.config.local_steps,
-                                          derive_seed(self.config.seed, 6, round_, u))
+                                          derive_seed(self.config.seed, 6, round_, u),
+                                          rate=self.privacy.rates[u] if private else None)
         if not usable(loss, tensors):
             return LocalResult(loss, None, None, client.size), {}
         accuracy = self.task.evaluate(self.model, client.test, self.config.eval_batch_size)["accuracy"]
         if self.method is None:  # a bound: nothing crosses a wire
             return LocalResult(loss, tensors, accuracy, client.size), self.personal_part(tensors)
         upload = self.wire_keys(tensors, up=True, round_=round_)
+        if self.privacy is not None and self.privacy.mode == "client":  # what it sends moves at most dp_clip
+            delta = clip_update({k: v - start[k] for k, v in upload.items()}, self.config.dp_clip)
+            upload = {k: start[k] + d for k, d in delta.items()}
         return LocalResult(loss, upload, accuracy, client.size, tensor_bytes(upload)), self.personal_part(tensors)
 
     def personal_part(self, tensors: dict[str, Tensor]) -> dict[str, Tensor]:
@@ -438,7 +487,15 @@ class Federation:
         return self.close_round(metrics, results, t0)
 
     def open_round(self, round_: int, sampled: list[int], empty: list[int]) -> dict:
-        """A round's metrics record as it starts: who was sampled, who had no data."""
+        """A round's metrics record as it starts: who was sampled, who had no data. Under a DP budget, BudgetSpent
+        if the round would take a sampled client past it (nothing has trained yet)."""
+        if self.privacy is not None:
+            units = sampled if self.privacy.mode == "sample" else [FEDERATION]
+            if (over := self.privacy.over_budget(units, self.spent)) is not None:
+                who = "the federation" if over[0] == FEDERATION else f"client {over[0]}"
+                raise BudgetSpent(f"stopped before round {round_}: it would take {who} to ε = {over[1]:.3f} > "
+                                  f"dp_epsilon = {self.privacy.target:g} (noise multiplier {self.privacy.noise:.4f}); "
+                                  f"rounds 1..{round_ - 1} are complete")
         self.gpu_peak = None
         reset_peak_memory(self.device)
         return {"round": round_, "method": self.config.method, "seed": self.config.seed, "alpha": self.config.alpha,
@@ -465,6 +522,8 @@ class Federation:
                                                   source=f"client{u}"))
                 labels.append(f"client{u}")
                 weights.append(res.size)
+        if self.privacy is not None and self.privacy.mode == "client":
+            updates, labels, weights = [self.private_sum(results, round_)], ["dp-fedavg"], [1.0]
         if updates:
             self.aggregate(updates, labels, weights, metrics)
         elif self.method is not None:
@@ -496,6 +555,8 @@ class Federation:
         metrics["local_global_gap"] = metrics["local_accuracy_mean"] - metrics["global_accuracy"] if gap_ok else None
         metrics.setdefault("relative_error", None)
         metrics.setdefault("error_floor", None)
+        if self.privacy is not None:
+            self.charge_privacy(metrics)
         self.ledger["bytes_up"] += metrics["bytes_up"]
         self.ledger["bytes_down"] += metrics["bytes_down"]
         metrics["cum_bytes_up"], metrics["cum_bytes_down"] = self.ledger["bytes_up"], self.ledger["bytes_down"]
@@ -504,6 +565,33 @@ class Federation:
         if self.gpu_peak is not None:  # CUDA only: metrics.jsonl on the CPU is as it always was
             metrics["gpu_peak_mib"] = round(self.gpu_peak, 1)
         return metrics
+
+    def private_sum(self, results: dict[int, LocalResult], round_: int):
+        """Client-level DP's server step as one adapter for the aggregator: the global tensors sent plus the noisy
+        sum of the accepted clients' clipped updates over a fixed denominator, the expected number of clients per
+        round (sample_fraction × clients with data), so that no client's presence moves the denominator."""
+        received = self.wire_keys(self.global_tensors, up=True, round_=round_)
+        uploads = [r.tensors for r in results.values() if r.tensors is not None and usable(r.loss, r.tensors)]
+        eligible = sum(1 for c in self.data.clients if len(c.train) > 0)
+        noisy = dp_fedavg(received, uploads, clip=self.config.dp_clip, noise=self.privacy.noise,
+                          denominator=self.config.sample_fraction * eligible,
+                          generator=torch.Generator().manual_seed(derive_seed(self.config.seed, 9, round_)))
+        return self.slots.adapter({**self.global_tensors, **noisy}, source="dp-fedavg")
+
+    def charge_privacy(self, metrics: dict) -> None:
+        """Charge the round to who took part (sample: each sampled client; client: the federation, every round) and
+        record each client's ε at its δ, their largest and the noise multiplier."""
+        plan = self.privacy
+        for u in (metrics["clients"] if plan.mode == "sample" else [FEDERATION]):
+            self.spent[u] = self.spent.get(u, 0) + 1
+        if plan.mode == "sample":
+            eps = {str(u): plan.epsilon(u, self.spent.get(u, 0)) for u in plan.rates}
+        else:
+            shared = plan.epsilon(FEDERATION, self.spent[FEDERATION])
+            eps = {str(u): shared for u, c in enumerate(self.data.clients) if len(c.train) > 0}
+        metrics.update(dp_epsilon=eps, dp_epsilon_max=max(eps.values(), default=0.0), dp_noise=plan.noise,
+                       dp_delta={str(u): d for u, d in plan.deltas.items()} if plan.mode == "sample" else
+                       plan.deltas[FEDERATION])
 
     @staticmethod
     def book_generation(scores: dict, metrics: dict, examples: int, prefix: str = "") -> None:
@@ -655,7 +743,14 @@ def run(config: RunConfig | None, run_dir: Path, *, resume: bool = False, progre
     run_dir = Path(run_dir)
     fed, start = open_run(config, run_dir, resume=resume, progress=progress)
     for r in range(start, fed.config.rounds + 1):
-        record_round(fed, run_dir, fed.round(r))
+        try:
+            metrics = fed.round(r)
+        except BudgetSpent as e:  # the rounds done are kept and closed, then the run says why it stopped
+            log.warning("%s", e)
+            if fed.history:
+                close_run(fed, run_dir)
+            raise
+        record_round(fed, run_dir, metrics)
     return close_run(fed, run_dir)
 
 

@@ -57,3 +57,35 @@ def check_ranks(name: str, ranks: list[int]) -> None:
         accepted = ", ".join(n for n, m in METHODS.items() if m.mixed_ranks)
         raise FloranaError(f"client_ranks gives the clients different ranks {sorted(set(ranks))}, which method "
                            f"{name!r} does not accept; methods that do: {accepted}, centralized, local")
+
+
+def check_privacy(config: RunConfig) -> None:
+    """DP settings that cannot hold are errors that say why: a noise level or a target is needed; sample-level DP
+    trains clients on their own data (not the pooled centralized bound) with per-example hooks that gradient
+    checkpointing's recomputed forward would double; client-level DP needs a server step that is a sum of the
+    clients' updates, each client weighed alike (the sensitivity of the sum is then dp_clip) and at one rank."""
+    if config.dp == "none":
+        return
+    if config.dp_noise == 0 and config.dp_epsilon == 0:
+        raise FloranaError(f"dp={config.dp!r} needs dp_noise (a noise multiplier) or dp_epsilon (a target ε), or both")
+    if config.dp == "sample":
+        if config.method == "centralized":
+            raise FloranaError("dp='sample' accounts per client; the centralized bound pools every client's data")
+        if config.gradient_checkpointing:
+            raise FloranaError("dp='sample' records per-example activations in the forward pass, which gradient "
+                               "checkpointing recomputes; set gradient_checkpointing = false")
+        return
+    method = None if config.method in BOUNDS else get_method(config.method)
+    if method is None or not method.sum_shaped:
+        usable = ", ".join(m.name for m in METHODS.values() if m.sum_shaped)
+        what = "a bound that aggregates nothing" if method is None else \
+            "its server step is not a weighted sum of the clients' updates (it needs each client's own factors)"
+        raise FloranaError(f"dp='client' (DP-FedAvg adds noise to the sum of clipped client updates) does not apply "
+                           f"to {config.method}: {what}; it applies to {usable}")
+    if config.weighting != "uniform":
+        raise FloranaError("dp='client' weighs every client alike (the sum's sensitivity is then dp_clip); set "
+                           "weighting = \"uniform\"")
+    if len(set(config.ranks())) > 1:
+        raise FloranaError("dp='client' needs every client at one rank (client_ranks gives several)")
+    if config.error_feedback:
+        raise FloranaError("dp='client' hides the clients' factors behind noise; error_feedback needs them")

@@ -142,6 +142,7 @@ def run_numbers(history: list[dict], target: float = TARGET) -> dict:
         "rounds_to_target": None if hit is None else history[hit]["round"],
         "mib_to_target": None if hit is None else value(history[hit], "cum_mib"),
         "seconds_to_target": None if hit is None else float(seconds[hit]),
+        "dp_epsilon_max": last.get("dp_epsilon_max"),  # DP runs: the largest client ε at its δ after the last round
     }
 
 
@@ -166,6 +167,8 @@ def summarize(runs: list[Run], target: float = TARGET, confidence: float = CONFI
             est = mean_ci([n[key] for n in numbers if n[key] is not None], confidence)
             row.update({key: est.mean, key + "_std": est.std, key + "_ci_low": est.low, key + "_ci_high": est.high,
                         key + "_n": est.n})
+        spent = [n["dp_epsilon_max"] for n in numbers if n["dp_epsilon_max"] is not None]
+        row["dp_epsilon_max"] = max(spent) if spent else None  # the worst over seeds
         row["target"] = target
         row["target_reached"] = sum(n["rounds_to_target"] is not None for n in numbers)
         for key, _, _ in COSTS:

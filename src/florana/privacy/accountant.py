@@ -1,0 +1,95 @@
+"""ε at δ from Opacus's RDP accountant (Rényi DP of the subsampled Gaussian mechanism, Mironov et al. 2019,
+https://arxiv.org/abs/1908.10530), and the noise multiplier that meets a target ε.
+
+A run accounts per *unit*: at sample level each client (its examples are what is protected; q_u = batch_size / N_u,
+local_steps mechanism steps per round it takes part in, δ_u = 1/N_u unless dp_delta gives one); at client level the
+federation as one unit (a client is what is protected; q = sample_fraction, one step per round, δ = 1/num_clients
+unless given), so every client has the same ε. A unit's state is the number of rounds charged to it: with one noise
+multiplier for the run, (σ, q, steps·rounds) is the accountant's whole history, JSON in a checkpoint.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from opacus.accountants import RDPAccountant
+from opacus.accountants.utils import get_noise_multiplier
+
+from florana.errors import FloranaError
+
+FEDERATION = -1  # the one unit of client-level accounting
+
+
+def epsilon(noise: float, rate: float, steps: int, delta: float) -> float:
+    """ε at δ after `steps` Poisson-subsampled Gaussian steps of noise multiplier `noise` and sample rate `rate`."""
+    if steps <= 0:
+        return 0.0
+    accountant = RDPAccountant()
+    accountant.history = [(noise, rate, steps)]
+    return float(accountant.get_epsilon(delta=delta))
+
+
+def calibrate_noise(target: float, rate: float, steps: int, delta: float) -> float:
+    """The noise multiplier whose ε after `steps` steps is at most `target` (and within 1% of it)."""
+    try:
+        return float(get_noise_multiplier(target_epsilon=target, target_delta=delta, sample_rate=rate, steps=steps,
+                                          accountant="rdp", epsilon_tolerance=0.01 * target))
+    except ValueError:
+        raise FloranaError(f"dp_epsilon={target} cannot be met at δ={delta:g} over {steps} steps at sample rate "
+                           f"{rate:g}, whatever the noise") from None
+
+
+@dataclass(frozen=True)
+class PrivacyPlan:
+    """A run's DP: the mode ('sample' or 'client'), the clip bound C, the noise multiplier σ (noise std σC on a sum),
+    the target ε (None: no budget), the mechanism steps per round a unit takes part in, and each unit's sample rate
+    and δ."""
+
+    mode: str
+    clip: float
+    noise: float
+    target: float | None
+    steps: int
+    rates: dict[int, float]
+    deltas: dict[int, float]
+
+    def epsilon(self, unit: int, rounds: int) -> float:
+        """Unit's ε at its δ after taking part in `rounds` rounds."""
+        return epsilon(self.noise, self.rates[unit], self.steps * rounds, self.deltas[unit])
+
+    def over_budget(self, units: list[int], spent: dict[int, int]) -> tuple[int, float] | None:
+        """The first of `units` whose ε would exceed the target after one more round, with that ε; None if none
+        would (or there is no target)."""
+        if self.target is None:
+            return None
+        for u in units:
+            eps = self.epsilon(u, spent.get(u, 0) + 1)
+            if eps > self.target:
+                return u, eps
+        return None
+
+
+def _noise(noise: float | None, target: float | None, rates: dict[int, float], deltas: dict[int, float],
+           steps: int) -> float:
+    """The given noise multiplier, or the smallest that keeps every unit within the target over `steps` steps."""
+    if noise is not None:
+        return noise
+    return max(calibrate_noise(target, rates[u], steps, deltas[u]) for u in rates)
+
+
+def sample_level_plan(*, clip: float, noise: float | None, target: float | None, delta: float | None,
+                      batch_size: int, local_steps: int, rounds: int, sizes: dict[int, int]) -> PrivacyPlan:
+    """DP-SGD at each client of `sizes` (client → training examples, clients without data left out). With only a
+    target, σ is calibrated so that a client taking part in every round ends within it."""
+    rates = {u: min(1.0, batch_size / n) for u, n in sizes.items()}
+    deltas = {u: delta if delta is not None else 1.0 / n for u, n in sizes.items()}
+    return PrivacyPlan("sample", clip, _noise(noise, target, rates, deltas, local_steps * rounds), target,
+                       local_steps, rates, deltas)
+
+
+def client_level_plan(*, clip: float, noise: float | None, target: float | None, delta: float | None,
+                      sample_fraction: float, rounds: int, num_clients: int) -> PrivacyPlan:
+    """DP-FedAvg: the federation is one unit, sampled clients at rate sample_fraction, one server step per round."""
+    rates = {FEDERATION: sample_fraction}
+    deltas = {FEDERATION: delta if delta is not None else 1.0 / num_clients}
+    return PrivacyPlan("client", clip, _noise(noise, target, rates, deltas, rounds), target, 1, rates, deltas)
