@@ -63,6 +63,11 @@ class Method:
     period; federation/methods.py maps run config keys to them). `summarize(info) -> {name: float}` reduces its
     per-module diagnostics (Estimate.info's tensors, concatenated over all modules) to the round's, which the run
     records in metrics.jsonl (florana's P, Q and sweeps).
+
+    sum_shaped: the server step needs only the clients' weighted sum of what they upload (each client's factors
+    at the global rank, its scaling folded into B): estimate(clients) equals estimate of one client holding that
+    mean. Secure aggregation (the server sees only the sum) and client-level DP (noise on the sum) need it.
+    needs_each_client: for the others, why the server needs each client's own factors (shown to users).
     """
 
     name: str
@@ -81,6 +86,12 @@ class Method:
     by_round: Callable[[Method, int], Method] | None = None
     configure: Callable[..., Method] | None = None
     summarize: Callable[[dict[str, Tensor]], dict[str, float]] | None = None
+    sum_shaped: bool = False
+    needs_each_client: str = ""
+
+    def __post_init__(self):
+        if self.sum_shaped == bool(self.needs_each_client):
+            raise ValueError(f"method {self.name}: give needs_each_client exactly when it is not sum_shaped")
 
     @property
     def changes_base(self) -> bool:

@@ -16,4 +16,5 @@ def estimate(clients: ClientFactors, scale: float) -> Estimate:
     return Estimate(*weighted_mean_coefficients(clients, scale, clients.out_rank))
 
 
-METHOD = Method(name="fedit", paper="arXiv:2305.05644", estimate=estimate, wire=full_wire, mixed_ranks=True)
+METHOD = Method(name="fedit", paper="arXiv:2305.05644", estimate=estimate, wire=full_wire, mixed_ranks=True,
+                sum_shaped=True)

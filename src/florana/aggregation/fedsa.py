@@ -15,4 +15,4 @@ def wire(r: int, r_out: int, d: int, k: int) -> Wire:
 
 
 METHOD = Method(name="fedsa", paper="arXiv:2410.01463", estimate=estimate, wire=wire, mixed_ranks=True,
-                personal_B=True)
+                personal_B=True, sum_shaped=True)

@@ -28,4 +28,4 @@ def wire(r: int, r_out: int, d: int, k: int) -> Wire:
 
 
 METHOD = Method(name="ffa", paper="arXiv:2403.12313", estimate=estimate, wire=wire, mixed_ranks=True, exact=True,
-                trains_A=False)
+                trains_A=False, sum_shaped=True)

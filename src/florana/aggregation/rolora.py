@@ -53,4 +53,4 @@ def by_round(method: Method, round_: int) -> Method:
 
 
 METHOD = Method(name="rolora", paper="arXiv:2502.01755", estimate=ffa.estimate, wire=full_wire, exact=True,
-                by_round=by_round)
+                by_round=by_round, sum_shaped=True)
