@@ -2,6 +2,7 @@
 (plain, and TLS with SuperNode authentication), and SuperNodes killed mid-round. Each Flower run is checked
 against the in-process engine on the same config: the global adapter and every metric must be identical."""
 
+import copy
 import json
 import logging
 import os
@@ -142,7 +143,8 @@ class LocalGrid:
         replies = []
         for msg in messages:
             try:
-                replies.append(client_app(msg, self.contexts[msg.metadata.dst_node_id]))
+                # a copy, as a transport delivers one: Flower's secaggplus_mod edits the message it gets
+                replies.append(client_app(copy.deepcopy(msg), self.contexts[msg.metadata.dst_node_id]))
             except Exception as e:  # as a SuperNode reports a failed ClientApp
                 replies.append(Message(Error(code=1, reason=f"{type(e).__name__}: {e}"), reply_to=msg))
         return replies

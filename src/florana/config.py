@@ -91,6 +91,21 @@ class RunConfig:
     error_feedback: bool = _f(False, "the server keeps what aggregation lost (in rank-r factor form) and adds it to "
                                      "the next round's target, at no cost on the wire; for the inexact methods (fedit, "
                                      "florana, svd, hetlora, flexlora, lora_fair), beyond the papers")
+    secagg: bool = _f(False, "Flower runtime only: Flower's SecAgg+ secure aggregation, so that the server sees only "
+                             "the weighted sum of the clients' uploads, never one client's; for the methods whose "
+                             "server step needs only that sum (fedit, ffa, fedsa, rolora, fedsvd)")
+    secagg_shares: int = _f(0, "SecAgg+: the shares each node splits its secrets into, one per neighbour and one it "
+                               "keeps; 0: every node of the round is a neighbour", (lambda v: v == 0 or v >= 3,
+                                                                                   "0 or >= 3"))
+    secagg_threshold: float = _f(0.67, "SecAgg+: the fraction of a node's shares needed to rebuild its secrets (at "
+                                       "least 2 shares); above one half, a server that lies about who dropped out "
+                                       "cannot rebuild both masks of a node", (lambda v: 0.5 < v <= 1, "in (0.5, 1]"))
+    secagg_clip: float = _f(4.0, "SecAgg+: every value a node adds to the sum must lie in [-secagg_clip, secagg_clip] "
+                                 "(a node whose update does not fails the round, naming the value); the quantisation "
+                                 "step is 2·secagg_clip/secagg_quantization", above(0))
+    secagg_quantization: int = _f(1 << 22, "SecAgg+: values are quantised to integers in [0, this]; a round's nodes × "
+                                           "this must stay below the modulus 2^32", (lambda v: 2 <= v < 1 << 31,
+                                                                                     "in [2, 2^31)"))
     fedsvd_period: int = _f(1, "fedsvd: the server re-factors the global B·A by SVD (and sends the new A) after every "
                                "this many rounds", at_least(1))
     lora_fair_lambda: float = _f(0.01, "lora_fair: weight λ of ‖ΔB‖² against the cosine similarity (the paper's "
@@ -187,7 +202,7 @@ class RunConfig:
                 raise FloranaError(f"{f.name} must be {valid[1]}, got {value!r}")
         from florana.federation.methods import check_method, check_privacy, check_ranks
 
-        check_method(self.method, self.error_feedback)
+        check_method(self.method, self.error_feedback, self.secagg)
         if ALL_LINEAR in self.target_modules and len(self.target_modules) > 1:
             raise FloranaError(f"target_modules: {ALL_LINEAR!r} stands for every linear layer and cannot be listed "
                                f"with other names, got {self.target_modules!r}")
@@ -196,6 +211,12 @@ class RunConfig:
                                f"{self.num_clients}: give one per client, or a shorter list that is cycled")
         check_ranks(self.method, self.ranks())
         check_privacy(self)
+        if self.secagg and self.num_clients < 2:
+            raise FloranaError("secagg=true needs at least 2 clients: the sum of one client's update is that update")
+        if self.secagg and self.dp == "client":
+            raise FloranaError("secagg=true with dp='client' is not supported: the server's noise would have to be "
+                               "added to the secure sum, which florana does not do yet; use dp='sample' (each "
+                               "client noises its own training) with secagg, or dp='client' without it")
 
     def ranks(self) -> list[int]:
         """Each client's LoRA rank: client_ranks cycled over the clients, or lora_r for all."""

@@ -52,9 +52,7 @@ class Method:
     the global factors, so it downloads at its own rank). exact: the update it applies equals ΔW* (given its
     preconditions). trains_A / trains_B / personal_B / merges / residual: how clients train under it (ffa freezes
     A; fedsa keeps each client's B; flora merges the product into the base and restarts LoRA each round; fedex adds
-    the dense residual ΔW* − scale·B̂Â to the base). sum_shaped: the server step is a weighted sum of what the clients
-    send (fedit, ffa, fedsa, rolora), so a noisy sum (client-level DP) or a secure sum (SecAgg+) is all the server needs;
-    the others need each client's factors (FLoRA-NA's Gram matrices, SVDs, stacking).
+    the dense residual ΔW* − scale·B̂Â to the base).
 
     Methods whose protocol changes from round to round (rolora alternates the factor that trains, fedsvd re-factors
     every few rounds) give `by_round(method, round_) -> Method`: the method as it acts in that round, with the
@@ -65,6 +63,11 @@ class Method:
     period; federation/methods.py maps run config keys to them). `summarize(info) -> {name: float}` reduces its
     per-module diagnostics (Estimate.info's tensors, concatenated over all modules) to the round's, which the run
     records in metrics.jsonl (florana's P, Q and sweeps).
+
+    sum_shaped: the server step needs only the clients' weighted sum of what they upload (each client's factors
+    at the global rank, its scaling folded into B): estimate(clients) equals estimate of one client holding that
+    mean. Secure aggregation (the server sees only the sum) and client-level DP (noise on the sum) need it.
+    needs_each_client: for the others, why the server needs each client's own factors (shown to users).
     """
 
     name: str
@@ -79,11 +82,16 @@ class Method:
     personal_B: bool = False
     merges: bool = False
     residual: bool = False
-    sum_shaped: bool = False
     down: frozenset[str] | None = None
     by_round: Callable[[Method, int], Method] | None = None
     configure: Callable[..., Method] | None = None
     summarize: Callable[[dict[str, Tensor]], dict[str, float]] | None = None
+    sum_shaped: bool = False
+    needs_each_client: str = ""
+
+    def __post_init__(self):
+        if self.sum_shaped == bool(self.needs_each_client):
+            raise ValueError(f"method {self.name}: give needs_each_client exactly when it is not sum_shaped")
 
     @property
     def changes_base(self) -> bool:

@@ -20,4 +20,6 @@ def wire(r: int, r_out: int, d: int, k: int) -> Wire:
 
 
 METHOD = Method(name="fedex", paper="arXiv:2410.09432", estimate=estimate, wire=wire, mixed_ranks=True,
-                exact=True, residual=True)
+                exact=True, residual=True,
+                needs_each_client="its dense residual ΔW* − s·B̂Â needs ΔW* = Σ w_u s_u B_u A_u, a sum of each "
+                                  "client's product B_u A_u, which the sum of the factors does not give")

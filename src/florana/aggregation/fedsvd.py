@@ -58,4 +58,5 @@ def configure(method: Method, period: int = 1) -> Method:
 
 
 METHOD = Method(name="fedsvd", paper="arXiv:2505.12805", estimate=refactor, wire=factor_wire("B", "AB"), exact=True,
-                trains_A=False, down=frozenset("AB"), by_round=by_round, configure=configure)
+                trains_A=False, down=frozenset("AB"), by_round=by_round, configure=configure,
+                sum_shaped=True)

@@ -46,4 +46,6 @@ def estimate(clients: ClientFactors, scale: float) -> Estimate:
     return Estimate(*pad_rank(coef_B, coef_A, r))
 
 
-METHOD = Method(name="flexlora", paper="arXiv:2402.11505", estimate=estimate, wire=full_wire, mixed_ranks=True)
+METHOD = Method(name="flexlora", paper="arXiv:2402.11505", estimate=estimate, wire=full_wire, mixed_ranks=True,
+                needs_each_client="it takes the SVD of ΔW* = Σ w_u s_u B_u A_u, a sum of each client's product "
+                                  "B_u A_u, which it reads from the stacked client factors")

@@ -23,4 +23,6 @@ def wire(r: int, r_out: int, d: int, k: int) -> Wire:
 
 
 METHOD = Method(name="flora", paper="arXiv:2409.05976", estimate=estimate, wire=wire, out_rank=sum,
-                mixed_ranks=True, exact=True, merges=True)
+                mixed_ranks=True, exact=True, merges=True,
+                needs_each_client="it stacks every client's B_u and A_u (rank Σ r_u) into the base change every "
+                                  "client merges: the server sends each client's factors on")

@@ -272,4 +272,6 @@ def configure(method: Method, solver: str = "als", steps: int = STEPS, lr: float
 
 
 METHOD = Method(name="florana", paper="arXiv:2509.26399", estimate=estimate, wire=full_wire, mixed_ranks=True,
-                configure=configure, summarize=summarize)
+                configure=configure, summarize=summarize,
+                needs_each_client="its weights P, Q solve a least-squares problem over the cross-client Gram "
+                                  "matrices B_uᵀB_v and A_u A_vᵀ, which need each client's factors")

@@ -51,4 +51,6 @@ def estimate(clients: ClientFactors, scale: float) -> Estimate:
                     info={"hetlora_weights": w})
 
 
-METHOD = Method(name="hetlora", paper="arXiv:2401.06432", estimate=estimate, wire=full_wire, mixed_ranks=True)
+METHOD = Method(name="hetlora", paper="arXiv:2401.06432", estimate=estimate, wire=full_wire, mixed_ranks=True,
+                needs_each_client="its weights ∝ ‖s_u B_u A_u‖_F are computed per module from each client's "
+                                  "factors (Flower's SecAgg+ carries one weight per client, not one per module)")

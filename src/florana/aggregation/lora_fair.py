@@ -86,4 +86,6 @@ def configure(method: Method, lam: float = LAMBDA, steps: int = STEPS, lr: float
     return replace(method, estimate=partial(estimate, lam=lam, steps=steps, lr=lr, refit=refit))
 
 
-METHOD = Method(name="lora_fair", paper="arXiv:2411.14961", estimate=estimate, wire=full_wire, configure=configure)
+METHOD = Method(name="lora_fair", paper="arXiv:2411.14961", estimate=estimate, wire=full_wire, configure=configure,
+                needs_each_client="its refinement of B̄ aims at ΔW* = Σ w_u s_u B_u A_u, a sum of each client's "
+                                  "product B_u A_u, read from the stacked client factors")

@@ -58,4 +58,6 @@ def configure(method: Method, split: str = "client_norm") -> Method:
 
 
 METHOD = Method(name="svd", paper="Eckart–Young optimum at rank r", estimate=estimate, wire=full_wire,
-                mixed_ranks=True, configure=configure)
+                mixed_ranks=True, configure=configure,
+                needs_each_client="the best rank-r aggregate is an SVD of the stacked factors [B_1 … B_U], "
+                                  "[A_1; …; A_U], which needs each client's factors")

@@ -502,9 +502,12 @@ class Federation:
                 "clients": sampled, "skipped_empty": empty, "missing": [], "rejected": [], "bytes_up": 0,
                 "bytes_down": 0}
 
-    def close_round(self, metrics: dict, results: dict[int, LocalResult], t0: float) -> dict:
+    def close_round(self, metrics: dict, results: dict[int, LocalResult], t0: float,
+                    summed: dict[str, Tensor] | None = None) -> dict:
         """The server's part of a round, given the clients' results in client order: reject bad updates,
-        aggregate, evaluate the global model, book the bytes."""
+        aggregate, evaluate the global model, book the bytes. `summed`: under secure aggregation, the weighted mean
+        of the accepted clients' uploads at the global rank (all the server sees; their results carry no tensors);
+        a sum-shaped method's aggregate is its aggregate of that one mean."""
         cfg, round_ = self.config, metrics["round"]
         updates, labels, weights, losses, local_acc = [], [], [], [], {}
         for u, res in sorted(results.items()):
@@ -516,15 +519,18 @@ class Federation:
                 continue
             losses.append(res.loss)
             local_acc[u] = res.local_accuracy
-            if self.method is not None:  # what the server lacks of an adapter, it knows: the global factor clients
+            if self.method is not None and summed is None:  # what the server lacks of an adapter, it knows: the global factor clients
                 # held frozen (ffa's and fedsvd's A, rolora's factor of the round), fedsa's initial B, at r_u
                 updates.append(self.slots.adapter({**self.for_client(self.global_tensors, u), **res.tensors},
                                                   source=f"client{u}"))
                 labels.append(f"client{u}")
                 weights.append(res.size)
-        if self.privacy is not None and self.privacy.mode == "client":
-            updates, labels, weights = [self.private_sum(results, round_)], ["dp-fedavg"], [1.0]
-        if updates:
+        if summed is not None and losses:  # the global factors the clients hold frozen, as above
+            mean = self.slots.adapter({**self.global_tensors, **summed}, source="the secure sum")
+            self.aggregate([mean], ["the secure sum"], [1], metrics, measured=False)
+        elif self.privacy is not None and self.privacy.mode == "client":  # noised even when every update failed
+            self.aggregate([self.private_sum(results, round_)], ["dp-fedavg"], [1.0], metrics)
+        elif updates:
             self.aggregate(updates, labels, weights, metrics)
         elif self.method is not None:
             log.warning("round %d: every update was rejected; the global model is unchanged", round_)
@@ -606,7 +612,9 @@ class Federation:
                  metrics["round"], "final " if prefix else "", examples, tokens, seconds,
                  "–" if rate is None else f"{rate:.1f}")
 
-    def aggregate(self, updates, labels, sizes, metrics) -> None:
+    def aggregate(self, updates, labels, sizes, metrics, measured: bool = True) -> None:
+        """The method's aggregate of the updates becomes the global adapter. `measured`: the updates are the
+        clients' own, so the aggregation error against ΔW* means something (not for the secure sum's one mean)."""
         weights = sizes if self.config.weighting == "examples" else None
         # the global adapter keeps the run's largest rank whichever clients were sampled (flora's is its stack)
         result = aggregate_adapters(updates, self.method, weights, labels,
@@ -615,7 +623,7 @@ class Federation:
                                     round_=metrics["round"], feedback=self.feedback, device=self.device)
         release_memory()
         report = result.report
-        if not self.method.personal_B:  # fedsa's server never sees B, so it cannot know ΔW*
+        if measured and not self.method.personal_B:  # fedsa's server never sees B, so it cannot know ΔW*
             metrics.update(relative_error=report.relative_error, error_floor=report.error_floor,
                            fedit_error=report.fedit_error, **report.diagnostics)
         if self.feedback is not None:  # kept on the CPU with the rest of the server's state
@@ -741,6 +749,10 @@ def run(config: RunConfig | None, run_dir: Path, *, resume: bool = False, progre
     """Run (or resume) a federation in this process into run_dir: config.toml, partition.json, metrics.jsonl,
     checkpoints/, global_adapter/ and plots/."""
     run_dir = Path(run_dir)
+    if (resumed_config(run_dir) if resume else config).secagg:
+        raise FloranaError("secagg=true is for the Flower runtime (florana run --runtime flower, or flwr run .): in "
+                           "one process the server computes from every client's update itself, so secure "
+                           "aggregation would hide nothing")
     fed, start = open_run(config, run_dir, resume=resume, progress=progress)
     for r in range(start, fed.config.rounds + 1):
         try:

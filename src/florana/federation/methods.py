@@ -15,13 +15,22 @@ BOUNDS = ("centralized", "local")
 ALL_METHODS = (*METHODS, *BOUNDS)
 
 
-def check_method(name: str, error_feedback: bool = False) -> None:
-    """An unknown name, or error feedback where it makes no sense, is an error that says why."""
+def check_method(name: str, error_feedback: bool = False, secagg: bool = False) -> None:
+    """An unknown name, or error feedback or secure aggregation where it makes no sense, is an error that says
+    why."""
     if name in BOUNDS:
-        if error_feedback:
-            raise FloranaError(f"error_feedback=true needs an aggregator; {name} is a bound that aggregates nothing")
+        if error_feedback or secagg:
+            raise FloranaError(f"{'error_feedback' if error_feedback else 'secagg'}=true needs an aggregator; {name} "
+                               "is a bound that aggregates nothing")
         return
     method = get_method(name)
+    if secagg and not method.sum_shaped:
+        usable = ", ".join(m.name for m in METHODS.values() if m.sum_shaped)
+        raise FloranaError(f"secagg=true does not apply to {name}: with secure aggregation the server sees only the "
+                           f"sum of the clients' uploads, but {method.needs_each_client} (it applies to {usable})")
+    if secagg and error_feedback:
+        raise FloranaError("secagg=true and error_feedback=true exclude each other: error feedback measures what "
+                           "aggregation lost from each client's factors, which secure aggregation hides")
     if error_feedback and not method.feeds_back:
         why = ("it is exact: aggregation loses nothing to feed back" if method.exact else
                "its server never sees B, so it cannot know what aggregation lost" if method.personal_B else
@@ -79,7 +88,7 @@ def check_privacy(config: RunConfig) -> None:
     if method is None or not method.sum_shaped:
         usable = ", ".join(m.name for m in METHODS.values() if m.sum_shaped)
         what = "a bound that aggregates nothing" if method is None else \
-            "its server step is not a weighted sum of the clients' updates (it needs each client's own factors)"
+            method.needs_each_client
         raise FloranaError(f"dp='client' (DP-FedAvg adds noise to the sum of clipped client updates) does not apply "
                            f"to {config.method}: {what}; it applies to {usable}")
     if config.weighting != "uniform":

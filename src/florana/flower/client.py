@@ -24,6 +24,7 @@ from florana.federation.engine import Federation
 from florana.flower.handshake import model_hash, versions
 from florana.flower.nodedata import (in_run_labels, load_node_examples, node_data_of, node_split, own_split,
                                      present_labels)
+from florana.flower.secagg import in_secure_round, masked_reply, secagg_mod
 from florana.flower.wire import base_change_from_record, config_from_text, from_record, partition_problem, to_record
 from florana.lora.base_delta import REPLACE, apply_change, total_change
 
@@ -33,7 +34,7 @@ PERSONAL_KEY = "florana.personal"
 BASE_KEY, BASE_ROUND_KEY = "florana.base-delta", "florana.base-round"
 GLOBAL_KEY, GLOBAL_ROUND_KEY = "florana.global", "florana.global-round"
 
-app = ClientApp()
+app = ClientApp(mods=[secagg_mod])  # SecAgg+ (Flower's own mod) for the rounds of a run with secagg=true
 
 # the Federation this process serves (model + data), rebuilt only when the run config or the node's device changes
 _worker: dict[tuple, Federation] = {}
@@ -140,9 +141,15 @@ def train(msg: Message, context: Context) -> Message:
     metrics = {"partition-id": u, "num-examples": result.size, "loss": float(result.loss)}
     if result.local_accuracy is not None:  # none when the client holds no test examples or was rejected
         metrics["local-accuracy"] = float(result.local_accuracy)
-    content = RecordDict({"metrics": MetricRecord(metrics)})
-    if result.tensors is not None:
-        content["update"] = to_record(result.tensors)
+    if fed.config.secagg:  # the update goes only into the masked sum; a plain reply is never sent
+        if not in_secure_round(msg):
+            raise FloranaError(f"node {context.node_id}: the run has secagg=true, but the server's train message "
+                               "is not part of a SecAgg+ round; the node sends no plain update")
+        content = masked_reply(fed, u, result, metrics, round_, context.node_id)
+    else:
+        content = RecordDict({"metrics": MetricRecord(metrics)})
+        if result.tensors is not None:
+            content["update"] = to_record(result.tensors)
     if kept:
         context.state[PERSONAL_KEY] = to_record(kept)
     return Message(content, reply_to=msg)

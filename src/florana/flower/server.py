@@ -28,6 +28,7 @@ from florana.federation.engine import (Client, Federation, LocalResult, close_ru
 from florana.federation.methods import BOUNDS
 from florana.flower.handshake import base_model_folder, hash_problem, model_hash, version_problem, versions
 from florana.flower.nodedata import agree_labels, check_count, server_split
+from florana.flower.secagg import SecureRound, sum_weight, upload_bytes
 from florana.flower.wire import (CLIENTS_FROM_NODES, from_record, partition_problem, record_bytes, split_run_config,
                                  to_record)
 from florana.lora.base_delta import total_change
@@ -171,10 +172,11 @@ def agreed_config(config: RunConfig, answers: dict[int, Hello | str]) -> RunConf
 class FloranaStrategy(FedAvg):
     """FedAvg's round structure with florana's sampling, payloads and aggregation."""
 
-    def __init__(self, fed: Federation, run_dir: Path, *, first_round: int, min_nodes: int, node_wait: float):
+    def __init__(self, fed: Federation, run_dir: Path, *, first_round: int, min_nodes: int, node_wait: float,
+                 round_timeout: float = 3600.0):
         super().__init__(fraction_train=1.0, fraction_evaluate=0.0, min_train_nodes=1, min_available_nodes=1)
         self.fed, self.run_dir, self.first_round = fed, run_dir, first_round
-        self.min_nodes, self.node_wait = min_nodes, node_wait
+        self.min_nodes, self.node_wait, self.round_timeout = min_nodes, node_wait, round_timeout
         self.config_text = fed.config.to_toml()
         self.nodes: dict[int, int] = {}  # partition-id → node id
         self.ignored: set[int] = set()  # node ids that do not fit the run
@@ -302,11 +304,19 @@ class FloranaStrategy(FedAvg):
             down += sum(record_bytes(r) for r in records[key].values())
         self.pending = {"metrics": metrics, "t0": t0, "down": down}
         log.info("round %d: %d partition(s) sampled, %d sent to nodes", round_, len(sampled), len(reachable))
+        if fed.config.secagg:  # SecAgg+'s four exchanges carry the round (the train messages go out in the third)
+            secure = SecureRound(fed, round_, self.round_timeout)
+            secure.run(grid, messages, {node: u for u, node in self.nodes.items()})
+            self.pending["secure"] = secure
+            return []
         return messages
 
     def aggregate_train(self, server_round: int, replies):
         fed, pending = self.fed, self.pending
         metrics, round_ = pending["metrics"], pending["metrics"]["round"]
+        secure = pending.get("secure")  # under SecAgg+: its replies carry metrics only, the mean is its own
+        if secure is not None:
+            replies = secure.replies
         partition_of = {node: u for u, node in self.nodes.items()}
         results: dict[int, LocalResult] = {}
         up = 0
@@ -318,7 +328,7 @@ class FloranaStrategy(FedAvg):
                             reply.error.reason if reply.has_error() else "unknown node")
                 continue
             update = reply.content.array_records.get("update")
-            received = 0 if update is None else record_bytes(update)
+            received = upload_bytes(fed, round_) if secure else 0 if update is None else record_bytes(update)
             up += received
             try:
                 m = reply.content.metric_records["metrics"]
@@ -329,7 +339,8 @@ class FloranaStrategy(FedAvg):
                 continue
             try:
                 expected = fed.wire_keys(fed.for_client(fed.initial, u), up=True, round_=round_)  # at its rank
-                tensors = None if update is None else from_record(update, expected, f"node {node} (partition {u})")
+                tensors = ({} if sum_weight(reply) > 0 else None) if secure else \
+                    None if update is None else from_record(update, expected, f"node {node} (partition {u})")
             except FloranaError as e:
                 log.warning("round %d: %s; update rejected", round_, e)
                 tensors = None
@@ -354,7 +365,7 @@ class FloranaStrategy(FedAvg):
                 f"round {round_}: {len(results)} of {len(metrics['clients'])} sampled node(s) replied, fewer than "
                 f"min-nodes={self.min_nodes} (missing partitions {metrics['missing']}); the run stops here and "
                 f"resumes after round {round_ - 1} with resume=true")
-        metrics = fed.close_round(metrics, results, pending["t0"])
+        metrics = fed.close_round(metrics, results, pending["t0"], summed=secure.mean if secure else None)
         metrics["flower_bytes_down"], metrics["flower_bytes_up"] = pending["down"], up
         if self.scores_on_nodes():  # recorded once the nodes scored the new global model
             self.pending["closed"] = metrics
@@ -430,7 +441,8 @@ def serve(grid: Grid, config: RunConfig | None, run_dir: Path, *, resume: bool =
         fed.held.clear()  # whatever a checkpoint says
         log.info("run folder %s, rounds %d..%d", run_dir, start, fed.config.rounds)
         if start <= fed.config.rounds:
-            strategy = FloranaStrategy(fed, run_dir, first_round=start, min_nodes=min_nodes, node_wait=node_wait)
+            strategy = FloranaStrategy(fed, run_dir, first_round=start, min_nodes=min_nodes, node_wait=node_wait,
+                                       round_timeout=round_timeout)
             strategy.wait_for_nodes(grid, answers)
             if strategy.own:  # which slots hold nodes' own data (no sizes, no labels: those are theirs)
                 write_text_atomic(run_dir / "partition.json", json.dumps(fed.data.stats, indent=1))

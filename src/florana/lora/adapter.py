@@ -120,6 +120,20 @@ def at_rank(tensors: dict[str, Tensor], rank: int, b_factor: float = 1.0) -> dic
     return out
 
 
+def padded_to_rank(tensors: dict[str, Tensor], rank: int, b_factor: float = 1.0) -> dict[str, Tensor]:
+    """The inverse of at_rank: an adapter's tensors zero-padded to `rank` components (rows of lora_A, columns of
+    lora_B, which is also multiplied by `b_factor`); every other tensor as it is. HetLoRA's padding: what a client of
+    a smaller rank adds to a sum taken at the global rank."""
+    out = {}
+    for key, t in tensors.items():
+        if key.endswith(LORA_A):
+            t = torch.cat([t, t.new_zeros(rank - t.shape[0], t.shape[1])])
+        elif key.endswith(LORA_B):
+            t = torch.cat([t * b_factor if b_factor != 1.0 else t, t.new_zeros(t.shape[0], rank - t.shape[1])], dim=1)
+        out[key] = t
+    return out
+
+
 def revive_dead_slots(tensors: dict[str, Tensor], seed: int) -> None:
     """Give every dead slot of an adapter's tensors (PEFT's file keys; an A row and B column both zero: neither gets a
     gradient, so it would never train) a fresh A row, drawn as PEFT draws A (kaiming-uniform, bound 1/√k), replacing
