@@ -199,3 +199,21 @@ def test_causal_lm_trains_under_dp_sgd(assets, tmp_path):
                     max_new_tokens=2, text_column="question", label_column="answer"), tmp_path / "run")
     m = read_metrics(tmp_path / "run")[-1]
     assert math.isfinite(m["train_loss"]) and m["dp_epsilon_max"] > 0
+
+
+def test_deployed_dp_draws_its_noise_from_os_entropy_not_the_run_seed(assets):
+    """The Flower server sends every node the run's seed: noise drawn from it could be redrawn and subtracted, so a
+    deployed node (and server) draws DP's batches and noise from OS entropy; a simulation keeps the seed."""
+    from florana.federation.engine import Federation
+    from florana.privacy import dp_seed
+
+    assert dp_seed(7, secret=False) == 7 and len({dp_seed(7, secret=True) for _ in range(3)}) == 3
+    cfg = tiny_config(assets, dp="sample", dp_noise=1.0, dp_clip=0.5, rounds=1)
+    uploads = {}
+    for secret in (False, False, True, True):
+        fed = Federation(cfg, secret_dp=secret)
+        loss, tensors = fed.train_client(fed.initial, fed.data.clients[0].train, 2, 123, rate=fed.privacy.rates[0])
+        uploads.setdefault(secret, []).append(tensors)
+    seeded, secret = uploads[False], uploads[True]
+    assert all(torch.equal(seeded[0][k], seeded[1][k]) for k in seeded[0])  # the simulation repeats exactly
+    assert any(not torch.equal(secret[0][k], secret[1][k]) for k in secret[0])  # the deployment does not

@@ -35,7 +35,7 @@ from florana.federation.methods import method_of
 from florana.lora.adapter import LoraModule, at_rank, has_non_finite, revive_dead_slots
 from florana.lora.base_delta import apply_change, dense_change, factor_change, total_change
 from florana.lora.peft_io import save_adapter
-from florana.privacy import PrivacyPlan, clip_update, dp_fedavg, poisson_batches
+from florana.privacy import PrivacyPlan, clip_update, dp_fedavg, dp_seed, poisson_batches
 from florana.privacy.accountant import FEDERATION, client_level_plan, sample_level_plan
 from florana.report.provenance import record_session
 from florana.train.device import on_cpu, peak_memory_mib, precision_for, reset_peak_memory, resolve_device
@@ -203,9 +203,10 @@ def privacy_plan(config: RunConfig, sizes: list[int]) -> PrivacyPlan | None:
 class Federation:
     """The live state of a run: model, data, the global adapter, per-client state, and the ledger."""
 
-    def __init__(self, config: RunConfig, progress=None, split: Split | None = None):
+    def __init__(self, config: RunConfig, progress=None, split: Split | None = None, secret_dp: bool = False):
         torch.set_num_threads(config.threads)
         self.config, self.progress = config, progress
+        self.secret_dp = secret_dp  # DP's batches and noise from OS entropy (a deployment), not the run's seed
         self.device = resolve_device(config.device)  # before anything loads: a missing GPU fails at once
         self.precision = precision_for(self.device, config.bf16)
         self.method = method_of(config)
@@ -406,6 +407,7 @@ class Federation:
             loss = train_steps(self.model, self.params, make_batch, batches, lr=cfg.lr,
                                weight_decay=cfg.weight_decay, precision=self.precision, on_step=on_step)
         else:
+            seed = dp_seed(seed, self.secret_dp)
             batches = poisson_batches(len(data), rate, steps, np.random.default_rng(seed))
             loss = private_train_steps(self.model, self.params, make_batch, batches, lr=cfg.lr,
                                        weight_decay=cfg.weight_decay, precision=self.precision, clip=cfg.dp_clip,
@@ -581,7 +583,8 @@ class Federation:
         eligible = sum(1 for c in self.data.clients if len(c.train) > 0)
         noisy = dp_fedavg(received, uploads, clip=self.config.dp_clip, noise=self.privacy.noise,
                           denominator=self.config.sample_fraction * eligible,
-                          generator=torch.Generator().manual_seed(derive_seed(self.config.seed, 9, round_)))
+                          generator=torch.Generator().manual_seed(dp_seed(derive_seed(self.config.seed, 9, round_),
+                                                                  self.secret_dp)))
         return self.slots.adapter({**self.global_tensors, **noisy}, source="dp-fedavg")
 
     def charge_privacy(self, metrics: dict) -> None:
@@ -688,11 +691,11 @@ def resumed_config(run_dir: Path, requested: RunConfig | None = None) -> RunConf
 
 
 def open_run(config: RunConfig | None, run_dir: Path, *, resume: bool = False, progress=None,
-             split=None) -> tuple[Federation, int]:
+             split=None, secret_dp: bool = False) -> tuple[Federation, int]:
     """Set up run_dir (config.toml, partition.json, run.log, a line in sessions.jsonl) and the federation, restored from the last checkpoint
     when resuming (with `config`, only to extend it by more rounds); returns it with the first round still to run.
     Both runtimes start here; `split(config)`, where given, supplies the examples (a Flower server whose nodes
-    bring their own data)."""
+    bring their own data); `secret_dp` draws DP's randomness from OS entropy (Federation)."""
     run_dir = Path(run_dir)
     if resume:
         config = resumed_config(run_dir, config)
@@ -700,7 +703,7 @@ def open_run(config: RunConfig | None, run_dir: Path, *, resume: bool = False, p
         check_run_folder(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     _attach_log(run_dir)
-    fed = Federation(config, progress, split=None if split is None else split(config))
+    fed = Federation(config, progress, split=None if split is None else split(config), secret_dp=secret_dp)
     if not resume:
         write_text_atomic(run_dir / "config.toml", config.to_toml())
     write_text_atomic(run_dir / "partition.json", json.dumps(fed.data.stats, indent=1))

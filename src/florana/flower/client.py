@@ -68,7 +68,7 @@ def worker(config_text: str, context: Context, u: int) -> Federation:
         if data is not None:
             examples = in_run_labels(load_node_examples(data, config, context.node_id), config, context.node_id)
             split = node_split(config, examples, u, data.test_fraction)
-        _worker[key] = Federation(config, split=split)
+        _worker[key] = Federation(config, split=split, secret_dp=True)  # the server knows the run's seed
     return _worker[key]
 
 

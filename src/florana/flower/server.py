@@ -435,7 +435,7 @@ def serve(grid: Grid, config: RunConfig | None, run_dir: Path, *, resume: bool =
         if own:
             shared = any(isinstance(a, Hello) and not a.own for a in answers.values())
             split = lambda c: server_split(c, {}, shared)  # noqa: E731
-        fed, start = open_run(config, run_dir, resume=resume, split=split)
+        fed, start = open_run(config, run_dir, resume=resume, split=split, secret_dp=True)
         check_runtime(fed.config)
         fed.synced.clear()  # the nodes of a new Flower run hold no base change and only the initial global factors,
         fed.held.clear()  # whatever a checkpoint says

@@ -4,8 +4,8 @@ on tensors and numbers, called by the local training loop and the server step; n
 """
 
 from florana.privacy.accountant import PrivacyPlan, calibrate_noise, epsilon
-from florana.privacy.mechanisms import (clip_per_example, clip_update, dp_fedavg, gaussian_noise, poisson_batches,
+from florana.privacy.mechanisms import (clip_per_example, clip_update, dp_seed, dp_fedavg, gaussian_noise, poisson_batches,
                                         update_norm)
 
-__all__ = ["PrivacyPlan", "calibrate_noise", "clip_per_example", "clip_update", "dp_fedavg", "epsilon",
+__all__ = ["PrivacyPlan", "calibrate_noise", "clip_per_example", "clip_update", "dp_fedavg", "dp_seed", "epsilon",
            "gaussian_noise", "poisson_batches", "update_norm"]

@@ -12,9 +12,18 @@ removing one client moves the sum by at most C whatever the others sent.
 
 from __future__ import annotations
 
+import secrets
+
 import numpy as np
 import torch
 from torch import Tensor
+
+
+def dp_seed(seed: int, secret: bool) -> int:
+    """The seed of DP's own randomness (Poisson batches, noise): the run's derived seed in a simulation, so that a run
+    repeats and resumes exactly; OS entropy on a deployed node or server, where whoever knows the run's seed (the
+    server sends it to every node) could otherwise redraw the noise and subtract it."""
+    return secrets.randbits(63) if secret else seed
 
 
 def clip_per_example(grad_samples: list[Tensor], clip: float) -> tuple[list[Tensor], Tensor]:
