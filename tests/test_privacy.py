@@ -128,16 +128,19 @@ def test_dp_fedavg_clips_each_update_and_adds_noise_to_the_sum():
 
 
 def test_client_level_dp_refuses_what_it_cannot_protect(assets):
-    for method in ("florana", "svd", "flexlora", "lora_fair", "flora", "fedex"):
-        with pytest.raises(FloranaError, match="not a weighted sum"):
+    from florana.aggregation import get_method
+
+    for method in ("florana", "svd", "flexlora", "lora_fair", "hetlora", "flora", "fedex"):
+        with pytest.raises(FloranaError, match=f"does not apply to {method}") as refused:  # with its own reason
             tiny_config(assets, dp="client", dp_noise=1.0, method=method, weighting="uniform")
+        assert get_method(method).needs_each_client in str(refused.value)
     with pytest.raises(FloranaError, match="weighting"):
         tiny_config(assets, dp="client", dp_noise=1.0, method="fedit")
     with pytest.raises(FloranaError, match="dp_noise .* or dp_epsilon"):
         tiny_config(assets, dp="sample")
     with pytest.raises(FloranaError, match="centralized"):
         tiny_config(assets, dp="sample", dp_noise=1.0, method="centralized")
-    for method in ("fedit", "ffa", "fedsa", "rolora"):
+    for method in ("fedit", "ffa", "fedsa", "rolora", "fedsvd"):
         tiny_config(assets, dp="client", dp_noise=1.0, method=method, weighting="uniform")
 
 
