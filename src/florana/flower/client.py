@@ -19,7 +19,8 @@ from torch import Tensor
 from florana.config import RunConfig
 from florana.errors import FloranaError
 from florana.federation.engine import Federation
-from florana.flower.wire import base_change_from_record, config_from_text, from_record, partition_problem, to_record
+from florana.flower.wire import (base_change_from_record, check_sendable, config_from_text, from_record,
+                                 partition_problem, to_record)
 from florana.lora.base_delta import REPLACE, apply_change, total_change
 
 log = logging.getLogger("florana")
@@ -30,8 +31,10 @@ GLOBAL_KEY, GLOBAL_ROUND_KEY = "florana.global", "florana.global-round"
 
 app = ClientApp()
 
-# the Federation this process serves (model + data), rebuilt only when the run config or the node's device changes
-_worker: dict[tuple[str, str | None], Federation] = {}
+# the Federation this process serves (model + data), by (Flower run id, run config, node device); every load is
+# appended to LOADS (a test sees the cache at work, a benchmark counts the loads a run paid)
+_worker: dict[tuple[int, str, str | None], Federation] = {}
+LOADS: list[tuple[int, str, str | None]] = []
 
 
 def node_config_of(config_text: str, context: Context) -> RunConfig:
@@ -47,11 +50,18 @@ def node_config_of(config_text: str, context: Context) -> RunConfig:
 
 
 def worker(config_text: str, context: Context) -> Federation:
-    """This process's Federation for the run config the server sent, on the node's device (a Ray worker serves many
-    nodes and rounds)."""
-    key = (config_text, context.node_config.get("device"))
+    """This process's Federation (the base model and the data) for the message's run: loaded once per (run id, run
+    config, node device), the config naming the model, dtype, quantization and device, and kept for the next
+    message of that run; a message of another run evicts it. A process keeps it as long as Flower keeps the process:
+    a Ray actor of the simulation serves many nodes and rounds of a run; a deployment (Flower 1.42) starts a fresh
+    flwr-clientapp process for every message, so there each message loads it (README, "Large models over Flower").
+    Nothing of a message outlives it: `train` writes the whole adapter from the message and the node's state, sets
+    the base delta and the personal part each time, and the frozen base weights are never written (a base change is
+    added in the forward pass)."""
+    key = (context.run_id, config_text, context.node_config.get("device"))
     if key not in _worker:
         _worker.clear()
+        LOADS.append(key)
         _worker[key] = Federation(node_config_of(config_text, context))
     return _worker[key]
 
@@ -100,6 +110,7 @@ def train(msg: Message, context: Context) -> Message:
         content["update"] = to_record(result.tensors)
     if kept:
         context.state[PERSONAL_KEY] = to_record(kept)
+    check_sendable(content, f"node {context.node_id}: its reply")
     return Message(content, reply_to=msg)
 
 

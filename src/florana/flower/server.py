@@ -21,8 +21,8 @@ from florana.config import RunConfig, describe, differences
 from florana.errors import FloranaError
 from florana.federation.engine import Federation, LocalResult, close_run, open_run, record_round, resumed_config
 from florana.federation.methods import BOUNDS
-from florana.flower.wire import (CLIENTS_FROM_NODES, from_record, partition_problem, record_bytes, split_run_config,
-                                 to_record)
+from florana.flower.wire import (CLIENTS_FROM_NODES, check_sendable, from_record, partition_problem, record_bytes,
+                                 split_run_config, to_record)
 
 log = logging.getLogger("florana")
 
@@ -167,6 +167,7 @@ class FloranaStrategy(FedAvg):
             content = RecordDict({"config": ConfigRecord({"toml": self.config_text, "round": round_,
                                                           "base-round": fed.base_round, "held-round": held}),
                                   **records[key]})
+            check_sendable(content, f"round {round_}: the message to node {self.nodes[u]} (partition {u})")
             messages.append(Message(content, message_type=MessageType.TRAIN, dst_node_id=self.nodes[u]))
             down += sum(record_bytes(r) for r in records[key].values())
         self.pending = {"metrics": metrics, "t0": t0, "down": down}
