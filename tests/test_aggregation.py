@@ -10,6 +10,7 @@ from factories import applied_update, ideal_update, make_clients
 from florana.aggregation import METHODS, aggregate_adapters, client_weights
 from florana.aggregation import florana as florana_method
 from florana.errors import FloranaError
+from florana.lora.base_delta import apply_change
 
 ALL = list(METHODS)
 SHARED_A = ("ffa", "rolora", "fedsvd")  # need every client to hold the same A (rolora: in its odd rounds)
@@ -82,6 +83,33 @@ def test_fedsa_and_ffa_share_fedits_factors_and_fedex_adds_the_exact_residual():
         T = ideal_update(lora, [0.25] * 4, name)
         torch.testing.assert_close(applied_update(fedex, name), T, atol=1e-5, rtol=1e-5)
         assert fedex.report.modules[name]["lowrank_error"] > 0.01
+
+
+def test_fedex_sends_its_residual_as_factors_where_they_are_smaller():
+    """ΔW* − s·B̂Â has rank ≤ Σr_u + r: with 2 clients of rank 2 at 64×48 its factors (6·112 values) beat the dense
+    4096 and travel instead; the base a client builds from them (apply_change, as nodes do) is the exact residual
+    to float32 rounding, equal to what the dense path sends; the report books what is sent. Where the factors are
+    not smaller (12×10 at rank 3) the dense residual travels, as before."""
+    shapes = {"q": (64, 48), "v": (64, 48)}
+    clients = make_clients(num=2, rank=2, kind="lora", seed=31, shapes=shapes)
+    result = aggregate_adapters(clients, "fedex")
+    names = list(clients[0].modules)
+    assert sorted(result.base_change) == sorted(f"{n}.{f}" for n in names for f in "AB")
+    base = apply_change({}, result.base_change)
+    for name in names:
+        B, A = result.base_change[f"{name}.B"], result.base_change[f"{name}.A"]
+        assert B.shape == (64, 6) and A.shape == (6, 48) and B.dtype == A.dtype == torch.float32
+        m = result.adapter.modules[name]
+        exact = ideal_update(clients, [0.5, 0.5], name) - result.adapter.scaling(name) * (m.B.double() @ m.A.double())
+        dense_path = exact.float()  # what fedex sent before: the float64 residual rounded to float32
+        torch.testing.assert_close(base[name].double(), exact, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(base[name], dense_path, rtol=1e-5, atol=1e-6)
+        assert torch.equal(base[name], result.base_update[name])  # the server's update is what clients compute
+    factors = sum(6 * (64 + 48) for _ in shapes)
+    assert result.report.values_down_per_client == [sum(2 * (64 + 48) for _ in shapes) + factors] * 2
+    assert result.report.bytes_down_per_client == [4 * v for v in result.report.values_down_per_client]
+    dense = aggregate_adapters(make_clients(num=4, rank=3, kind="lora", seed=31), "fedex")
+    assert all(k.endswith(".delta") for k in dense.base_change)
 
 
 def test_svd_is_the_eckart_young_optimum():

@@ -247,7 +247,8 @@ def test_the_ledger_books_the_factors_clients_missed(assets, method):
 @pytest.mark.parametrize("method", ["flora", "fedex"])
 def test_the_ledger_books_the_base_changes_clients_missed(assets, method):
     """With half the clients sampled, a client gets the last round's base change if it took part in the round
-    before, the whole base delta if it missed more, nothing in round 1; it uploads its whole adapter."""
+    before (flora's stacked factors; fedex's residual as factors, here smaller than d×k), the whole base delta if it
+    missed more, nothing in round 1; it uploads its whole adapter."""
     cfg = tiny_config(assets, method=method, num_clients=4, rounds=5, sample_fraction=0.5)
     fed = engine.Federation(cfg)
     nbytes = lambda keys: sum(fed.initial[k].numel() * 4 for k in keys)  # noqa: E731 (float32 throughout)
@@ -269,7 +270,9 @@ def test_the_ledger_books_the_base_changes_clients_missed(assets, method):
         assert metrics["bytes_down"] == expected, r
         assert metrics["bytes_up"] == len(sampled) * nbytes(fed.initial)
         rank = cfg.lora_r * (len(sampled) - len(metrics["rejected"]))  # flora's stacked rank this round
-        change = total if method == "fedex" else sum((d + k) * rank * 4 for d, k in dims.values())
+        # fedex's residual has rank ≤ that stack + r: it travels as those factors where they are smaller than d×k
+        change = sum(min(d * k, (rank + cfg.lora_r) * (d + k)) * 4 for d, k in dims.values()) if method == "fedex" \
+            else sum((d + k) * rank * 4 for d, k in dims.values())
     assert kinds == {"none", "change", "total"}
 
 
@@ -661,8 +664,9 @@ def test_mixed_ranks_run_for_every_method(assets, tmp_path, method):
     fed = engine.Federation(cfg)
     head = sum(t.numel() * 4 for k, t in fed.initial.items() if ".lora_" not in k)
     factors = {"ffa": ("B",), "fedsa": ("A",)}.get(method, ("A", "B"))
-    dk = sum(4 * (fed.initial[f"{m}.lora_B.weight"].shape[0] * fed.initial[f"{m}.lora_A.weight"].shape[1])
-             for m in fed.modules)
+    dims = [(fed.initial[f"{m}.lora_B.weight"].shape[0], fed.initial[f"{m}.lora_A.weight"].shape[1])
+            for m in fed.modules]
+    dk = sum(4 * d * k for d, k in dims)
     for i, m in enumerate(result.history):
         ranks = [fed.ranks[u] for u in m["clients"]]
         if method in BOUNDS:
@@ -674,8 +678,11 @@ def test_mixed_ranks_run_for_every_method(assets, tmp_path, method):
             previous = result.history[i - 1]
             stack = sum(lora_bytes(fed, fed.ranks[v]) for v in previous["clients"])
             down += sum(stack if u in previous["clients"] or i == 1 else dk for u in m["clients"])
-        if method == "fedex" and i > 0:
-            down += dk * len(ranks)  # its dense residual (or the whole delta: the same size)
+        if method == "fedex" and i > 0:  # the last round's residual, of rank ≤ Σ r_u + 4: as factors where they are
+            previous = result.history[i - 1]  # smaller than d×k; a client that missed it gets the whole delta
+            R = sum(fed.ranks[v] for v in previous["clients"]) + 4
+            residual = sum(4 * min(d * k, R * (d + k)) for d, k in dims)
+            down += sum(residual if u in previous["clients"] or i == 1 else dk for u in m["clients"])
         assert m["bytes_down"] == down, (i, m["clients"])
         if METHODS[method].exact:
             assert m["relative_error"] < 1e-5

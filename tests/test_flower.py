@@ -88,6 +88,25 @@ def test_records_round_trip_and_refuse_bad_payloads():
         from_record(to_record({**tensors, "a.lora_A.weight": torch.zeros(3, 4)}), tensors, "node 7")
 
 
+def test_a_message_flower_cannot_carry_is_refused_before_it_is_sent():
+    """Flower sends arrays in chunks and every other record whole, each under its limit per request: the check
+    passes what chunking carries, and refuses (naming the limit, the size and the record) what it cannot."""
+    from flwr.app import ConfigRecord
+
+    from florana.flower.wire import FLOWER_OBJECT_LIMIT, check_sendable
+
+    assert FLOWER_OBJECT_LIMIT == 2**31 - 1
+    content = RecordDict({"global": to_record({"a.lora_A.weight": torch.zeros(64, 64)}),  # 16 KiB + header
+                          "config": ConfigRecord({"toml": "x" * 1000, "round": 3})})
+    check_sendable(content, "node 5", limit=8192, chunk=4096)  # the array goes in 4 KiB chunks: fine
+    with pytest.raises(FloranaError, match=r"node 5: array global/a.lora_A.weight \(16,\d+ bytes\) would travel in "
+                                           r"pieces of 16,\d+ bytes .* over Flower's limit of 8,192 bytes"):
+        check_sendable(content, "node 5", limit=8192, chunk=1 << 20)
+    with pytest.raises(FloranaError, match=r"node 5: record config holds 1,008 bytes in one piece, over Flower's "
+                                           r"limit of 1,000 bytes per request \(GRPC_MAX_MESSAGE_LENGTH\)"):
+        check_sendable(content, "node 5", limit=1000, chunk=512)
+
+
 def test_run_config_keys():
     config, runtime = split_run_config({"method": "fedit", "target_modules": "query, key", "min-nodes": 3})
     assert config == RunConfig(method="fedit", target_modules=["query", "key"]) and runtime["min-nodes"] == 3
@@ -123,12 +142,12 @@ class LocalGrid:
     state persists across rounds as a SuperNode keeps it. The strategy, the payloads and the ClientApp are the real
     ones; only the transport is a function call."""
 
-    def __init__(self, num_nodes: int):
+    def __init__(self, num_nodes: int, run_id: int = 1):
         from flwr.app import Context, RecordDict
         from flwr.supercore.task_identity import TaskIdentity
 
-        TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 0
-        self.contexts = {100 + i: Context(run_id=1, node_id=100 + i, node_config={"partition-id": i,
+        TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = run_id, 0, 0
+        self.contexts = {100 + i: Context(run_id=run_id, node_id=100 + i, node_config={"partition-id": i,
                                                                                   "num-partitions": num_nodes},
                                           state=RecordDict(), run_config={}) for i in range(num_nodes)}
 
@@ -148,6 +167,44 @@ class LocalGrid:
             except Exception as e:  # as a SuperNode reports a failed ClientApp
                 replies.append(Message(Error(code=1, reason=f"{type(e).__name__}: {e}"), reply_to=msg))
         return replies
+
+
+class FreshProcessGrid(LocalGrid):
+    """LocalGrid, but every message finds an empty model cache, as in a deployment, where Flower 1.42 starts a fresh
+    flwr-clientapp process for each message."""
+
+    def send_and_receive(self, messages, timeout=None):
+        from florana.flower import client
+
+        replies = []
+        for msg in messages:
+            client._worker.clear()
+            replies += super().send_and_receive([msg], timeout)
+        return replies
+
+
+@pytest.mark.parametrize("method", ["flora", "fedsa"])
+def test_a_node_process_loads_the_model_once_per_run_and_nothing_leaks(tiny, tmp_path, method):
+    """One process serving every node and round of a run (a Ray actor) loads the model and data once; a run with
+    another id loads them again and evicts the first. The cached model carries nothing from one message to the
+    next: the run equals, bit for bit, one whose every message loaded afresh (flora changes the base each round,
+    fedsa keeps a personal B per node: neither may leak into another node's or round's training)."""
+    from florana.flower import client
+    from florana.flower.server import serve
+
+    cfg = RunConfig(**{**tiny, "num_clients": 3, "rounds": 3, "sample_fraction": 0.67}, method=method)
+    client._worker.clear()
+    client.LOADS.clear()
+    serve(LocalGrid(3), cfg, tmp_path / "warm", node_wait=5)
+    assert len(client.LOADS) == 1  # 3 nodes, 3 rounds, 6 training messages: one load
+    serve(FreshProcessGrid(3), cfg, tmp_path / "cold", node_wait=5)
+    assert len(client.LOADS) == 1 + 6
+    assert_same_outputs(tmp_path / "warm", tmp_path / "cold")
+    client._worker.clear()
+    client.LOADS.clear()
+    serve(LocalGrid(3), cfg, tmp_path / "run1", node_wait=5)
+    serve(LocalGrid(3, run_id=2), cfg, tmp_path / "run2", node_wait=5)
+    assert [key[0] for key in client.LOADS] == [1, 2] and [key[0] for key in client._worker] == [2]
 
 
 @pytest.mark.parametrize("method", sorted(METHODS))
@@ -572,6 +629,21 @@ def test_loopback_deployment(tiny, tmp_path, security):
     assert_no_leftovers("FLWR_HOME", str(tmp_path.resolve() / "home" / "flwr"))
     run(cfg, tmp_path / "inproc")
     assert_same_run(tmp_path / "flower", tmp_path / "inproc")
+
+
+def test_a_7b_adapter_crosses_the_loopback_deployment(tmp_path):
+    """A synthetic LoRA adapter of LLaMA-2-7B's shapes (r=16 on q, k, v, o: 67.1 MB in float32) goes server → node
+    → server through a real SuperLink and SuperNode in florana's wire format, and comes back bit for bit."""
+    from florana.flower.wirecheck import write_app
+
+    app, out = write_app(tmp_path / "app"), tmp_path / "wirecheck.json"
+    with Loopback(tmp_path / "home", 1).start() as federation:
+        federation.flwr("run", str(app), "loopback", "--stream", "--run-config", f"out='{out}' repeats=1",
+                        timeout=300)
+    assert_no_leftovers("FLWR_HOME", str(tmp_path.resolve() / "home" / "flwr"))
+    report = json.loads(out.read_text())
+    assert report["bytes_each_way_per_node"] == 32 * 4 * 2 * 16 * 4096 * 4 and report["replies"] == [1]
+    print(f"67.1 MB adapter round trip: {report['adapter_s'][0]:.1f} s; a tiny payload's: {report['tiny_s'][0]:.1f} s")
 
 
 def kill_when_round_starts(federation: Loopback, run_dir: Path, round_: int, node: int) -> threading.Thread:

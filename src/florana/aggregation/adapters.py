@@ -18,6 +18,7 @@ from florana.aggregation.linalg import factor_norms, real_dtype
 from florana.aggregation.registry import METHODS, get_method
 from florana.errors import FloranaError
 from florana.lora.adapter import LoraAdapter, LoraModule, has_non_finite, with_ranks
+from florana.lora.base_delta import ADD_FACTORS, apply_change, dense_change
 
 
 # Modules of one shape are batched, as many at a time as keep each (modules, R, R) float64 matrix of the
@@ -65,12 +66,15 @@ class Report:
 class Aggregation:
     """The global adapter, the dense base-weight updates some methods need (fedex; keyed by module name, as d×k
     matrices like ΔW, float32 at least so that small updates survive), the report, and with error feedback the
-    residual to carry into the next round (per module, R = B·A as a LoraModule)."""
+    residual to carry into the next round (per module, R = B·A as a LoraModule). base_change: the same update in
+    the form clients receive it (lora/base_delta.py keys: fedex's residual as factors where that is smaller than
+    d×k), of which base_update is the product, computed by the code clients apply it with."""
 
     adapter: LoraAdapter
     base_update: dict[str, Tensor]
     report: Report
     feedback: dict[str, LoraModule] | None = None
+    base_change: dict[str, Tensor] = field(default_factory=dict)
 
 
 def check_clients(adapters: Sequence[LoraAdapter], labels: Sequence[str], method: Method) -> None:
@@ -179,6 +183,7 @@ def aggregate_adapters(adapters: Sequence[LoraAdapter], method: str | Method,
     out_ranks: dict[str, int] = {}
     out_scales: dict[str, float] = {}
     base_update: dict[str, Tensor] = {}
+    base_change: dict[str, Tensor] = {}
     module_reports: dict[str, dict] = {}
     err_sq = target_sq = floor_sq = fedit_sq = kept_sq = dropped_sq = 0.0
     norms = [0.0] * 4  # Σ over modules of ‖Â‖, ‖B̂‖ and FedIT's ‖Â‖, ‖B̂‖
@@ -233,7 +238,9 @@ def aggregate_adapters(adapters: Sequence[LoraAdapter], method: str | Method,
                                            embedding=ref.modules[name].embedding)
             out_ranks[name], out_scales[name] = r_out, scale
             if method.residual:
-                base_update[name], e_sq[i] = dense_residual(clients, i, B_hat[i], A_hat[i], scale, work)
+                change, base_update[name], e_sq[i] = residual_change(name, clients, i, B_hat[i], A_hat[i], scale,
+                                                                     work)
+                base_change.update(change)
             module_reports[name] = {
                 "relative_error": _relative(e_sq[i].item(), t_sq[i].item()),
                 "error_floor": _relative(f_sq[i].item(), t_sq[i].item()),
@@ -252,6 +259,9 @@ def aggregate_adapters(adapters: Sequence[LoraAdapter], method: str | Method,
             cost = method.wire(r, r_out, d, k)
             wire.add(u, cost.up * len(names), adapters[u].modules[names[0]].B.element_size(),
                      cost.down * len(names), B_hat.element_size())
+            if method.residual:  # every client downloads the residual in the form it was built in
+                sent = [base_change[k] for k in base_change if k.rsplit(".", 1)[0] in names]
+                wire.add(u, 0, 0, sum(t.numel() for t in sent), sent[0].element_size())
 
     extra: dict[str, Tensor] = {}
     for key, t in ref.extra.items():
@@ -284,7 +294,8 @@ def aggregate_adapters(adapters: Sequence[LoraAdapter], method: str | Method,
         values_up_per_client=wire.values_up, values_down_per_client=wire.values_down,
         bytes_up_per_client=wire.bytes_up, bytes_down_per_client=wire.bytes_down,
     )
-    return Aggregation(LoraAdapter(config=config, modules=out_modules, extra=extra), base_update, report, new_feedback)
+    return Aggregation(LoraAdapter(config=config, modules=out_modules, extra=extra), base_update, report, new_feedback,
+                       base_change)
 
 
 def _out_scaling(ranks: tuple[int, ...], scales: tuple[float, ...], method_rank: int) -> float:
@@ -293,17 +304,24 @@ def _out_scaling(ranks: tuple[int, ...], scales: tuple[float, ...], method_rank:
     return scales[ranks.index(method_rank)] if method_rank in ranks else scales[0]
 
 
-def dense_residual(clients: ClientFactors, i: int, B_hat: Tensor, A_hat: Tensor, scale: float,
-                   dtype: torch.dtype) -> tuple[Tensor, Tensor]:
-    """FedEx's residual ΔW* − scale·B̂Â of module i (d×k), against the factors as output, computed in float64 (the
-    real dtype of the device) and kept in `dtype` (float32 at least); with the error of what is kept,
-    ‖ΔW* − scale·B̂Â − residual‖_F²."""
+def residual_change(name: str, clients: ClientFactors, i: int, B_hat: Tensor, A_hat: Tensor, scale: float,
+                    dtype: torch.dtype) -> tuple[dict[str, Tensor], Tensor, Tensor]:
+    """FedEx's residual ΔW* − scale·B̂Â of module i (d×k), against the factors as output, as the change clients add
+    to their base: ΔW* − scale·B̂Â = [X, −scale·B̂]·[Y; Â] (X, Y the clients' weighted stacked factors, §4) has rank
+    at most R = Σr_u + r_out, so it travels as those factors (d×R, R×k) when R(d+k) < d·k values, else as the dense
+    d×k product, computed in float64 (the real dtype of the device). Both kept in `dtype` (float32 at least).
+    Returns (change, the dense update it applies (lora/base_delta.apply_change, as every client computes it), the
+    error of what is kept, ‖ΔW* − scale·B̂Â − kept‖_F²)."""
     real = clients.real
     X = torch.cat([clients.B[i].to(real) * clients.column_weights, -scale * B_hat.to(real)], dim=1)
     Y = torch.cat([clients.A[i].to(real), A_hat.to(real)], dim=0)
+    (d, R), k = X.shape, Y.shape[1]
     exact = X @ Y
-    kept = exact.to(dtype)
-    return kept, (exact - kept.to(real)).pow(2).sum()
+    B, A = ADD_FACTORS
+    change = {f"{name}.{B}": X.to(dtype).contiguous(), f"{name}.{A}": Y.to(dtype).contiguous()} \
+        if R * (d + k) < d * k else dense_change({name: exact.to(dtype)})
+    kept = apply_change({}, change)[name]
+    return change, kept, (exact - kept.to(real)).pow(2).sum()
 
 
 class _Ledger:

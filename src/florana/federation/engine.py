@@ -33,7 +33,7 @@ from florana.federation.checkpoint import (latest_checkpoint, latest_round, prun
 from florana.federation.folders import check_run_folder
 from florana.federation.methods import method_of
 from florana.lora.adapter import LoraModule, at_rank, has_non_finite, revive_dead_slots
-from florana.lora.base_delta import apply_change, dense_change, factor_change, total_change
+from florana.lora.base_delta import apply_change, factor_change, total_change
 from florana.lora.peft_io import save_adapter
 from florana.privacy import PrivacyPlan, clip_update, dp_fedavg, dp_seed, poisson_batches
 from florana.privacy.accountant import FEDERATION, client_level_plan, sample_level_plan
@@ -633,7 +633,7 @@ class Federation:
             self.feedback = {m: LoraModule(A=r.A.cpu(), B=r.B.cpu()) for m, r in result.feedback.items()}
             metrics.update(feedback_norm=report.feedback_norm, feedback_relative=report.feedback_relative,
                            feedback_dropped=report.feedback_dropped)
-        change = factor_change(result.adapter) if self.method.merges else dense_change(result.base_update)
+        change = factor_change(result.adapter) if self.method.merges else result.base_change
         if change:
             self.slots.set_base_delta(apply_change(self.slots.base_delta, change))
             self.base_round, self.last_change = metrics["round"], change

@@ -25,7 +25,8 @@ from florana.flower.handshake import model_hash, versions
 from florana.flower.nodedata import (in_run_labels, load_node_examples, node_data_of, node_split, own_split,
                                      present_labels)
 from florana.flower.secagg import in_secure_round, masked_reply, secagg_mod
-from florana.flower.wire import base_change_from_record, config_from_text, from_record, partition_problem, to_record
+from florana.flower.wire import (base_change_from_record, check_sendable, config_from_text, from_record,
+                                 partition_problem, to_record)
 from florana.lora.base_delta import REPLACE, apply_change, total_change
 
 log = logging.getLogger("florana")
@@ -36,8 +37,11 @@ GLOBAL_KEY, GLOBAL_ROUND_KEY = "florana.global", "florana.global-round"
 
 app = ClientApp(mods=[secagg_mod])  # SecAgg+ (Flower's own mod) for the rounds of a run with secagg=true
 
-# the Federation this process serves (model + data), rebuilt only when the run config or the node's device changes
+# the Federation this process serves (model + data), by (Flower run id, run config, node device, pinned model,
+# node data, client slot); every load is appended to LOADS (a test sees the cache at work, a benchmark counts
+# the loads a run paid)
 _worker: dict[tuple, Federation] = {}
+LOADS: list[tuple] = []
 
 
 def node_config_of(config_text: str, context: Context) -> RunConfig:
@@ -56,12 +60,21 @@ def node_config_of(config_text: str, context: Context) -> RunConfig:
 
 
 def worker(config_text: str, context: Context, u: int) -> Federation:
-    """This process's Federation for the run config the server sent, on the node's device, as client u (a Ray
-    worker serves many nodes and rounds). A node with its own data loads only that, into slot u."""
+    """This process's Federation (the base model and the data) for the message's run, as client u: loaded once per
+    (run id, run config, node device, pinned model, node data, slot), the config naming the model, dtype,
+    quantization and device, and kept for the next message of that run; a message of another run evicts it. A
+    process keeps it as long as Flower keeps the process: a Ray actor of the simulation serves many nodes and rounds
+    of a run; a deployment (Flower 1.42) starts a fresh flwr-clientapp process for every message, so there each
+    message loads it (README, "Large models over Flower"). Nothing of a message outlives it: `train` writes the whole
+    adapter from the message and the node's state, sets the base delta and the personal part each time, and the
+    frozen base weights are never written (a base change is added in the forward pass). A node with its own data
+    loads only that, into slot u."""
     node = context.node_config
-    key = (config_text, node.get("device"), node.get("model-path"), node.get("data-path"), u)
+    own = node.get("data-path")  # its data sits in slot u; a partition node's Federation serves every slot
+    key = (context.run_id, config_text, node.get("device"), node.get("model-path"), own, u if own else None)
     if key not in _worker:
         _worker.clear()
+        LOADS.append(key)
         config = node_config_of(config_text, context)
         data = node_data_of(node, context.node_id)
         split = None
@@ -152,6 +165,7 @@ def train(msg: Message, context: Context) -> Message:
             content["update"] = to_record(result.tensors)
     if kept:
         context.state[PERSONAL_KEY] = to_record(kept)
+    check_sendable(content, f"node {context.node_id}: its reply")
     return Message(content, reply_to=msg)
 
 

@@ -29,8 +29,8 @@ from florana.federation.methods import BOUNDS
 from florana.flower.handshake import base_model_folder, hash_problem, model_hash, version_problem, versions
 from florana.flower.nodedata import agree_labels, check_count, server_split
 from florana.flower.secagg import SecureRound, sum_weight, upload_bytes
-from florana.flower.wire import (CLIENTS_FROM_NODES, from_record, partition_problem, record_bytes, split_run_config,
-                                 to_record)
+from florana.flower.wire import (CLIENTS_FROM_NODES, check_sendable, from_record, partition_problem, record_bytes,
+                                 split_run_config, to_record)
 from florana.lora.base_delta import total_change
 
 log = logging.getLogger("florana")
@@ -300,6 +300,7 @@ class FloranaStrategy(FedAvg):
             content = RecordDict({"config": ConfigRecord({"toml": self.config_text, "round": round_, "client": u,
                                                           "base-round": fed.base_round, "held-round": held}),
                                   **records[key]})
+            check_sendable(content, f"round {round_}: the message to node {self.nodes[u]} (partition {u})")
             messages.append(Message(content, message_type=MessageType.TRAIN, dst_node_id=self.nodes[u]))
             down += sum(record_bytes(r) for r in records[key].values())
         self.pending = {"metrics": metrics, "t0": t0, "down": down}

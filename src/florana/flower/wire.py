@@ -12,7 +12,9 @@ from dataclasses import asdict
 import numpy as np
 
 import torch
-from flwr.app import Array, ArrayRecord
+from flwr.app import Array, ArrayRecord, RecordDict
+from flwr.common import constant as flower_constant
+from flwr.supercore.grpc import GRPC_MAX_MESSAGE_LENGTH
 from torch import Tensor
 
 from florana.config import FIELDS, RunConfig, config_from_dict, default_of
@@ -83,6 +85,36 @@ def record_bytes(record: ArrayRecord) -> int:
     """Bytes of array data a record puts on the wire (the arrays' contents; .npy headers and framing not counted,
     as the ledger does not count them)."""
     return sum(math.prod(a.shape) * np.dtype(a.dtype).itemsize for a in record.values())
+
+
+# Flower 1.42 moves a message as separate objects, one request each: every Array in chunks of
+# FLWR_PRIVATE_MAX_ARRAY_CHUNK_SIZE bytes (5 MiB unless that variable is set in the sender's environment), every
+# other record whole. No request may exceed GRPC_MAX_MESSAGE_LENGTH, 2 GiB − 1 (protobuf's own bound), on either
+# transport (gRPC, and the HTTP of the Runtime and Fleet APIs: MAX_PROTOBUF_STREAM_MESSAGE_LENGTH, the same value).
+FLOWER_OBJECT_LIMIT = GRPC_MAX_MESSAGE_LENGTH
+
+
+def check_sendable(content: RecordDict, what: str, *, limit: int | None = None, chunk: int | None = None) -> None:
+    """Refuse, before anything is sent, a message Flower cannot carry: one whose largest object (an array chunk,
+    or a whole config or metric record) is over Flower's limit per request. The error names the limit, the size and
+    the record at fault. `limit`, `chunk`: Flower's (FLOWER_OBJECT_LIMIT; the sender's array chunk size)."""
+    limit = FLOWER_OBJECT_LIMIT if limit is None else limit
+    chunk = flower_constant.FLWR_PRIVATE_MAX_ARRAY_CHUNK_SIZE if chunk is None else chunk
+    for name, record in content.items():
+        if isinstance(record, ArrayRecord):
+            for key, array in record.items():
+                size = len(array.data)
+                if min(size, chunk) > limit:
+                    raise FloranaError(
+                        f"{what}: array {name}/{key} ({size:,} bytes) would travel in pieces of {min(size, chunk):,} "
+                        f"bytes (FLWR_PRIVATE_MAX_ARRAY_CHUNK_SIZE={chunk:,}), over Flower's limit of {limit:,} "
+                        f"bytes per request (GRPC_MAX_MESSAGE_LENGTH); unset that variable or set it below the limit")
+        else:  # a config or metric record travels whole: its values' bytes (strings, byte strings, lists, scalars)
+            size = sum(len(v) if isinstance(v, (str, bytes)) else 8 * len(v) if isinstance(v, list) else 8
+                       for v in record.values())
+            if size > limit:
+                raise FloranaError(f"{what}: record {name} holds {size:,} bytes in one piece, over Flower's limit "
+                                   f"of {limit:,} bytes per request (GRPC_MAX_MESSAGE_LENGTH)")
 
 
 def config_from_text(text: str, source: str) -> RunConfig:
