@@ -76,6 +76,40 @@ def test_gsm_symbolic_generates_problems_with_answers():
         load_examples("gsm_symbolic", causal=False, max_examples=5)
 
 
+def test_reasoning_gym_tasks_generate_seeded_problems_grouped_for_partitioning():
+    spec = "reasoning_gym:chain_sum:min_terms=2;max_terms=4;max_digits=1"
+    ex = load_examples(spec, causal=True, max_examples=60, seed=3)
+    again, other = (load_examples(spec, causal=True, max_examples=60, seed=s) for s in (3, 4))
+    assert ex.texts == again.texts and ex.answers == again.answers and ex.texts != other.texts
+    assert len(set(ex.texts)) == len(ex) <= 60  # repeated questions are dropped, so train and test never share one
+    assert ex.label_names == ["terms2", "terms3", "terms4"]  # grouped by the number of terms, in numeric order
+    for text, answer, label in zip(ex.texts, ex.answers, ex.labels):
+        expression = text.rsplit(":", 1)[1].strip().rstrip("=").strip()
+        assert eval(expression) == int(answer) and expression.count(" ") == 2 * (label + 1)
+    parts = partition(ex.labels, 3, "shards", shards_per_client=1, seed=0)
+    assert [len(np.unique(ex.labels[p])) for p in parts] == [1, 1, 1]
+
+
+def test_gsm_symbolic_is_reasoning_gym_grouped_by_template():
+    ex = load_examples("gsm_symbolic", causal=True, max_examples=12, seed=1)
+    same = load_examples("reasoning_gym:gsm_symbolic", causal=True, max_examples=12, seed=1)
+    assert ex.texts == same.texts and ex.answers == same.answers and ex.label_names == same.label_names
+    assert all(name.startswith("template") for name in ex.label_names)
+
+
+def test_reasoning_gym_bad_specs_are_named():
+    with pytest.raises(FloranaError, match="reasoning_gym:no_such_task: reasoning-gym has no task 'no_such_task'"):
+        load_examples("reasoning_gym:no_such_task", causal=True, max_examples=5)
+    with pytest.raises(FloranaError, match="chain_sum has no option 'digits' \\(its options: allow_negation"):
+        load_examples("reasoning_gym:chain_sum:digits=2", causal=True, max_examples=5)
+    with pytest.raises(FloranaError, match="option 'max_terms' is not key=value"):
+        load_examples("reasoning_gym:chain_sum:max_terms", causal=True, max_examples=5)
+    with pytest.raises(FloranaError, match="reasoning-gym rejects these options"):
+        load_examples("reasoning_gym:chain_sum:min_terms=5;max_terms=2", causal=True, max_examples=5)
+    with pytest.raises(FloranaError, match="set task = 'causal_lm'"):
+        load_examples("reasoning_gym:chain_sum", max_examples=5)
+
+
 @pytest.mark.parametrize("suffix", [".csv", ".jsonl", ".json", ".parquet"])
 def test_local_files(tmp_path, suffix):
     rows = [{"review": f"text {i}", "stars": ["low", "high", "mid"][i % 3]} for i in range(9)]

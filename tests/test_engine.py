@@ -612,6 +612,19 @@ def test_final_number_scoring():
     assert final_number("3.50") == "3.5"
 
 
+def test_exact_match_of_numbers_and_of_stated_answers():
+    """Numbers compare as numbers (the completion's final one); other answers as the stated text, exactly."""
+    from florana.train.tasks import same_answer
+
+    assert same_answer(" The answer is 1,250.", "1250") and same_answer("-4", "-4")
+    assert not same_answer(" The answer is 1,251.", "1250") and not same_answer("no idea", "7")
+    assert same_answer(" The answer is Friday.", "Friday") and same_answer("Friday\nbecause", "Friday")
+    assert same_answer("the answer is: go, hundred.\n", "go, hundred")
+    assert not same_answer(" The answer is Friday.", "Thursday") and not same_answer("It is Friday.", "Friday")
+    assert not same_answer(" The answer is friday.", "Friday")  # character for character, as reasoning-gym's scorer
+    assert same_answer(" The answer is 138/583.", "138/583") and not same_answer("The answer is 583.", "138/583")
+
+
 # ---- clients of different ranks ------------------------------------------------------------------------
 def lora_bytes(fed, r, factors=("A", "B")):
     """Bytes of one client's LoRA factors at rank r (float32), over all modules."""

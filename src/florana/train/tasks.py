@@ -1,8 +1,8 @@
 """What differs between tasks: how examples become batches, and how a model is scored.
 
 classification: cross-entropy on the label; accuracy, macro-F1 and loss.
-causal_lm: instruction SFT with the loss on the answer tokens only; exact match of the final number in a
-greedy completion, and the answer loss.
+causal_lm: instruction SFT with the loss on the answer tokens only; exact match of the answer in a greedy
+completion (a number: its final number; else the answer it states), and the answer loss.
 code: instruction → a Python function; the target is the reference solution, the score pass@1 of the greedy
 completion run with the example's own tests in the sandbox (train/sandbox.py), never in this process.
 Batches are padded to their longest member (dynamic padding), which is what makes short texts fast; generation
@@ -124,6 +124,25 @@ def final_number(text: str) -> str | None:
     return str(int(number)) if number == int(number) else str(number)
 
 
+STATED = re.compile(r"the answer is:?", re.IGNORECASE)
+
+
+def stated_answer(text: str) -> str:
+    """What a completion states as its answer: the first line after its last 'The answer is' (else its first
+    line), spaces and a closing period trimmed."""
+    parts = STATED.split(text)
+    return parts[-1].strip().split("\n", 1)[0].strip().removesuffix(".").strip()
+
+
+def same_answer(completion: str, gold: str) -> bool:
+    """Exact match. A numeric gold answer (GSM8K's, arithmetic) is compared with the completion's final number, as
+    numbers ('1,234' = '1234.0'); any other (a word, a list, a fraction) with its stated answer, character for
+    character: reasoning-gym's full-credit rule (its default scorer gives 1.0 only to answer == oracle)."""
+    if NUMBER.fullmatch(gold.strip()):
+        return final_number(completion) == final_number(gold)
+    return stated_answer(completion) == gold.strip().removesuffix(".").strip()
+
+
 class CausalLMTask:
     """Prompt = the tokenizer's chat template (or 'Question: …\\nAnswer:'), target = 'The answer is N.' + EOS."""
 
@@ -188,8 +207,8 @@ class CausalLMTask:
         return texts, tokens
 
     def correct(self, completions: list[str], data: Encoded, idx: list[int]) -> list[bool]:
-        """Exact match of the final number."""
-        return [final_number(text) == final_number(data.answers[i]) for text, i in zip(completions, idx)]
+        """Exact match of the answer (same_answer)."""
+        return [same_answer(text, data.answers[i]) for text, i in zip(completions, idx)]
 
     @torch.no_grad()
     def evaluate(self, model, data: Encoded, batch_size: int) -> dict:
