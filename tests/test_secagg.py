@@ -129,24 +129,33 @@ def test_secagg_and_dp_on_a_loopback_deployment(tiny, tmp_path):
     run's (U·2c/T = 5.7e-6 in round 1, twice that in round 2, which trains from round 1's slightly different global;
     plus 1e-7 for float32), no relative_error, and the masked upload booked: an int64 a value plus one for the
     weight, twice the plain float32 bytes plus 8 per node. The plain run is the in-process one, which a plain
-    loopback run equals bit for bit (test_flower.py's deployment tests). DP-SGD (2 rounds, 2 of 3 clients a round)
-    and DP-FedAvg (1 round) finish; every client's ε in metrics.jsonl is the accountant's for the rounds it took part
-    in; and the nodes' (DP-SGD) and the server's (DP-FedAvg) noise is not the run seed's."""
+    loopback run equals bit for bit (test_flower.py's deployment tests). DP-SGD (2 of 3 clients a round) with an ε
+    budget that round 3 would exceed: rounds 1 and 2 run, every client's ε in metrics.jsonl is the accountant's for
+    the rounds it took part in, and the run stops before round 3 keeping global_adapter/, as in process. DP-FedAvg
+    (1 round) finishes with the federation's ε. The nodes' (DP-SGD) and the server's (DP-FedAvg) noise is not the
+    run seed's."""
     cfg = RunConfig(**{**tiny, "num_clients": 3}, method="fedit", weighting="examples")
-    runs = {"secure": cfg.with_overrides(secagg=True),
-            "sample": cfg.with_overrides(dp="sample", dp_noise=1.0, dp_clip=0.5, sample_fraction=0.67),
-            "client": cfg.with_overrides(dp="client", dp_noise=0.5, dp_clip=0.05, weighting="uniform", rounds=1)}
+    sample = cfg.with_overrides(dp="sample", dp_noise=1.0, dp_clip=0.5, sample_fraction=0.67, rounds=3)
+    inproc = {"plain": cfg, "sample": sample,  # in process: DP's noise from the run seed, no budget
+              "client": cfg.with_overrides(dp="client", dp_noise=0.5, dp_clip=0.05, weighting="uniform", rounds=1)}
+    for name, config in inproc.items():
+        run(config, tmp_path / "inproc" / name)
+    free = [m["dp_epsilon_max"] for m in read_metrics(tmp_path / "inproc" / "sample")]
+    assert free[1] < free[2]  # round 3 takes a client past every ε of round 2: a budget between them stops it
+    runs = {"secure": cfg.with_overrides(secagg=True), "sample": sample.with_overrides(dp_epsilon=sum(free[1:]) / 2),
+            "client": inproc["client"]}
     seconds = {}
     with Loopback(tmp_path / "home", 3).start() as federation:
         for name, config in runs.items():
             t0 = time.monotonic()
-            federation.run(ROOT, config, tmp_path / name, round_timeout=120)
+            if name == "sample":
+                with pytest.raises(FloranaError, match="stopped before round 3: it would take client"):
+                    federation.run(ROOT, config, tmp_path / name, round_timeout=120)
+            else:
+                federation.run(ROOT, config, tmp_path / name, round_timeout=120)
             seconds[name] = time.monotonic() - t0
     print("seconds per run:", {k: round(v, 1) for k, v in seconds.items()})
     assert_no_leftovers("FLWR_HOME", str(tmp_path.resolve() / "home" / "flwr"))
-    for name, config in [("plain", cfg), *runs.items()]:  # the in-process runs, DP's noise from the run seed
-        if name != "secure":
-            run(config, tmp_path / "inproc" / name)
 
     bound = 3 * 2 * cfg.secagg_clip / cfg.secagg_quantization  # U·2c/T, U = 3 nodes a round
     pairs = list(zip(checkpoints(tmp_path / "inproc" / "plain"), checkpoints(tmp_path / "secure")))
@@ -163,7 +172,8 @@ def test_secagg_and_dp_on_a_loopback_deployment(tiny, tmp_path):
             assert secure["local_accuracy"] == plain["local_accuracy"]
 
     sample = read_metrics(tmp_path / "sample")
-    assert len(sample) == cfg.rounds and min(len(m["clients"]) for m in sample) < 3  # someone sat a round out
+    assert len(sample) == 2 and (tmp_path / "sample" / "global_adapter" / "adapter_model.safetensors").is_file()
+    assert min(len(m["clients"]) for m in sample) < 3  # someone sat a round out
     taken = {u: 0 for u in range(3)}
     for m in sample:
         for u in m["clients"]:
