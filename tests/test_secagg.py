@@ -171,11 +171,11 @@ def test_secagg_and_dp_on_a_loopback_deployment(tiny, tmp_path):
         if secure["round"] == 1:  # the nodes trained from the same global as the in-process clients
             assert secure["local_accuracy"] == plain["local_accuracy"]
 
-    sample = read_metrics(tmp_path / "sample")
-    assert len(sample) == 2 and (tmp_path / "sample" / "global_adapter" / "adapter_model.safetensors").is_file()
-    assert min(len(m["clients"]) for m in sample) < 3  # someone sat a round out
+    history = read_metrics(tmp_path / "sample")
+    assert len(history) == 2 and (tmp_path / "sample" / "global_adapter" / "adapter_model.safetensors").is_file()
+    assert min(len(m["clients"]) for m in history) < 3  # someone sat a round out
     taken = {u: 0 for u in range(3)}
-    for m in sample:
+    for m in history:
         for u in m["clients"]:
             taken[u] += 1
         assert set(m["dp_epsilon"]) == {"0", "1", "2"} and m["dp_noise"] == 1.0
@@ -184,16 +184,16 @@ def test_secagg_and_dp_on_a_loopback_deployment(tiny, tmp_path):
             assert eps == pytest.approx(epsilon(1.0, min(1.0, cfg.batch_size / n), cfg.local_steps * taken[int(u)],
                                                 1 / n))
         assert m["dp_epsilon_max"] == max(m["dp_epsilon"].values()) > 0
-    assert sample[0]["train_loss"] != read_metrics(tmp_path / "inproc" / "sample")[0]["train_loss"]  # nodes' noise
+    assert history[0]["train_loss"] != read_metrics(tmp_path / "inproc" / "sample")[0]["train_loss"]  # nodes' noise
 
     (client,) = read_metrics(tmp_path / "client")
     assert client["dp_epsilon"] == {str(u): pytest.approx(epsilon(0.5, 1.0, 1, 1 / 3)) for u in range(3)}
     assert client["dp_epsilon_max"] == max(client["dp_epsilon"].values())
     (seeded,) = read_metrics(tmp_path / "inproc" / "client")
     assert client["local_accuracy"] == seeded["local_accuracy"]  # the nodes trained as in process, without noise;
-    flower, inproc = (load_file(d / "global_adapter" / "adapter_model.safetensors")  # the server's noise is its own
-                      for d in (tmp_path / "client", tmp_path / "inproc" / "client"))
-    assert flower.keys() == inproc.keys() and not any(torch.equal(flower[k], inproc[k]) for k in flower)
+    deployed, simulated = (load_file(d / "global_adapter" / "adapter_model.safetensors")  # the server's noise is
+                           for d in (tmp_path / "client", tmp_path / "inproc" / "client"))  # its own
+    assert deployed.keys() == simulated.keys() and not any(torch.equal(deployed[k], simulated[k]) for k in deployed)
 
 
 # ---- refusals -----------------------------------------------------------------------------------------
@@ -217,7 +217,6 @@ def test_secagg_refuses_what_it_cannot_serve(tmp_path):
         RunConfig(method="fedit", secagg=True, secagg_shares=2)
     with pytest.raises(FloranaError, match="secagg=true with dp='client' is not supported"):
         RunConfig(method="fedit", secagg=True, dp="client", dp_noise=1.0, weighting="uniform")
-    RunConfig(method="fedit", secagg=True, dp="sample", dp_noise=1.0)  # each client noises its own training
     with pytest.raises(FloranaError, match="secagg=true is for the Flower runtime .* would hide nothing"):
         run(RunConfig(method="fedit", secagg=True), tmp_path / "x")
     assert not (tmp_path / "x").exists()
