@@ -2,22 +2,24 @@
 global adapter to within the quantisation bound, while the server only ever holds the clients' sum."""
 
 import re
+import time
 from pathlib import Path
 
 import pytest
+import test_flower
 import torch
-
 from factories import make_clients
 from safetensors.torch import load_file
-import test_flower
-from test_flower import LocalGrid
+from test_flower import ROOT, LocalGrid, assert_no_leftovers
 
+from florana.aggregation import METHODS, aggregate_adapters
 from florana.config import RunConfig
 from florana.errors import FloranaError
 from florana.federation.engine import read_metrics, run
-from florana.aggregation import METHODS, aggregate_adapters
+from florana.flower.deploy import Loopback
 from florana.lora import LoraAdapter, LoraModule
 from florana.lora.adapter import padded_to_rank
+from florana.privacy import epsilon
 
 tiny = test_flower.tiny  # the Flower tests' tiny model and data (a fixture)
 
@@ -120,6 +122,80 @@ def test_a_run_under_secagg_gives_the_plain_runs_global_adapter(tiny, tmp_path, 
     assert [m["local_accuracy"] for m in history] == [m["local_accuracy"] for m in read_metrics(tmp_path / "plain")]
 
 
+# ---- on real processes --------------------------------------------------------------------------------
+def test_secagg_and_dp_on_a_loopback_deployment(tiny, tmp_path):
+    """A SuperLink and 3 SuperNodes on loopback (every message a fresh ClientApp process), three runs of fedit.
+    SecAgg+ (2 rounds, example weights): each round's global tensors are within the quantisation bound of the plain
+    run's (U·2c/T = 5.7e-6 in round 1, twice that in round 2, which trains from round 1's slightly different global;
+    plus 1e-7 for float32), no relative_error, and the masked upload booked: an int64 a value plus one for the
+    weight, twice the plain float32 bytes plus 8 per node. The plain run is the in-process one, which a plain
+    loopback run equals bit for bit (test_flower.py's deployment tests). DP-SGD (2 of 3 clients a round) with an ε
+    budget that round 3 would exceed: rounds 1 and 2 run, every client's ε in metrics.jsonl is the accountant's for
+    the rounds it took part in, and the run stops before round 3 keeping global_adapter/, as in process. DP-FedAvg
+    (1 round) finishes with the federation's ε. The nodes' (DP-SGD) and the server's (DP-FedAvg) noise is not the
+    run seed's."""
+    cfg = RunConfig(**{**tiny, "num_clients": 3}, method="fedit", weighting="examples")
+    sample = cfg.with_overrides(dp="sample", dp_noise=1.0, dp_clip=0.5, sample_fraction=0.67, rounds=3)
+    inproc = {"plain": cfg, "sample": sample,  # in process: DP's noise from the run seed, no budget
+              "client": cfg.with_overrides(dp="client", dp_noise=0.5, dp_clip=0.05, weighting="uniform", rounds=1)}
+    for name, config in inproc.items():
+        run(config, tmp_path / "inproc" / name)
+    free = [m["dp_epsilon_max"] for m in read_metrics(tmp_path / "inproc" / "sample")]
+    assert free[1] < free[2]  # round 3 takes a client past every ε of round 2: a budget between them stops it
+    runs = {"secure": cfg.with_overrides(secagg=True), "sample": sample.with_overrides(dp_epsilon=sum(free[1:]) / 2),
+            "client": inproc["client"]}
+    seconds = {}
+    with Loopback(tmp_path / "home", 3).start() as federation:
+        for name, config in runs.items():
+            t0 = time.monotonic()
+            if name == "sample":
+                with pytest.raises(FloranaError, match="stopped before round 3: it would take client"):
+                    federation.run(ROOT, config, tmp_path / name, round_timeout=120)
+            else:
+                federation.run(ROOT, config, tmp_path / name, round_timeout=120)
+            seconds[name] = time.monotonic() - t0
+    print("seconds per run:", {k: round(v, 1) for k, v in seconds.items()})
+    assert_no_leftovers("FLWR_HOME", str(tmp_path.resolve() / "home" / "flwr"))
+
+    bound = 3 * 2 * cfg.secagg_clip / cfg.secagg_quantization  # U·2c/T, U = 3 nodes a round
+    pairs = list(zip(checkpoints(tmp_path / "inproc" / "plain"), checkpoints(tmp_path / "secure")))
+    assert len(pairs) == cfg.rounds
+    for r, (a, b) in enumerate(pairs, 1):
+        assert a.keys() == b.keys()
+        worst = max((a[k] - b[k]).abs().max().item() for k in a)
+        print(f"round {r}: largest difference {worst:.2e}, bound {r * bound + 1e-7:.2e}")
+        assert 0 < worst <= r * bound + 1e-7, (r, worst, bound)
+    for plain, secure in zip(read_metrics(tmp_path / "inproc" / "plain"), read_metrics(tmp_path / "secure")):
+        assert plain["relative_error"] is not None and secure["relative_error"] is None
+        assert secure["flower_bytes_up"] == secure["bytes_up"] == 2 * plain["bytes_up"] + 8 * len(secure["clients"])
+        if secure["round"] == 1:  # the nodes trained from the same global as the in-process clients
+            assert secure["local_accuracy"] == plain["local_accuracy"]
+
+    history = read_metrics(tmp_path / "sample")
+    assert len(history) == 2 and (tmp_path / "sample" / "global_adapter" / "adapter_model.safetensors").is_file()
+    assert min(len(m["clients"]) for m in history) < 3  # someone sat a round out
+    taken = {u: 0 for u in range(3)}
+    for m in history:
+        for u in m["clients"]:
+            taken[u] += 1
+        assert set(m["dp_epsilon"]) == {"0", "1", "2"} and m["dp_noise"] == 1.0
+        for u, eps in m["dp_epsilon"].items():
+            n = round(1 / m["dp_delta"][u])  # δ defaults to 1/N_u
+            assert eps == pytest.approx(epsilon(1.0, min(1.0, cfg.batch_size / n), cfg.local_steps * taken[int(u)],
+                                                1 / n))
+        assert m["dp_epsilon_max"] == max(m["dp_epsilon"].values()) > 0
+    assert history[0]["train_loss"] != read_metrics(tmp_path / "inproc" / "sample")[0]["train_loss"]  # nodes' noise
+
+    (client,) = read_metrics(tmp_path / "client")
+    assert client["dp_epsilon"] == {str(u): pytest.approx(epsilon(0.5, 1.0, 1, 1 / 3)) for u in range(3)}
+    assert client["dp_epsilon_max"] == max(client["dp_epsilon"].values())
+    (seeded,) = read_metrics(tmp_path / "inproc" / "client")
+    assert client["local_accuracy"] == seeded["local_accuracy"]  # the nodes trained as in process, without noise;
+    deployed, simulated = (load_file(d / "global_adapter" / "adapter_model.safetensors")  # the server's noise is
+                           for d in (tmp_path / "client", tmp_path / "inproc" / "client"))  # its own
+    assert deployed.keys() == simulated.keys() and not any(torch.equal(deployed[k], simulated[k]) for k in deployed)
+
+
 # ---- refusals -----------------------------------------------------------------------------------------
 @pytest.mark.parametrize("name", sorted(m for m in METHODS if not METHODS[m].sum_shaped))
 def test_a_method_that_needs_each_clients_factors_refuses_secagg_saying_why(name):
@@ -139,6 +215,8 @@ def test_secagg_refuses_what_it_cannot_serve(tmp_path):
         RunConfig(method="fedit", secagg=True, secagg_threshold=0.5)
     with pytest.raises(FloranaError, match="secagg_shares must be 0 or >= 3"):
         RunConfig(method="fedit", secagg=True, secagg_shares=2)
+    with pytest.raises(FloranaError, match="secagg=true with dp='client' is not supported"):
+        RunConfig(method="fedit", secagg=True, dp="client", dp_noise=1.0, weighting="uniform")
     with pytest.raises(FloranaError, match="secagg=true is for the Flower runtime .* would hide nothing"):
         run(RunConfig(method="fedit", secagg=True), tmp_path / "x")
     assert not (tmp_path / "x").exists()

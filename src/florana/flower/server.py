@@ -23,8 +23,8 @@ from florana.config import RunConfig, describe, differences
 from florana.errors import FloranaError
 from florana.data import load_examples
 from florana.federation.checkpoint import write_text_atomic
-from florana.federation.engine import (Client, Federation, LocalResult, close_run, open_run, record_round,
-                                       resumed_config)
+from florana.federation.engine import (BudgetSpent, Client, Federation, LocalResult, close_run, open_run,
+                                       record_round, resumed_config)
 from florana.federation.methods import BOUNDS
 from florana.flower.handshake import base_model_folder, hash_problem, model_hash, version_problem, versions
 from florana.flower.nodedata import agree_labels, check_count, server_split
@@ -447,8 +447,13 @@ def serve(grid: Grid, config: RunConfig | None, run_dir: Path, *, resume: bool =
             strategy.wait_for_nodes(grid, answers)
             if strategy.own:  # which slots hold nodes' own data (no sizes, no labels: those are theirs)
                 write_text_atomic(run_dir / "partition.json", json.dumps(fed.data.stats, indent=1))
-            strategy.start(grid, to_record(fed.global_tensors), num_rounds=fed.config.rounds - start + 1,
-                           timeout=round_timeout)
+            try:
+                strategy.start(grid, to_record(fed.global_tensors), num_rounds=fed.config.rounds - start + 1,
+                               timeout=round_timeout)
+            except BudgetSpent:  # as in process: the rounds done are closed and kept, then the run says why
+                if fed.history:
+                    close_run(fed, run_dir)
+                raise
         close_run(fed, run_dir)
     except FloranaError as e:  # the run log says why the run stopped, wherever the ServerApp ran
         log.error("%s", e)
