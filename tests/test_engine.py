@@ -15,14 +15,14 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from florana.config import RunConfig, load_config
+from florana.config import load_config
 from florana.errors import FloranaError
 from florana.federation import engine
 from florana.federation.engine import read_metrics, run
 from florana.aggregation import METHODS
 from florana.federation.methods import ALL_METHODS, BOUNDS
 from florana.lora import load_adapter
-from tiny import arithmetic_jsonl, sentiment_csv, tiny_bert, tiny_bert_bf16, tiny_llama
+from tiny import arithmetic_jsonl, sentiment_csv, tiny_bert, tiny_bert_bf16, tiny_config, tiny_llama
 
 
 @pytest.fixture(scope="module")
@@ -30,14 +30,6 @@ def assets(tmp_path_factory):
     root = tmp_path_factory.mktemp("assets")
     return {"bert": tiny_bert(root), "bert-bf16": tiny_bert_bf16(root), "llama": tiny_llama(root),
             "csv": sentiment_csv(root), "jsonl": arithmetic_jsonl(root), "root": root}
-
-
-def tiny_config(assets, **kw):
-    base = dict(model=str(assets["bert"]), dataset=str(assets["csv"]), num_clients=3, rounds=2, local_steps=2,
-                batch_size=8, test_size=40, client_test_max=10, max_length=16, lora_r=2, lora_alpha=4.0,
-                threads=1, bf16=False, lr=5e-3, alpha=1.0)
-    base.update(kw)
-    return RunConfig(**base)
 
 
 def strip_timing(history):

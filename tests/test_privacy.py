@@ -8,7 +8,6 @@ import pytest
 import torch
 from opacus.accountants import RDPAccountant
 
-from florana.config import RunConfig
 from florana.errors import FloranaError
 from florana.federation.engine import BudgetSpent, read_metrics, run
 from florana.privacy import (calibrate_noise, clip_per_example, clip_update, dp_fedavg, epsilon, gaussian_noise,
@@ -18,21 +17,13 @@ from florana.privacy.per_example import per_example_gradients
 from florana.report.tables import run_numbers
 from florana.train.local import example_losses
 from florana.train.model import load_model
-from tiny import sentiment_csv, tiny_bert, tiny_llama
+from tiny import sentiment_csv, tiny_bert, tiny_config, tiny_llama
 
 
 @pytest.fixture(scope="module")
 def assets(tmp_path_factory):
     root = tmp_path_factory.mktemp("assets")
     return {"bert": tiny_bert(root), "llama": tiny_llama(root), "csv": sentiment_csv(root)}
-
-
-def tiny_config(assets, **kw):
-    base = dict(model=str(assets["bert"]), dataset=str(assets["csv"]), num_clients=3, rounds=2, local_steps=2,
-                batch_size=8, test_size=40, client_test_max=10, max_length=16, lora_r=2, lora_alpha=4.0,
-                threads=1, bf16=False, lr=5e-3, alpha=1.0)
-    base.update(kw)
-    return RunConfig(**base)
 
 
 def lora_model(assets, task):

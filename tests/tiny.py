@@ -7,6 +7,7 @@ from pathlib import Path
 import torch
 from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification, LlamaConfig, LlamaForCausalLM
 
+from florana.config import RunConfig
 from florana.train.model import resolve_model
 
 GOOD = "good great fine superb lovely wonderful brilliant moving".split()
@@ -76,3 +77,13 @@ def arithmetic_jsonl(root: Path, n: int = 60, seed: int = 0) -> Path:
             a, b = rng.randint(1, 9), rng.randint(1, 9)
             f.write(json.dumps({"question": f"What is {a} plus {b}?", "answer": str(a + b)}) + "\n")
     return path
+
+
+def tiny_config(assets, **kw) -> RunConfig:
+    """A run on the tiny BERT and the sentiment CSV of `assets` ({"bert": …, "csv": …}): 3 clients, 2 rounds of 2
+    steps, seconds on a CPU; `kw` overrides any key."""
+    base = dict(model=str(assets["bert"]), dataset=str(assets["csv"]), num_clients=3, rounds=2, local_steps=2,
+                batch_size=8, test_size=40, client_test_max=10, max_length=16, lora_r=2, lora_alpha=4.0,
+                threads=1, bf16=False, lr=5e-3, alpha=1.0)
+    base.update(kw)
+    return RunConfig(**base)
