@@ -323,3 +323,16 @@ def test_provenance(tmp_path):
     assert git_commit(tmp_path) == {"commit": "unknown", "dirty": None}  # not a git checkout
     info = machine()
     assert info["cpu_count"] >= 1 and info["torch"] and math.isfinite(info.get("memory_gib", 1.0))
+
+
+def test_plot_bands_stay_within_each_metrics_range():
+    """With two seeds a t interval is mean ± 12.7 std: an accuracy band reached 1.8 and −0.6 in a committed plot.
+    Bands are clipped to where the metric can lie; the mean is untouched."""
+    from florana.report.plots import curve
+
+    runs = [[{"round": 1, "global_accuracy": 0.55, "relative_error": 0.02}],
+            [{"round": 1, "global_accuracy": 0.95, "relative_error": 0.30}]]
+    (_, mean, low, high), = curve(runs, "global_accuracy")
+    assert mean == pytest.approx(0.75) and low == 0.0 and high == 1.0
+    (_, mean, low, high), = curve(runs, "relative_error")
+    assert mean == pytest.approx(0.16) and low == 0.0 and high > 0.30  # no ceiling on an error

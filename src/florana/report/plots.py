@@ -17,6 +17,9 @@ PANELS = (
     ("accuracy_mib.png", "global_accuracy", "cum_mib", "global test accuracy against MiB on the wire"),
 )
 AXIS = {"round": "round", "cum_mib": "cumulative MiB on the wire (up + down)"}
+# where a metric can lie: a band is clipped to it (with two seeds a t interval is ±12.7 std and leaves [0, 1])
+RANGE = {"global_accuracy": (0.0, 1.0), "relative_error": (0.0, None), "error_floor": (0.0, None),
+         "cum_mib": (0.0, None)}
 
 
 def value(m: dict, key: str) -> float | None:
@@ -28,7 +31,7 @@ def value(m: dict, key: str) -> float | None:
 
 def curve(histories: list[list[dict]], y: str, x: str = "round", confidence: float = CONFIDENCE) -> list[tuple]:
     """(mean x, mean y, low, high) per round that every history has a value of y for; low and high are the t
-    interval over the histories (None for one)."""
+    interval over the histories (None for one), clipped to the metric's RANGE."""
     by_round = [{m["round"]: m for m in h} for h in histories]
     out = []
     for r in sorted(set.intersection(*(set(b) for b in by_round))):
@@ -37,7 +40,12 @@ def curve(histories: list[list[dict]], y: str, x: str = "round", confidence: flo
             continue
         xs = [value(b[r], x) for b in by_round]
         est = mean_ci(ys, confidence)
-        out.append((sum(xs) / len(xs), est.mean, est.low, est.high))
+        low, high = est.low, est.high
+        if low is not None:
+            floor, ceiling = RANGE.get(y, (None, None))
+            low = low if floor is None else max(low, floor)
+            high = high if ceiling is None else min(high, ceiling)
+        out.append((sum(xs) / len(xs), est.mean, low, high))
     return out
 
 
@@ -96,7 +104,7 @@ def plot_bands(runs: dict[str, list[list[dict]]], out_dir: Path, confidence: flo
         if drawn:
             ax.legend(fontsize=7, ncol=2 if len(runs) > 6 else 1)
         if len(runs) and any(len(h) > 1 for h in runs.values()):
-            fig.text(0.99, 0.01, f"mean over seeds; band: {confidence:.0%} t interval", ha="right", fontsize=7,
+            fig.text(0.99, 0.01, f"mean over seeds; band: {confidence:.0%} t interval (within the metric's range)", ha="right", fontsize=7,
                      color="gray")
         fig.tight_layout()
         path = out_dir / filename
