@@ -4,6 +4,7 @@ import csv
 import io
 import json
 import re
+import tomllib
 
 import pytest
 from typer.testing import CliRunner
@@ -289,3 +290,22 @@ def test_real_offline_default_end_to_end(tmp_path):
     base = AutoModelForSequenceClassification.from_pretrained(resolve_model("minilm")[0], num_labels=2)
     model = PeftModel.from_pretrained(base, out / "global_adapter")
     assert sum(p.numel() for n, p in model.named_parameters() if "lora_" in n) > 0
+
+
+def test_run_takes_any_config_key_with_set(tiny_cfg, tmp_path):
+    """The README's privacy commands (`florana run --set dp=sample --set dp_epsilon=3`) work: --set reaches every
+    config key, read as its type; a list key takes a,b; an unknown key, a bad value or a key also given by its own
+    flag is a clear error."""
+    out = tmp_path / "dp"
+    res = runner.invoke(app, ["run", "--config", str(tiny_cfg), "--rounds", "1", "--out", str(out), "--quiet",
+                              "--set", "dp=sample", "--set", "dp-epsilon=3", "--set", "target_modules=query,key"])
+    assert res.exit_code == 0, res.output
+    saved = RunConfig(**tomllib.loads((out / "config.toml").read_text()))
+    assert (saved.dp, saved.dp_epsilon, list(saved.target_modules)) == ("sample", 3.0, ["query", "key"])
+    metrics = json.loads((out / "metrics.jsonl").read_text().splitlines()[0])
+    assert 0 < metrics["dp_epsilon_max"] <= 3.0
+    for args, said in ((["--set", "bogus=1"], "--set bogus: unknown key"),
+                       (["--set", "dp_epsilon=three"], "'three' is not a float"),
+                       (["--method", "fedit", "--set", "method=ffa"], "--set method repeats --method")):
+        res = runner.invoke(app, ["run", "--config", str(tiny_cfg), "--out", str(tmp_path / "x"), *args])
+        assert res.exit_code != 0 and said in res.output, res.output

@@ -140,14 +140,22 @@ def run(
     gpus_per_client: Annotated[float, typer.Option(min=0.0, help="flower: the share of a GPU Ray gives each client "
                                                                  "(e.g. 0.25: four clients train on one GPU at "
                                                                  "once); 0: clients train on the CPU.")] = 0.0,
+    set_: Annotated[list[str] | None, typer.Option("--set", help="Any other config key, KEY=VALUE (repeatable; "
+                                                                "a list key takes a,b,c), e.g. --set dp=sample")] = None,
 ) -> None:
     """Federated LoRA fine-tuning (offline MiniLM + Rotten Tomatoes by default), in one process or on Flower.
     With --resume, flags and --config must match the run's config, except --rounds, which extends it."""
+    from florana.federation.compare import parse_settings
+
     try:
         flags = dict(method=method, rounds=rounds, seed=seed, alpha=alpha, num_clients=num_clients,
                      local_steps=local_steps, partition=partition, dataset=dataset, model=model, task=task,
                      text_column=text_column, label_column=label_column, device=device,
                      client_ranks=None if client_ranks is None else _numbers(client_ranks, int, "--client-ranks"))
+        for key, value in parse_settings(set_ or []).items():
+            if flags.get(key) is not None:
+                raise FloranaError(f"--set {key} repeats --{key.replace('_', '-')}: give it once")
+            flags[key] = value
         if resume is not None:
             extend_run(resume, config, flags)
             cfg = None

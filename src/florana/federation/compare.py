@@ -29,26 +29,47 @@ def run_name(method: str, alpha: float, seed: int, extra: dict | None = None) ->
     return f"{method}-alpha{alpha:g}{keys}-seed{seed}"
 
 
+def _key_and_text(item: str, takes: str) -> tuple[str, str, str]:
+    """'key=text' → (key, its type in RunConfig, text), the key known; `takes` shows the form in errors."""
+    key, sep, text = item.partition("=")
+    key = key.strip().replace("-", "_")
+    if not sep or not text.strip():
+        raise FloranaError(f"--set takes {takes}, got {item!r}")
+    if key not in FIELDS:
+        raise FloranaError(f"--set {key}: unknown key; known keys: {', '.join(FIELDS)}")
+    return key, FIELDS[key].type, text.strip()
+
+
 def parse_grid(items: list[str]) -> dict[str, list]:
     """`--set key=v1,v2,...` (repeatable) as {key: [values]}, each value read as the key's type in RunConfig (its
     range is checked when the run's config is made)."""
     grid: dict[str, list] = {}
     for item in items:
-        key, sep, values = item.partition("=")
-        key = key.strip().replace("-", "_")
-        if not sep or not values.strip():
-            raise FloranaError(f"--set takes key=v1,v2,..., got {item!r}")
+        key, kind, values = _key_and_text(item, "key=v1,v2,...")
         if key in AXES:
             raise FloranaError(f"--set {key}: use {AXES[key]} for it")
-        if key not in FIELDS:
-            raise FloranaError(f"--set {key}: unknown key; known keys: {', '.join(FIELDS)}")
         if key in grid:
             raise FloranaError(f"--set {key} is given twice; list all its values in one --set {key}=v1,v2")
-        kind = FIELDS[key].type
         if kind.startswith("list"):
             raise FloranaError(f"--set {key}: a list key cannot be a grid axis (set it in --config)")
         grid[key] = [_typed(key, kind, v.strip()) for v in values.split(",") if v.strip()]
     return grid
+
+
+def parse_settings(items: list[str]) -> dict:
+    """`florana run --set key=value` (repeatable) as {key: value}, read as the key's type in RunConfig; a list key
+    takes comma-separated items (--set target_modules=query,key,value)."""
+    settings: dict = {}
+    for item in items:
+        key, kind, text = _key_and_text(item, "key=value")
+        if key in settings:
+            raise FloranaError(f"--set {key} is given twice")
+        if kind.startswith("list"):
+            inner = kind[len("list["):-1]
+            settings[key] = [_typed(key, inner, v.strip()) for v in text.split(",") if v.strip()]
+        else:
+            settings[key] = _typed(key, kind, text)
+    return settings
 
 
 def _typed(key: str, kind: str, text: str):
