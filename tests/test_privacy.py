@@ -211,3 +211,21 @@ def test_deployed_dp_draws_its_noise_from_os_entropy_not_the_run_seed(assets):
     seeded, secret = uploads[False], uploads[True]
     assert all(torch.equal(seeded[0][k], seeded[1][k]) for k in seeded[0])  # the simulation repeats exactly
     assert any(not torch.equal(secret[0][k], secret[1][k]) for k in secret[0])  # the deployment does not
+
+
+def test_client_level_dp_on_a_server_whose_nodes_hold_the_data(assets):
+    """A Flower server with node-local data holds no client's examples, only the counts they report (Client.size):
+    DP-FedAvg's denominator and the ε it records count those clients, as sampling does, not an empty train set."""
+    from dataclasses import replace
+
+    from florana.federation.engine import Federation
+    from florana.train.tasks import Encoded
+
+    fed = Federation(tiny_config(assets, dp="client", dp_noise=1.0, method="fedit", weighting="uniform",
+                                 sample_fraction=1.0))
+    fed.data.clients[:] = [replace(c, train=Encoded([], [])) for c in fed.data.clients]  # as on such a server
+    noisy = fed.private_sum({}, 1)  # nobody's update arrived: the noise alone, over m = 1.0 × 3 clients
+    assert all(torch.isfinite(t).all() for t in noisy.state_dict().values())
+    metrics = {"round": 1, "clients": []}
+    fed.charge_privacy(metrics)
+    assert set(metrics["dp_epsilon"]) == {"0", "1", "2"}

@@ -580,7 +580,7 @@ class Federation:
         round (sample_fraction × clients with data), so that no client's presence moves the denominator."""
         received = self.wire_keys(self.global_tensors, up=True, round_=round_)
         uploads = [r.tensors for r in results.values() if r.tensors is not None and usable(r.loss, r.tensors)]
-        eligible = sum(1 for c in self.data.clients if len(c.train) > 0)
+        eligible = sum(1 for c in self.data.clients if c.size > 0)  # as sample() counts: a remote node reports it
         noisy = dp_fedavg(received, uploads, clip=self.config.dp_clip, noise=self.privacy.noise,
                           denominator=self.config.sample_fraction * eligible,
                           generator=torch.Generator().manual_seed(dp_seed(derive_seed(self.config.seed, 9, round_),
@@ -597,7 +597,7 @@ class Federation:
             eps = {str(u): plan.epsilon(u, self.spent.get(u, 0)) for u in plan.rates}
         else:
             shared = plan.epsilon(FEDERATION, self.spent[FEDERATION])
-            eps = {str(u): shared for u, c in enumerate(self.data.clients) if len(c.train) > 0}
+            eps = {str(u): shared for u, c in enumerate(self.data.clients) if c.size > 0}
         metrics.update(dp_epsilon=eps, dp_epsilon_max=max(eps.values(), default=0.0), dp_noise=plan.noise,
                        dp_delta={str(u): d for u, d in plan.deltas.items()} if plan.mode == "sample" else
                        plan.deltas[FEDERATION])
