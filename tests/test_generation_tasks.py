@@ -16,8 +16,8 @@ from florana.federation.engine import run
 from florana.train.device import precision_for
 from florana.train.model import load_model
 from florana.train.sandbox import Limits
-from florana.train.tasks import CausalLMTask, CodeTask, extract_code
-from tiny import arithmetic_jsonl, tiny_llama
+from florana.train.tasks import CausalLMTask, ClassificationTask, CodeTask, Encoded, extract_code
+from tiny import arithmetic_jsonl, tiny_bert, tiny_llama
 
 FP32 = precision_for(torch.device("cpu"), False)  # exact comparisons: no autocast
 
@@ -104,6 +104,64 @@ def test_causal_evaluate_reports_generated_tokens_and_seconds(assets):
     scores = task.evaluate(model, data, batch_size=4)
     assert 0 <= scores["accuracy"] <= 1 and scores["loss"] > 0
     assert 0 < scores["generated_tokens"] <= 4 * 6 and scores["generate_seconds"] > 0
+
+
+# ---- evaluation batches by length ------------------------------------------------------------------------------
+class Widths(torch.nn.Module):
+    """A model wrapper that records the padded width of every batch it is given."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model, self.widths = model, []
+
+    def forward(self, **batch):
+        self.widths.append(batch["input_ids"].shape[1])
+        return self.model(**batch)
+
+    def generate(self, **kw):
+        self.widths.append(kw["input_ids"].shape[1])
+        return self.model.generate(**kw)
+
+
+def interleaved(lengths_short_long: tuple[int, int], n: int, vocab: int = 2000, seed: int = 0) -> list[list[int]]:
+    """n token sequences alternating short and long, the worst order for padding in file order."""
+    g = random.Random(seed)
+    return [[g.randrange(1000, vocab) for _ in range(lengths_short_long[i % 2] + g.randrange(3))] for i in range(n)]
+
+
+def test_classification_scores_batches_of_similar_length_and_keeps_each_prediction_with_its_example(assets):
+    """Batches are formed in order of length, so a short example is not padded to a long one's width; predictions
+    go back to their examples: the same accuracy, macro-F1 and loss as scoring each example alone."""
+    from florana.train.model import load_model
+    lora = {"r": 2, "lora_alpha": 4.0, "lora_dropout": 0.0, "use_rslora": False, "target_modules": ["query", "value"]}
+    model, tok = load_model("classification", str(tiny_bert(assets["root"])), 2, lora, 0)
+    task = ClassificationTask(tok, max_length=64, num_classes=2, precision=FP32)
+    ids = interleaved((4, 40), 16)
+    data = Encoded(ids=ids, targets=[i % 3 % 2 for i in range(16)])
+    wrapped = Widths(model.eval())
+    scores = task.evaluate(wrapped, data, batch_size=8)
+    assert sorted(wrapped.widths) == [8, 48]  # file order would pad both batches to 48
+    alone = [task.evaluate(model, data.subset([i]), batch_size=1) for i in range(16)]
+    assert scores["accuracy"] == pytest.approx(np.mean([a["accuracy"] for a in alone]))
+    assert scores["loss"] == pytest.approx(np.mean([a["loss"] for a in alone]), rel=1e-5)
+    assert 0 < scores["accuracy"] < 1  # a mix of right and wrong answers, so order mistakes would show
+
+
+def test_causal_evaluate_generates_for_prompts_of_similar_length_and_keeps_each_completion_with_its_example(assets):
+    model, tok = tiny_peft(assets)
+    task = CausalLMTask(tok, max_length=64, precision=FP32, max_new_tokens=4)
+    prompts = interleaved((3, 30), 8)
+    answers = []
+    for p in prompts:  # each example's gold answer is what the model says to it alone, so all 8 must match
+        text, _ = task.generate(model, [p])
+        answers.append(text[0].strip() or "-")
+    data = Encoded(ids=prompts, targets=[[-100] * (len(p) - 1) + [p[-1]] for p in prompts], answers=answers,
+                   prompts=prompts)
+    task.correct = lambda completions, data, idx: [c.strip() == data.answers[i] for c, i in zip(completions, idx)]
+    wrapped = Widths(model)
+    scores = task.evaluate(wrapped, data, batch_size=4)
+    assert scores["accuracy"] == 1.0
+    assert sorted(set(wrapped.widths)) == [8, 32]  # short prompts with short ones, long with long
 
 
 # ---- eval_max_examples and the final evaluation ----------------------------------------------------------------

@@ -63,6 +63,13 @@ def _pad(seqs: list[list[int]], value: int, left: bool = False) -> torch.Tensor:
     return torch.tensor(rows, dtype=torch.long)
 
 
+def by_length(lengths: list[int], batch_size: int) -> list[list[int]]:
+    """Evaluation batches of indices in order of length (ties in index order): each batch pads to nearly its own
+    length, not to the longest example in a random draw. Scores do not depend on order, only the padding does."""
+    order = sorted(range(len(lengths)), key=lambda i: (lengths[i], i))
+    return [order[start:start + batch_size] for start in range(0, len(order), batch_size)]
+
+
 def macro_f1(pred: np.ndarray, gold: np.ndarray, num_classes: int) -> float:
     scores = []
     for c in range(num_classes):
@@ -97,17 +104,16 @@ class ClassificationTask:
     @torch.no_grad()
     def evaluate(self, model, data: Encoded, batch_size: int) -> dict:
         model.eval()
-        preds, losses = [], []
-        for start in range(0, len(data), batch_size):
-            idx = range(start, min(start + batch_size, len(data)))
+        if not len(data):
+            return {"accuracy": None, "macro_f1": None, "loss": None}
+        pred, losses = np.empty(len(data), dtype=np.int64), []
+        for idx in by_length([len(s) for s in data.ids], batch_size):
             batch = self.batch(data, idx)
             with self.precision.autocast():
                 out = model(**batch)
-            preds.append(out.logits.float().argmax(-1).cpu().numpy())
+            pred[idx] = out.logits.float().argmax(-1).cpu().numpy()
             losses.append(out.loss.float().item() * len(idx))
-        if not preds:
-            return {"accuracy": None, "macro_f1": None, "loss": None}
-        pred, gold = np.concatenate(preds), np.array(data.targets)
+        gold = np.array(data.targets)
         return {"accuracy": float((pred == gold).mean()), "macro_f1": macro_f1(pred, gold, self.num_classes),
                 "loss": float(sum(losses) / len(data))}
 
@@ -214,9 +220,8 @@ class CausalLMTask:
     def evaluate(self, model, data: Encoded, batch_size: int) -> dict:
         """Accuracy of greedy completions and the answer loss; with the tokens generated and the seconds it took."""
         model.eval()
-        loss_sum, tokens, completions, generated, seconds = 0.0, 0, [], 0, 0.0
-        for start in range(0, len(data), batch_size):
-            idx = list(range(start, min(start + batch_size, len(data))))
+        loss_sum, tokens, completions, generated, seconds = 0.0, 0, [""] * len(data), 0, 0.0
+        for idx in by_length([len(p) for p in data.prompts], batch_size):
             batch = self.batch(data, idx)
             with self.precision.autocast():
                 out = model(**batch)
@@ -225,7 +230,8 @@ class CausalLMTask:
             t0 = time.perf_counter()
             texts, count = self.generate(model, [data.prompts[i] for i in idx])
             seconds += time.perf_counter() - t0
-            completions += texts
+            for i, text in zip(idx, texts):
+                completions[i] = text
             generated += count
         if not len(data):
             return {"accuracy": None, "macro_f1": None, "loss": None}
