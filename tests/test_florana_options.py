@@ -203,6 +203,9 @@ def test_run_config_keys_reach_the_method_and_compare_makes_variants():
     assert by_method == {"fedit": {("sum_p", "client_norm")},
                          "florana": {("sum_p", "client_norm"), ("balanced", "client_norm")},
                          "svd": {("sum_p", "client_norm"), ("sum_p", "b")}}
+    # the default's values are the default's runs (an ablation reuses them): only the variants carry an option
+    assert sorted(plan) == ["fedit-alpha0.5-seed0", "florana-alpha0.5-florana_gaugebalanced-seed0",
+                            "florana-alpha0.5-seed0", "svd-alpha0.5-seed0", "svd-alpha0.5-svd_splitb-seed0"]
 
 
 # ---- diagnostics ------------------------------------------------------------------------------------------

@@ -84,12 +84,14 @@ def _typed(key: str, kind: str, text: str):
 def plan_runs(base: RunConfig, methods: list[str], seeds: list[int], alphas: list[float],
               grid: dict[str, list] | None = None) -> list[tuple[str, RunConfig]]:
     """Each run's folder name and config: every alpha × seed × grid values × method. A grid key named after a
-    method (lora_fair_steps) varies for that method's runs only; the others run once with the base value."""
+    method (lora_fair_steps) varies for that method's runs only; the others run once with the base value. A grid
+    value equal to the base's is the base run, with its plain name: an ablation reuses the finished runs of the
+    default and runs only its variants."""
     grid = grid or {}
     plan: dict[str, RunConfig] = {}
     for alpha, seed, values, method in itertools.product(alphas, seeds, itertools.product(*grid.values()), methods):
         extra = {k: v for k, v in zip(grid, values) if method_owning(k, METHODS) in (None, method)}
-        name = run_name(method, alpha, seed, extra)
+        name = run_name(method, alpha, seed, {k: v for k, v in extra.items() if v != getattr(base, k)})
         if name not in plan:
             plan[name] = base.with_overrides(method=method, seed=seed, alpha=alpha, **extra)
     return list(plan.items())
