@@ -1,13 +1,16 @@
 #!/usr/bin/env bash
-# The evidence sweep of issue 14, in the order its answers are needed: FedIT, FLoRA-NA and the rank-r SVD first, then
-# every other aggregator and both bounds at the default α, then α = 0.1 and 1.0. Two streams split the seeds (a: seed
-# 0, b: seeds 1 and 2), each one torch thread: two single-thread runs side by side beat one two-thread run on this
-# 2-core machine. Each `florana compare` reuses its folder's finished runs and resumes an unfinished one, so a killed
-# sweep restarts where it stopped: start both streams again. Runs go under $SWEEP (not committed);
-# scripts/sweep_results.sh summarises the finished ones into results/.
-#   for s in a b; do nohup setsid nice -n 19 scripts/sweep_evidence.sh $s > runs/sweep-$s.log 2>&1 & done
-# Stream c is issue 12's privacy table (sample-level DP at ε = 1, 3, 8; its no-DP rows are streams a and b's runs);
-# stream d the causal-LM task (configs/arithmetic_smollm2.toml, into its own folder).
+# The evidence sweeps of issues 14 and 12, as streams of `florana compare` in the order their answers are needed. Each
+# compare reuses its folder's finished runs and resumes an unfinished one, so a killed sweep restarts where it
+# stopped: start its streams again. Every run is the default config (configs/default.toml) with one torch thread
+# (two single-thread runs side by side beat one two-thread run on a 2-core machine); runs go under $SWEEP (not
+# committed) and scripts/sweep_results.sh summarises the finished ones into results/.
+#   for s in a b; do nohup scripts/sweep_evidence.sh $s > runs/sweep-$s.log 2>&1 & done
+# a: Rotten Tomatoes at seed 0: FedIT, FLoRA-NA, svd, then every other aggregator and both bounds, then α = 0.1, 1.0.
+# b: the same at seeds 1 and 2, with issue 12's privacy table (c) after FedIT, FLoRA-NA and svd.
+# c: issue 12: fedit, ffa, fedsa, florana, svd under sample-level DP at ε = 1, 3, 8 (and their runs without DP).
+# d: the causal-LM task (configs/arithmetic_smollm2.toml) into its own folder.
+# e: 20 Newsgroups (the default config on dataset twenty_newsgroups) at α = 0.1 and 1.0.
+# f: issue 14 part 4, FLoRA-NA's and svd's options at α = 0.1 and 0.5 (the default's runs are reused as its rows).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 FLORANA=${FLORANA:-.venv/bin/florana}
@@ -17,28 +20,47 @@ REST=ffa,fedsa,fedex,flora,flexlora,rolora,lora_fair,hetlora,fedsvd,centralized,
 mkdir -p "$SWEEP"
 CONFIG="$SWEEP/default-1thread.toml"  # the default, one torch thread (threads is not a setting in the tables)
 { cat configs/default.toml; echo "threads = 1"; } > "$CONFIG"
+NG_CONFIG="$SWEEP/twenty_newsgroups-1thread.toml"  # the same config on the second task: nothing tuned for it
+sed 's/^dataset = .*/dataset = "twenty_newsgroups"/' "$CONFIG" > "$NG_CONFIG"
 rt() { "$FLORANA" compare --config "$CONFIG" --out "$SWEEP/rotten_tomatoes" --quiet "$@"; }
+privacy() {  # the runs without DP first (shared with streams a and b), then ε = 8, 3, 1 seed by seed
+    rt --methods fedit,ffa,fedsa,florana,svd --seeds "$1" --alpha 0.5
+    rt --methods fedit,ffa,fedsa,florana,svd --seeds "$1" --alpha 0.5 --set dp=sample --set dp_epsilon=8,3,1
+}
+ablation() {  # one option at a time against the default's runs (a value equal to the default is its plain run)
+    local alphas=0.1,0.5
+    rt --methods fedit,florana,svd --seeds "$1" --alpha "$alphas"
+    rt --methods florana --seeds "$1" --alpha "$alphas" --set florana_solver=als,gradient
+    rt --methods florana --seeds "$1" --alpha "$alphas" --set florana_gauge=sum_p,balanced,client_norm
+    rt --methods florana --seeds "$1" --alpha "$alphas" --set florana_prox=0,0.1
+    rt --methods svd --seeds "$1" --alpha "$alphas" --set svd_split=client_norm,balanced,b
+}
 
-case "${1:?stream a, b, c or d}" in
+case "${1:?stream a, b, c, d, e or f}" in
   a)
-    # fedit seed 0 began with two threads, before the sweep split into streams
-    "$FLORANA" compare --config configs/default.toml --out "$SWEEP/rotten_tomatoes" --quiet --methods fedit \
-        --seeds 0 --alpha 0.5
-    rt --methods florana,svd --seeds 0 --alpha 0.5
+    rt --methods "$HEAD" --seeds 0 --alpha 0.5  # fedit seed 0 ran on two threads: compare reuses it as it is
     rt --methods "$REST" --seeds 0 --alpha 0.5
     rt --methods "$HEAD,$REST" --seeds 0 --alpha 0.1,1.0
     ;;
   b)
     rt --methods "$HEAD" --seeds 1,2 --alpha 0.5
+    for seed in 1 2 0; do privacy $seed; done
     rt --methods "$REST" --seeds 1,2 --alpha 0.5
     rt --methods "$HEAD,$REST" --seeds 1,2 --alpha 0.1,1.0
     ;;
   c)
-    rt --methods fedit,ffa,fedsa,florana,svd --seeds 0,1,2 --alpha 0.5 --set dp=sample --set dp_epsilon=1,3,8
+    for seed in 0 1 2; do privacy $seed; done
     ;;
   d)
     "$FLORANA" compare --config configs/arithmetic_smollm2.toml --out "$SWEEP/arithmetic" --quiet \
         --methods fedit,florana,svd,ffa,fedsa,centralized --seeds 0,1,2
     ;;
-  *) echo "stream a, b, c or d" >&2; exit 2 ;;
+  e)
+    "$FLORANA" compare --config "$NG_CONFIG" --out "$SWEEP/twenty_newsgroups" --quiet \
+        --methods "$HEAD,ffa,fedsa,centralized,local" --seeds 0,1,2 --alpha 0.1,1.0
+    ;;
+  f)
+    for seed in 0 1 2; do ablation $seed; done
+    ;;
+  *) echo "stream a, b, c, d, e or f" >&2; exit 2 ;;
 esac

@@ -63,6 +63,15 @@ def test_compare_then_report(tiny_cfg, tmp_path):
     res = runner.invoke(app, ["compare", "--methods", "fedit", "--seeds", "0", "--config", str(tiny_cfg),
                               "--out", str(out), "--quiet"])
     assert res.exit_code == 0 and (out / "fedit-alpha0.5-seed0" / "metrics.jsonl").stat().st_mtime_ns == before
+    # ... also by a compare that would run it on more threads (how a run executes, not what it computes)
+    more_threads = tmp_path / "threads.toml"
+    more_threads.write_text(tiny_cfg.read_text().replace("threads = 1\n", "threads = 2\n")
+                            .replace("keep_checkpoints = 2\n", "keep_checkpoints = 3\n"))
+    assert {"threads = 2", "keep_checkpoints = 3"} <= set(more_threads.read_text().splitlines())
+    res = runner.invoke(app, ["compare", "--methods", "fedit", "--seeds", "0", "--config", str(more_threads),
+                              "--out", str(out), "--quiet"])
+    assert res.exit_code == 0, res.output
+    assert (out / "fedit-alpha0.5-seed0" / "metrics.jsonl").stat().st_mtime_ns == before
     # ... and only when their config is the one asked for: otherwise an error, or --force to redo them
     run_dir = out / "fedit-alpha0.5-seed0"
     args = ["compare", "--methods", "fedit", "--seeds", "0", "--config", str(tiny_cfg), "--rounds", "3", "--out",

@@ -97,19 +97,24 @@ def plan_runs(base: RunConfig, methods: list[str], seeds: list[int], alphas: lis
     return list(plan.items())
 
 
+# keys that change how a run executes, not what it computes: a folder whose run differs only in them is reused as it is
+HOW_IT_RUNS = frozenset({"threads", "keep_checkpoints"})
+
+
 def compare(base: RunConfig, methods: list[str], seeds: list[int], alphas: list[float], out: Path,
             progress=None, force: bool = False, target: float = TARGET, baseline: str = BASELINE,
             grid: dict[str, list] | None = None) -> list[dict]:
     """Runs (or resumes, or reuses when finished) each combination under out/, then writes the summary
     (report.summary: tables with intervals over seeds, paired differences against `baseline`, the cost of reaching
     `target`, plots/<setting>/, provenance). `grid` adds config keys to vary (plan_runs). The partition depends only
-    on the seed and the config, never on the method. A run folder is reused only for an identical config; otherwise
-    an error, or with `force` the old run is removed."""
+    on the seed and the config, never on the method. A run folder is reused only for the same config (HOW_IT_RUNS
+    aside: it resumes with its own); otherwise an error, or with `force` the old run is removed."""
     out = Path(out)
     check_compare_folder(out)
     plan = [(config, out / name) for name, config in plan_runs(base, methods, seeds, alphas, grid)]
     for config, run_dir in plan:  # all checked before any run starts
-        if (run_dir / "config.toml").exists() and (changes := differences(resumed_config(run_dir), config)):
+        changes = differences(resumed_config(run_dir), config) if (run_dir / "config.toml").exists() else {}
+        if changes := {k: v for k, v in changes.items() if k not in HOW_IT_RUNS}:
             if not force:
                 raise FloranaError(f"{run_dir}: holds a run of another config ({describe(changes)}); pass --force "
                                    "to redo it, or choose another --out")
