@@ -23,6 +23,7 @@ table() {
     printf '%s\n' "${finished[@]##*/}" | grep -Eq -- "$needs" || return 0
     rm -rf "results/$name"
     "$FLORANA" report "${finished[@]}" --out "results/$name" > /dev/null
+    rm -rf "results/$name/.mpl"  # matplotlib's cache
     echo "results/$name: ${#finished[@]} finished runs"
 }
 

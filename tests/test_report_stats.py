@@ -5,6 +5,7 @@ import csv
 import io
 import json
 import math
+import os
 
 import pytest
 
@@ -291,6 +292,15 @@ def test_write_summary_files(tmp_path):
     write_summary(find_runs([root / "fedit-alpha0.1-seed0", root / "florana-alpha0.1-seed0"]), out)
     assert sorted(p.name for p in (out / "run_configs").iterdir()) == ["fedit-alpha0.1-seed0.toml",
                                                                       "florana-alpha0.1-seed0.toml"]
+
+
+def test_a_summary_keeps_matplotlib_s_cache_out_of_its_plots(tmp_path, monkeypatch):
+    """Without a user's MPLCONFIGDIR, matplotlib's cache goes to the summary's top (.mpl, ignored by git and known
+    to the folder checks), never into plots/, which results/ commits."""
+    monkeypatch.delenv("MPLCONFIGDIR", raising=False)
+    root = write_runs(tmp_path / "sweep", grid())
+    write_summary(find_runs([root]), tmp_path / "results")
+    assert os.environ["MPLCONFIGDIR"] == str(tmp_path / "results" / ".mpl")
 
 
 def test_find_runs_names_twins_by_their_parent(tmp_path):

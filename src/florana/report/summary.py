@@ -5,6 +5,7 @@ committed."""
 from __future__ import annotations
 
 import json
+import os
 import re
 import tomllib
 from pathlib import Path
@@ -74,6 +75,9 @@ def write_summary(runs: list[Run], out: Path, target: float = TARGET, baseline: 
     rows = tables.summarize(runs, target)
     pairs = tables.paired(runs, baseline)
     out.mkdir(parents=True, exist_ok=True)
+    # matplotlib's cache at the summary's top (.mpl: the folder checks know it, .gitignore keeps it out of results/),
+    # not inside plots/, where plot_bands would put it
+    os.environ.setdefault("MPLCONFIGDIR", str(out / ".mpl"))
     plots = {}
     for setting, group in _by_setting(runs).items():
         by_label: dict[str, list[list[dict]]] = {}
