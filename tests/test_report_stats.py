@@ -125,6 +125,7 @@ def test_run_numbers():
                 fedit=[0.4] * 4, seconds=5.0, mib_per_round=3.0)
     n = tables.run_numbers(h, target=0.7)
     assert n["global_accuracy"] == 0.75 and n["best_global_accuracy"] == 0.75 and n["best_round"] == 4
+    assert n["mean_global_accuracy"] == pytest.approx((0.6 + 0.72 + 0.68 + 0.75) / 4)  # lags early: below final
     assert n["relative_error"] == pytest.approx(0.2) and n["fedit_error"] == pytest.approx(0.4)
     assert n["error_floor"] == pytest.approx(0.1)
     assert n["total_mib"] == pytest.approx(12.0) and n["seconds"] == pytest.approx(20.0)
