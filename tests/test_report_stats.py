@@ -275,7 +275,7 @@ def test_write_summary_files(tmp_path):
     assert list(paired[0]) == tables.PAIRED_KEYS and {p["setting"] for p in paired} == {"alpha=0.1", "alpha=1", "all"}
     assert all(p["bootstrap_ci_low"] for p in paired)
     per_run = list(csv.DictReader(io.StringIO((out / "runs.csv").read_text())))
-    assert len(per_run) == 12 and list(per_run[0]) == tables.RUN_KEYS
+    assert len(per_run) == 12 and list(per_run[0]) == tables.RUN_KEYS and "mean_global_accuracy" in per_run[0]
     for setting in ("alpha0.1", "alpha1"):
         assert sorted(p.name for p in (out / "plots" / setting).iterdir()) == [
             "accuracy.png", "accuracy_mib.png", "bytes.png", "error.png"]

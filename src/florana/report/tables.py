@@ -334,8 +334,8 @@ SUMMARY_KEYS = (["method", "setting", "alpha", "seeds", "seed_list", "rounds"]
 PAIRED_KEYS = ["method", "setting", "metric", "baseline", "n", "diff_mean", "diff_std", "t_ci_low", "t_ci_high",
                "p_value", "bootstrap_ci_low", "bootstrap_ci_high", "wins", "ties", "losses"]
 RUN_KEYS = ["name", "method", "setting", "seed", "rounds", "global_accuracy", "best_global_accuracy", "best_round",
-            "local_accuracy_mean", "global_macro_f1", "relative_error", "fedit_error", "error_floor", "total_mib",
-            "seconds", "rounds_to_target", "mib_to_target", "seconds_to_target"]
+            "mean_global_accuracy", "local_accuracy_mean", "global_macro_f1", "relative_error", "fedit_error",
+            "error_floor", "total_mib", "seconds", "rounds_to_target", "mib_to_target", "seconds_to_target"]
 
 
 def to_csv(rows: list[dict]) -> str:
