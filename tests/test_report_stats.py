@@ -258,8 +258,9 @@ def test_write_summary_files(tmp_path):
     root = write_runs(tmp_path / "sweep", grid(alphas=(0.1, 1.0)))
     out = tmp_path / "results"
     rows = write_summary(find_runs([root]), out, target=0.6)
-    assert sorted(p.name for p in out.iterdir()) == ["paired.csv", "plots", "provenance.json", "rounds.csv",
-                                                     "run_configs", "runs.csv", "summary.csv", "summary.md"]
+    assert sorted(p.name for p in out.iterdir()) == ["paired.csv", "paired_rounds.csv", "plots", "provenance.json",
+                                                     "rounds.csv", "run_configs", "runs.csv", "summary.csv",
+                                                     "summary.md"]
     per_round = list(csv.DictReader(io.StringIO((out / "rounds.csv").read_text())))
     assert len(per_round) == 2 * 2 * 3  # methods × settings × rounds
     last = next(r for r in per_round if (r["method"], r["setting"], r["round"]) == ("fedit", "alpha=0.1", "3"))
@@ -278,7 +279,21 @@ def test_write_summary_files(tmp_path):
     assert len(per_run) == 12 and list(per_run[0]) == tables.RUN_KEYS and "mean_global_accuracy" in per_run[0]
     for setting in ("alpha0.1", "alpha1"):
         assert sorted(p.name for p in (out / "plots" / setting).iterdir()) == [
-            "accuracy.png", "accuracy_mib.png", "bytes.png", "error.png"]
+            "accuracy.png", "accuracy_mib.png", "accuracy_vs_fedit.png", "bytes.png", "error.png"]
+    # florana − fedit round by round, paired by seed: grid() makes florana's final accuracy fedit's + shift[seed]
+    by_round = list(csv.DictReader(io.StringIO((out / "paired_rounds.csv").read_text())))
+    assert {r["method"] for r in by_round} == {"florana"} and len(by_round) == 2 * 3  # settings × rounds
+    assert list(by_round[0])[:4] == ["method", "setting", "round", "seeds"] and "cum_mib" not in by_round[0]
+    fedit = {(r.setting, r.seed): r.history for r in tables.label_runs(find_runs([root])) if r.method == "fedit"}
+    florana = {(r.setting, r.seed): r.history for r in tables.label_runs(find_runs([root])) if r.method == "florana"}
+    for row in by_round:
+        i = int(row["round"]) - 1
+        diffs = [florana[k][i]["global_accuracy"] - fedit[k][i]["global_accuracy"] for k in fedit
+                 if k[0] == row["setting"]]
+        est = stats.mean_ci(diffs)
+        assert row["seeds"] == "3" and float(row["global_accuracy_vs_fedit"]) == pytest.approx(est.mean)
+        assert float(row["global_accuracy_vs_fedit_ci_low"]) == pytest.approx(est.low)
+    assert "accuracy_vs_fedit.png" in (out / "summary.md").read_text()
     info = json.loads((out / "provenance.json").read_text())
     assert info["statistics"]["target"] == 0.6 and info["statistics"]["bootstrap"]["seed"] == 0
     assert set(info["machine"]) >= {"platform", "cpu", "cpu_count", "torch"} and len(info["runs"]) == 12

@@ -17,6 +17,12 @@ PANELS = (
     ("accuracy_mib.png", "global_accuracy", "cum_mib", "global test accuracy against MiB on the wire"),
 )
 AXIS = {"round": "round", "cum_mib": "cumulative MiB on the wire (up + down)"}
+
+
+def paired_panel(baseline: str) -> tuple:
+    """The panel of tables.paired_histories' differences: a method's accuracy minus the baseline's, by round."""
+    return (f"accuracy_vs_{baseline}.png", f"global_accuracy_vs_{baseline}", "round",
+            f"global test accuracy − {baseline}'s, paired by seed (0: no difference)")
 # where a metric can lie: a band is clipped to it (with two seeds a t interval is ±12.7 std and leaves [0, 1])
 RANGE = {"global_accuracy": (0.0, 1.0), "relative_error": (0.0, None), "error_floor": (0.0, None),
          "cum_mib": (0.0, None)}
@@ -54,11 +60,12 @@ def plot_runs(histories: dict[str, list[dict]], out_dir: Path) -> list[Path]:
     return plot_bands({label: [h] for label, h in histories.items()}, out_dir)
 
 
-def plot_bands(runs: dict[str, list[list[dict]]], out_dir: Path, confidence: float = CONFIDENCE) -> list[Path]:
+def plot_bands(runs: dict[str, list[list[dict]]], out_dir: Path, confidence: float = CONFIDENCE,
+               panels: tuple = PANELS) -> list[Path]:
     """One line per label: the mean over its histories (its seeds) with a band of the t interval where there are
     two or more (an error bar for a single point); the error panel adds each label's mean rank-r floor, dotted. A
     label whose runs send nothing (the centralized and local bounds) is a dashed level at its last accuracy on the
-    MiB panel."""
+    MiB panel. A difference panel (paired_panel) has a line at 0."""
     os.environ.setdefault("MPLCONFIGDIR", str(Path(out_dir).parent / ".mpl"))
     import matplotlib
 
@@ -71,9 +78,11 @@ def plot_bands(runs: dict[str, list[list[dict]]], out_dir: Path, confidence: flo
     palette = plt.get_cmap("tab10" if len(runs) <= 10 else "tab20")
     colours = {label: palette(i % palette.N) for i, label in enumerate(runs)}
     written = []
-    for filename, y, x, title in PANELS:
+    for filename, y, x, title in panels:
         fig, ax = plt.subplots(figsize=(7, 4.5))
         drawn = False
+        if "_vs_" in y:
+            ax.axhline(0.0, color="gray", lw=0.8)
         for label, histories in runs.items():
             colour = colours[label]
             points = curve(histories, y, x, confidence)

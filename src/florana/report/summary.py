@@ -14,12 +14,13 @@ from florana.errors import FloranaError
 from florana.federation.checkpoint import write_text_atomic
 from florana.federation.methods import ALL_METHODS
 from florana.report import tables
-from florana.report.plots import plot_bands
+from florana.report.plots import paired_panel, plot_bands
 from florana.report.provenance import git_commit, machine, now, read_sessions
 from florana.report.stats import BOOTSTRAP_SEED, CONFIDENCE, RESAMPLES, TIE
 from florana.report.tables import BASELINE, TARGET, Run
 
-SUMMARY_FILES = ("summary.md", "summary.csv", "paired.csv", "runs.csv", "rounds.csv", "provenance.json")
+SUMMARY_FILES = ("summary.md", "summary.csv", "paired.csv", "runs.csv", "rounds.csv", "paired_rounds.csv",
+                 "provenance.json")
 SUMMARY_FOLDERS = ("plots", "run_configs")
 
 
@@ -80,11 +81,11 @@ def write_summary(runs: list[Run], out: Path, target: float = TARGET, baseline: 
     os.environ.setdefault("MPLCONFIGDIR", str(out / ".mpl"))
     plots = {}
     for setting, group in _by_setting(runs).items():
-        by_label: dict[str, list[list[dict]]] = {}
-        for r in group:
-            by_label.setdefault(r.label, []).append(r.history)
         plots[setting] = f"plots/{slug(setting)}"
-        plot_bands(by_label, out / plots[setting])
+        plot_bands(_histories_by_label(group), out / plots[setting])
+    diffs = tables.paired_histories(runs, baseline)
+    for setting, group in _by_setting(diffs).items():
+        plot_bands(_histories_by_label(group), out / plots[setting], panels=(paired_panel(baseline),))
     info = provenance(runs, out, target, baseline)
     head = _header(runs, info, target)
     write_text_atomic(out / "summary.md", head + tables.to_markdown(rows, pairs, baseline, plots))
@@ -92,8 +93,16 @@ def write_summary(runs: list[Run], out: Path, target: float = TARGET, baseline: 
     write_text_atomic(out / "paired.csv", tables.paired_csv(pairs))
     write_text_atomic(out / "runs.csv", tables.runs_csv(runs, target))
     write_text_atomic(out / "rounds.csv", tables.rounds_csv(runs))
+    write_text_atomic(out / "paired_rounds.csv", tables.rounds_csv(diffs))
     write_text_atomic(out / "provenance.json", json.dumps(info, indent=1) + "\n")
     return rows
+
+
+def _histories_by_label(runs: list[Run]) -> dict[str, list[list[dict]]]:
+    out: dict[str, list[list[dict]]] = {}
+    for r in runs:
+        out.setdefault(r.label, []).append(r.history)
+    return out
 
 
 def _by_setting(runs: list[Run]) -> dict[str, list[Run]]:

@@ -273,8 +273,9 @@ def to_markdown(rows: list[dict], pairs: list[dict] | None = None, baseline: str
         out += [""] + _paired_table([p for p in pairs if p["setting"] == setting], baseline, level)
         if plots and setting in plots:
             folder = plots[setting]
+            paired_plot = (f"accuracy_vs_{baseline}",) if any(p["setting"] == setting for p in pairs) else ()
             out += ["", " ".join(f"![{name}]({folder}/{name}.png)" for name in
-                                 ("accuracy", "error", "accuracy_mib", "bytes")), ""]
+                                 ("accuracy", "error", "accuracy_mib", "bytes", *paired_plot)), ""]
         out.append("")
     pooled = [p for p in pairs if p["setting"] == "all"]
     if pooled:
@@ -359,7 +360,8 @@ def round_rows(runs: list[Run], confidence: float = CONFIDENCE) -> tuple[list[di
     runs record per round (what later versions add comes along), and the cumulative MiB; with its column names."""
     skip = {"round", "seed", "alpha"}
     keys = sorted({k for r in runs for m in r.history for k, v in m.items()
-                   if k not in skip and isinstance(v, (int, float)) and not isinstance(v, bool)}) + ["cum_mib"]
+                   if k not in skip and isinstance(v, (int, float)) and not isinstance(v, bool)})
+    keys += ["cum_mib"] if any("cum_bytes_up" in m for r in runs for m in r.history) else []
     rows = []
     for (setting, label), members in groups(runs).items():
         by_round = [{m["round"]: m for m in r.history} for r in members]
@@ -378,6 +380,24 @@ def round_rows(runs: list[Run], confidence: float = CONFIDENCE) -> tuple[list[di
 def rounds_csv(runs: list[Run]) -> str:
     rows, keys = round_rows(runs)
     return _csv(rows, keys)
+
+
+def paired_histories(runs: list[Run], baseline: str = BASELINE, key: str = "global_accuracy") -> list[Run]:
+    """Every labelled run with a `baseline` run on its setting and seed, as a run whose history is, round by
+    round, its `key` minus the baseline's (`key`_vs_`baseline`): averaged over seeds, a paired difference per round
+    with its t interval (whether a method lags early, and when it catches up)."""
+    name = f"{key}_vs_{baseline}"
+    base = {(r.setting, r.seed): {m["round"]: m.get(key) for m in r.history} for r in runs if r.label == baseline}
+    out = []
+    for r in runs:
+        other = base.get((r.setting, r.seed))
+        if r.label == baseline or other is None:
+            continue
+        history = [{"round": m["round"], "method": r.method, "seed": r.seed, name: m[key] - other[m["round"]]}
+                   for m in r.history if m.get(key) is not None and other.get(m["round"]) is not None]
+        if history:
+            out.append(Run(history, r.config, r.name, r.folder, r.label, r.setting))
+    return out
 
 
 def rich_table(rows: list[dict]):
