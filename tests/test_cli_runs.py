@@ -319,3 +319,35 @@ def test_run_takes_any_config_key_with_set(tiny_cfg, tmp_path):
                        (["--method", "fedit", "--set", "method=ffa"], "--set method repeats --method")):
         res = runner.invoke(app, ["run", "--config", str(tiny_cfg), "--out", str(tmp_path / "x"), *args])
         assert res.exit_code != 0 and said in res.output, res.output
+
+
+def test_global_features_script_tells_a_collapsed_representation_from_a_biased_head(tiny_cfg, tmp_path, monkeypatch):
+    """scripts/global_features.py reads a run's last checkpoint and prints its margins and [CLS] spread; an encoder
+    whose output no longer depends on the input (a collapsed representation) has a spread of exactly 0."""
+    import importlib.util
+    from pathlib import Path
+
+    import torch
+
+    from florana.federation import engine
+
+    spec = importlib.util.spec_from_file_location("global_features", Path(__file__).parents[1] / "scripts" /
+                                                  "global_features.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    out = tmp_path / "run"
+    res = runner.invoke(app, ["run", "--config", str(tiny_cfg), "--rounds", "1", "--out", str(out), "--quiet"])
+    assert res.exit_code == 0, res.output
+    pattern = (r"run \(round 1\): margin mean [+-]\d\.\d{3}, std \d\.\d{3}, by gold class \[[+-]\d\.\d{3}, "
+               r"[+-]\d\.\d{3}\]; \[CLS\] spread (\S+)")
+    found = re.fullmatch(pattern, script.spread(out))
+    assert found and float(found.group(1)) > 0
+    real_init = engine.Federation.__init__
+
+    def collapsed(self, *a, **k):  # the encoder's last layer outputs zeros, whatever the input
+        real_init(self, *a, **k)
+        last_norm = self.model.base_model.model.bert.encoder.layer[-1].output.LayerNorm
+        last_norm.register_forward_hook(lambda module, args, output: torch.zeros_like(output))
+    monkeypatch.setattr(engine.Federation, "__init__", collapsed)
+    found = re.fullmatch(pattern, script.spread(out))
+    assert found and float(found.group(1)) == 0 and ", std 0.000," in found.group(0)
