@@ -18,9 +18,9 @@ import time
 import numpy as np
 import torch
 
-from florana.train import tasks
 from florana.config import load_config
 from florana.federation.engine import Federation, derive_seed
+from florana.train import tasks
 
 
 def in_file_order(lengths: list[int], batch_size: int) -> list[list[int]]:

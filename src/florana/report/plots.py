@@ -17,15 +17,15 @@ PANELS = (
     ("accuracy_mib.png", "global_accuracy", "cum_mib", "global test accuracy against MiB on the wire"),
 )
 AXIS = {"round": "round", "cum_mib": "cumulative MiB on the wire (up + down)"}
+# where a metric can lie: a band is clipped to it (with two seeds a t interval is ±12.7 std and leaves [0, 1])
+RANGE = {"global_accuracy": (0.0, 1.0), "relative_error": (0.0, None), "error_floor": (0.0, None),
+         "cum_mib": (0.0, None)}
 
 
 def paired_panel(baseline: str) -> tuple:
     """The panel of tables.paired_histories' differences: a method's accuracy minus the baseline's, by round."""
     return (f"accuracy_vs_{baseline}.png", f"global_accuracy_vs_{baseline}", "round",
             f"global test accuracy − {baseline}'s, paired by seed (0: no difference)")
-# where a metric can lie: a band is clipped to it (with two seeds a t interval is ±12.7 std and leaves [0, 1])
-RANGE = {"global_accuracy": (0.0, 1.0), "relative_error": (0.0, None), "error_floor": (0.0, None),
-         "cum_mib": (0.0, None)}
 
 
 def value(m: dict, key: str) -> float | None:
