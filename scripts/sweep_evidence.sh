@@ -4,7 +4,7 @@
 # stopped: start its streams again. Every run is the default config (configs/default.toml) with one torch thread
 # (two single-thread runs side by side beat one two-thread run on a 2-core machine); runs go under $SWEEP (not
 # committed) and scripts/sweep_results.sh summarises the finished ones into results/.
-#   for s in a b; do nohup scripts/sweep_evidence.sh $s > runs/sweep-$s.log 2>&1 & done
+#   mkdir -p runs && for s in a b; do nohup scripts/sweep_evidence.sh $s >> runs/sweep-$s.log 2>&1 & done
 # a: Rotten Tomatoes at seed 0: FedIT, FLoRA-NA, svd, then every other aggregator and both bounds, then α = 0.1, 1.0.
 # b: the same at seeds 1 and 2, with the ablation (f) of seed 2 and issue 12's privacy table (c) after FedIT,
 #    FLoRA-NA and svd.
