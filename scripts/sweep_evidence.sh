@@ -8,7 +8,8 @@
 # a: Rotten Tomatoes at seed 0: FedIT, FLoRA-NA, svd, then every other aggregator and both bounds, then α = 0.1, 1.0.
 # b: the same at seeds 1 and 2, with the ablation (f) of seed 2 and issue 12's privacy table (c) after FedIT,
 #    FLoRA-NA and svd.
-# c: issue 12: fedit, ffa, fedsa, florana, svd under sample-level DP at ε = 1, 3, 8 (and their runs without DP).
+# c [SEEDS]: issue 12: fedit, ffa, fedsa, florana, svd under sample-level DP at ε = 1, 3, 8 (and their runs without
+#    DP), for seeds 0 1 2 or the ones given.
 # d: the causal-LM task (configs/arithmetic_smollm2.toml) into its own folder.
 # e: 20 Newsgroups (the default config on dataset twenty_newsgroups) at α = 0.1 and 1.0.
 # f: issue 14 part 4, FLoRA-NA's and svd's options at α = 0.1 and 0.5 (the default's runs are reused as its rows).
@@ -52,8 +53,8 @@ case "${1:?stream a, b, c, d, e or f}" in
     rt --methods "$REST" --seeds 1,2 --alpha 0.5
     rt --methods "$HEAD,$REST" --seeds 1,2 --alpha 0.1,1.0
     ;;
-  c)
-    for seed in 0 1 2; do privacy $seed; done
+  c)  # optional seeds ("c 0"): streams b and c must not run the same seed at once (runs have no lock)
+    for seed in ${2:-0 1 2}; do privacy $seed; done
     ;;
   d)
     "$FLORANA" compare --config configs/arithmetic_smollm2.toml --out "$SWEEP/arithmetic" --quiet \
