@@ -53,7 +53,7 @@ def test_compare_then_report(tiny_cfg, tmp_path):
     assert all(p["baseline"] == "fedit" and p["setting"] == "alpha=0.5" for p in paired)
     assert len((out / "runs.csv").read_text().splitlines()) == 7
     assert sorted(p.name for p in (out / "plots" / "alpha0.5").iterdir()) == [
-        "accuracy.png", "accuracy_mib.png", "accuracy_vs_fedit.png", "bytes.png", "error.png"]
+        "accuracy.png", "accuracy_mib.png", "accuracy_vs_fedit.png", "bytes.png", "error.png", "spread.png"]
     info = json.loads((out / "provenance.json").read_text())
     assert len(info["runs"]) == 6 and all(r["finished"] and len(r["sessions"]) == 1 for r in info["runs"])
     assert (out / "run_configs" / "fedit-alpha0.5-seed1.toml").read_text() == \

@@ -16,7 +16,7 @@ from florana.federation.engine import run
 from florana.train.device import precision_for
 from florana.train.model import load_model
 from florana.train.sandbox import Limits
-from florana.train.tasks import CausalLMTask, ClassificationTask, CodeTask, Encoded, extract_code
+from florana.train.tasks import CausalLMTask, ClassificationTask, CodeTask, Encoded, extract_code, logit_spread
 from tiny import arithmetic_jsonl, tiny_bert, tiny_llama
 
 FP32 = precision_for(torch.device("cpu"), False)  # exact comparisons: no autocast
@@ -145,6 +145,32 @@ def test_classification_scores_batches_of_similar_length_and_keeps_each_predicti
     assert scores["accuracy"] == pytest.approx(np.mean([a["accuracy"] for a in alone]))
     assert scores["loss"] == pytest.approx(np.mean([a["loss"] for a in alone]), rel=1e-5)
     assert 0 < scores["accuracy"] < 1  # a mix of right and wrong answers, so order mistakes would show
+
+
+def test_logit_spread_tells_one_answer_for_every_input_from_varied_answers(assets):
+    """The spread is the std over examples of the per-example-centred logits, as scoring each example alone gives
+    them; a head that ignores its input (every example the same logits, as in a collapsed representation) has
+    spread 0 at the majority accuracy."""
+    from florana.train.model import load_model
+    lora = {"r": 2, "lora_alpha": 4.0, "lora_dropout": 0.0, "use_rslora": False, "target_modules": ["query", "value"]}
+    model, tok = load_model("classification", str(tiny_bert(assets["root"])), 2, lora, 0)
+    task = ClassificationTask(tok, max_length=64, num_classes=2, precision=FP32)
+    data = Encoded(ids=interleaved((4, 40), 16), targets=[i % 3 % 2 for i in range(16)])
+    model.eval()
+    with torch.no_grad():
+        alone = torch.cat([model(**task.batch(data, [i])).logits for i in range(16)])
+    expected = (alone - alone.mean(-1, keepdim=True)).std(0).mean().item()
+    assert task.evaluate(model, data, batch_size=8)["logit_spread"] == pytest.approx(expected, rel=1e-4)
+    assert expected > 1e-3
+    assert logit_spread(torch.tensor([[0.0, 2.0], [0.0, -2.0]])) == pytest.approx(2 ** 0.5)
+    assert logit_spread(torch.zeros(1, 2)) is None  # one example has no spread
+    head = [m for m in model.modules() if isinstance(m, torch.nn.Linear) and m.out_features == 2]
+    with torch.no_grad():
+        for linear in head:
+            linear.weight.zero_()
+    collapsed = task.evaluate(model, data, batch_size=8)
+    assert collapsed["logit_spread"] == pytest.approx(0.0, abs=1e-6)
+    assert collapsed["accuracy"] in (np.mean(data.targets), 1 - np.mean(data.targets))
 
 
 def test_causal_evaluate_generates_for_prompts_of_similar_length_and_keeps_each_completion_with_its_example(assets):

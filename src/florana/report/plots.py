@@ -1,6 +1,6 @@
 """PNG plots of run histories, one line per method: the mean over seeds with a band of its 95% t interval, of the
-global accuracy and the aggregation error against the round, the cumulative MiB against the round, and the
-accuracy against the cumulative MiB."""
+global accuracy and the aggregation error against the round, the cumulative MiB against the round, the
+accuracy against the cumulative MiB, and the logit spread against the round (classification)."""
 
 from __future__ import annotations
 
@@ -15,6 +15,8 @@ PANELS = (
     ("error.png", "relative_error", "round", "relative aggregation error ‖ΔW*−sB̂Â‖/‖ΔW*‖ (dotted: rank-r floor)"),
     ("bytes.png", "cum_mib", "round", "cumulative MiB on the wire (up + down)"),
     ("accuracy_mib.png", "global_accuracy", "cum_mib", "global test accuracy against MiB on the wire"),
+    ("spread.png", "global_logit_spread", "round",
+     "spread of the global model's logits across test examples (near 0: one answer for every input)"),
 )
 AXIS = {"round": "round", "cum_mib": "cumulative MiB on the wire (up + down)"}
 # where a metric can lie: a band is clipped to it (with two seeds a t interval is ±12.7 std and leaves [0, 1])
@@ -65,7 +67,8 @@ def plot_bands(runs: dict[str, list[list[dict]]], out_dir: Path, confidence: flo
     """One line per label: the mean over its histories (its seeds) with a band of the t interval where there are
     two or more (an error bar for a single point); the error panel adds each label's mean rank-r floor, dotted. A
     label whose runs send nothing (the centralized and local bounds) is a dashed level at its last accuracy on the
-    MiB panel. A difference panel (paired_panel) has a line at 0."""
+    MiB panel. A difference panel (paired_panel) has a line at 0. A panel whose metric no history records (the
+    logit spread of a causal LM) is not written."""
     os.environ.setdefault("MPLCONFIGDIR", str(Path(out_dir).parent / ".mpl"))
     import matplotlib
 
@@ -79,6 +82,8 @@ def plot_bands(runs: dict[str, list[list[dict]]], out_dir: Path, confidence: flo
     colours = {label: palette(i % palette.N) for i, label in enumerate(runs)}
     written = []
     for filename, y, x, title in panels:
+        if not any(value(m, y) is not None for hs in runs.values() for h in hs for m in h):
+            continue
         fig, ax = plt.subplots(figsize=(7, 4.5))
         drawn = False
         if "_vs_" in y:

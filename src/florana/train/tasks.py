@@ -81,6 +81,15 @@ def macro_f1(pred: np.ndarray, gold: np.ndarray, num_classes: int) -> float:
     return float(np.mean(scores)) if scores else 0.0
 
 
+def logit_spread(logits: torch.Tensor) -> float | None:
+    """How much a classifier's answers vary across examples: the std over examples of each class's logit, centred
+    per example (what softmax sees), averaged over classes. Near 0 when every input gets the same logits, a
+    collapsed representation, which accuracy alone cannot tell from a biased head on varied features."""
+    if len(logits) < 2:
+        return None
+    return float((logits - logits.mean(-1, keepdim=True)).std(0).mean())
+
+
 def on_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
     return {k: v.to(device) for k, v in batch.items()}
 
@@ -105,17 +114,18 @@ class ClassificationTask:
     def evaluate(self, model, data: Encoded, batch_size: int) -> dict:
         model.eval()
         if not len(data):
-            return {"accuracy": None, "macro_f1": None, "loss": None}
-        pred, losses = np.empty(len(data), dtype=np.int64), []
+            return {"accuracy": None, "macro_f1": None, "loss": None, "logit_spread": None}
+        pred, losses, logits = np.empty(len(data), dtype=np.int64), [], []
         for idx in by_length([len(s) for s in data.ids], batch_size):
             batch = self.batch(data, idx)
             with self.precision.autocast():
                 out = model(**batch)
-            pred[idx] = out.logits.float().argmax(-1).cpu().numpy()
+            logits.append(out.logits.float().cpu())
+            pred[idx] = logits[-1].argmax(-1).numpy()
             losses.append(out.loss.float().item() * len(idx))
         gold = np.array(data.targets)
         return {"accuracy": float((pred == gold).mean()), "macro_f1": macro_f1(pred, gold, self.num_classes),
-                "loss": float(sum(losses) / len(data))}
+                "loss": float(sum(losses) / len(data)), "logit_spread": logit_spread(torch.cat(logits))}
 
 
 def final_number(text: str) -> str | None:
