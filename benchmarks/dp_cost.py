@@ -28,7 +28,7 @@ fed = Federation(cfg)
 client = fed.data.clients[0]
 start = fed.client_start(0, 1)
 fed.params = fed.slots.trainable()
-rate = fed.privacy.rates[0] if fed.privacy else None
+private = 0 if fed.privacy else None
 def rss_kib():
     return int(open("/proc/self/status").read().split("VmRSS:")[1].split()[0])
 before = rss_kib()
@@ -37,9 +37,9 @@ if fed.device.type == "cuda":
 times = []
 for r in range(repeats):
     t = time.perf_counter()
-    fed.train_client(start, client.train, steps, derive_seed(0, r), rate=rate)
+    fed.train_client(start, client.train, steps, derive_seed(0, r), dp_client=private)
     times.append(time.perf_counter() - t)
-out = {"seconds_per_step": min(times) / steps, "noise": fed.privacy.noise if fed.privacy else None,
+out = {"seconds_per_step": min(times) / steps, "noise": fed.privacy.noise[0] if fed.privacy else None,
        "peak_extra_mib": (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024}
 if fed.device.type == "cuda":
     out["gpu_peak_extra_mib"] = (torch.cuda.max_memory_allocated() - base) / 2**20

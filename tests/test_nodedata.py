@@ -209,6 +209,23 @@ def test_two_nodes_with_their_own_data_and_no_text_leaves_them(files, tmp_path):
     assert all(k.count("query") == 1 and k.count("train") == 2 and k.count("evaluate") == 2 for k in kinds.values())
 
 
+def test_sample_level_dp_with_nodes_own_data_accounts_each_client_as_its_node_plans_it(files, tmp_path):
+    """The server never loads a node's own data: it plans the client's DP-SGD from the count the node reports, so
+    its σ, q and δ are the node's own and every client's recorded ε is where the target put it (each took part in
+    every round), under uniform weights too (where the count is not a weight)."""
+    from florana.flower import client
+    from florana.flower.server import serve
+
+    grid = NodeGrid([own(files["a"]), own(files["b"], **{"test-fraction": 0.5})])  # 48 and 30 training examples
+    serve(grid, tiny_config(files, dp="sample", dp_epsilon=4.0, weighting="uniform"), tmp_path / "run", node_wait=5)
+    last = read_metrics(tmp_path / "run")[-1]
+    assert sorted(last["dp_epsilon"]) == ["0", "1"] and all(3.8 <= e <= 4.0 for e in last["dp_epsilon"].values())
+    assert last["dp_noise"]["0"] != last["dp_noise"]["1"]  # each client's own σ for its own sample rate
+    node = next(iter(client._worker.values()))  # the last node process's Federation: it planned only itself
+    (u, sigma), = node.privacy.noise.items()
+    assert last["dp_noise"][str(u)] == sigma and last["dp_delta"][str(u)] == node.privacy.deltas[u]
+
+
 def test_a_server_test_file_scores_the_global_model(files, tmp_path):
     from florana.flower.server import serve
 

@@ -1,6 +1,7 @@
 """Differential privacy: per-example clipping, noise scale, the accountant against Opacus's own, calibration, the
 budget stop, client-level DP's refusals, and DP runs of the engine (metrics and resume) on tiny models."""
 
+import json
 import math
 
 import numpy as np
@@ -143,7 +144,7 @@ def test_a_dp_run_records_each_clients_epsilon_and_resumes_with_its_accounting(a
     for m in whole:  # ε grows for the clients that took part, by the accountant's count of their steps
         for u in m["clients"]:
             taken[u] += 1
-        assert m["dp_noise"] == 1.0 and set(m["dp_epsilon"]) == {"0", "1", "2"}
+        assert m["dp_noise"] == {"0": 1.0, "1": 1.0, "2": 1.0} and set(m["dp_epsilon"]) == {"0", "1", "2"}
         for u, eps in m["dp_epsilon"].items():
             n = int(1 / m["dp_delta"][u])  # δ defaults to 1/N_u
             assert eps == pytest.approx(epsilon(1.0, min(1.0, 8 / n), 2 * taken[int(u)], 1 / n))
@@ -158,6 +159,20 @@ def test_a_dp_run_records_each_clients_epsilon_and_resumes_with_its_accounting(a
     torch.testing.assert_close(torch.tensor(whole[-1]["train_loss"]), torch.tensor(split[-1]["train_loss"]))
 
 
+def test_a_checkpoint_with_one_noise_multiplier_for_all_clients_is_refused_on_resume(assets, tmp_path):
+    """Checkpoints written before each client had its own σ hold one number: resuming one would account the rounds
+    done with noise they did not have, so it stops and says why."""
+    cfg = tiny_config(assets, dp="sample", dp_noise=1.0, rounds=2)
+    run(cfg.with_overrides(rounds=1), tmp_path / "run")
+    state = tmp_path / "run" / "checkpoints" / "round-0001" / "state.json"
+    meta = json.loads(state.read_text())
+    assert meta["privacy"]["noise"] == {"0": 1.0, "1": 1.0, "2": 1.0}
+    meta["privacy"]["noise"] = 1.0  # as the older version wrote it
+    state.write_text(json.dumps(meta))
+    with pytest.raises(FloranaError, match="one for every client.*start the run afresh"):
+        run(cfg, tmp_path / "run", resume=True)
+
+
 def test_a_target_epsilon_stops_the_run_before_it_would_be_exceeded(assets, tmp_path):
     cfg = tiny_config(assets, dp="sample", dp_noise=1.0, rounds=6, bf16=True)  # bfloat16 autocast under DP too
     run(cfg.with_overrides(dp_epsilon=0.0, rounds=6), tmp_path / "free")
@@ -170,10 +185,17 @@ def test_a_target_epsilon_stops_the_run_before_it_would_be_exceeded(assets, tmp_
     assert (tmp_path / "capped" / "global_adapter").is_dir()  # the rounds done are closed and kept
 
 
-def test_calibrated_noise_ends_the_planned_rounds_within_the_target(assets, tmp_path):
-    run(tiny_config(assets, dp="sample", dp_epsilon=4.0, rounds=2), tmp_path / "run")
+def test_calibrated_noise_ends_the_planned_rounds_within_the_target_at_every_client(assets, tmp_path):
+    """Each client's σ is calibrated to its own sample rate and δ, so each ends at the target, not only the one with
+    the fewest examples (one σ for all would leave the others far below their budget under far more noise)."""
+    run(tiny_config(assets, dp="sample", dp_epsilon=4.0, rounds=2, partition="dirichlet", alpha=0.3),
+        tmp_path / "run")
     last = read_metrics(tmp_path / "run")[-1]
-    assert 3.8 <= last["dp_epsilon_max"] <= 4.0
+    sizes = {str(p["client"]): p["size"] for p in json.loads((tmp_path / "run" / "partition.json").read_text())}
+    assert len(set(sizes.values())) == 3  # clients of different sizes: different sample rates
+    assert all(3.8 <= e <= 4.0 for e in last["dp_epsilon"].values()) and len(last["dp_epsilon"]) == 3
+    smallest, largest = min(sizes, key=sizes.get), max(sizes, key=sizes.get)
+    assert last["dp_noise"][smallest] > last["dp_noise"][largest]  # a higher sample rate needs more noise
 
 
 @pytest.mark.parametrize("method", ["fedit", "rolora"])
@@ -206,7 +228,7 @@ def test_deployed_dp_draws_its_noise_from_os_entropy_not_the_run_seed(assets):
     uploads = {}
     for secret in (False, False, True, True):
         fed = Federation(cfg, secret_dp=secret)
-        loss, tensors = fed.train_client(fed.initial, fed.data.clients[0].train, 2, 123, rate=fed.privacy.rates[0])
+        loss, tensors = fed.train_client(fed.initial, fed.data.clients[0].train, 2, 123, dp_client=0)
         uploads.setdefault(secret, []).append(tensors)
     seeded, secret = uploads[False], uploads[True]
     assert all(torch.equal(seeded[0][k], seeded[1][k]) for k in seeded[0])  # the simulation repeats exactly

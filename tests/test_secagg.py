@@ -178,7 +178,7 @@ def test_secagg_and_dp_on_a_loopback_deployment(tiny, tmp_path):
     for m in history:
         for u in m["clients"]:
             taken[u] += 1
-        assert set(m["dp_epsilon"]) == {"0", "1", "2"} and m["dp_noise"] == 1.0
+        assert set(m["dp_epsilon"]) == {"0", "1", "2"} and m["dp_noise"] == {"0": 1.0, "1": 1.0, "2": 1.0}
         for u, eps in m["dp_epsilon"].items():
             n = round(1 / m["dp_delta"][u])  # δ defaults to 1/N_u
             assert eps == pytest.approx(epsilon(1.0, min(1.0, cfg.batch_size / n), cfg.local_steps * taken[int(u)],

@@ -227,8 +227,12 @@ class Federation:
         self.eval_test = None if self.data.test is None else \
             eval_subset(self.data.test, config.eval_max_examples, config.seed)
         self.privacy = privacy_plan(config, [c.size for c in self.data.clients])
-        if self.privacy is not None:
-            log.info("dp=%s: noise multiplier %.4f, clip %g", config.dp, self.privacy.noise, config.dp_clip)
+        self.checkpoint_noise: dict[int, float] = {}  # a resumed run's σ_u, for units that join later
+        if self.privacy is not None and self.privacy.noise:
+            sigmas = sorted(self.privacy.noise.values())
+            log.info("dp=%s: noise multiplier %s, clip %g", config.dp, f"{sigmas[0]:.4f}" if sigmas[0] == sigmas[-1]
+                     else f"{sigmas[0]:.4f}..{sigmas[-1]:.4f} (each client's own, for dp_epsilon = "
+                     f"{config.dp_epsilon:g})", config.dp_clip)
         self.slots = AdapterSlots.of(self.model)
         self.initial = on_cpu(self.slots.read())
         self.modules = sorted({k.rsplit(".lora_", 1)[0] for k in self.initial if ".lora_" in k})
@@ -269,7 +273,8 @@ class Federation:
                 "synced": {str(u): r for u, r in self.synced.items()},
                 "held": {str(u): r for u, r in self.held.items()}, "changed": self.changed,
                 "privacy": None if self.privacy is None else
-                {"noise": self.privacy.noise, "spent": {str(u): n for u, n in self.spent.items()}}}
+                {"noise": {str(u): n for u, n in self.privacy.noise.items()},
+                 "spent": {str(u): n for u, n in self.spent.items()}}}
 
     def load_state(self, tensors: dict[str, Tensor], meta: dict) -> None:
         self.global_tensors = {k.split("::", 1)[1]: v for k, v in tensors.items() if k.startswith("global::")}
@@ -296,9 +301,12 @@ class Federation:
         self.changed = dict(meta.get("changed", {}))
         if self.privacy is not None:
             stored = meta.get("privacy") or {}
-            if stored.get("noise") != self.privacy.noise:
-                raise FloranaError(f"checkpoint's DP noise multiplier {stored.get('noise')} differs from this run's "
-                                   f"{self.privacy.noise}: its accounting cannot continue")
+            noise = stored.get("noise")
+            if not isinstance(noise, dict):  # written before each client had its own σ
+                raise FloranaError(f"checkpoint's DP noise multiplier {noise} is one for every client; this version "
+                                   f"plans each client's own: its accounting cannot continue (start the run afresh)")
+            self.checkpoint_noise = {int(u): n for u, n in noise.items()}  # checked as each round opens, when
+            # the nodes with their own data have joined the plan
             self.spent = {int(u): n for u, n in stored["spent"].items()}
         if self.feedback is not None:
             self.feedback = {m: LoraModule(A=f["A"], B=f["B"]) for m, f in feedback.items()}
@@ -393,25 +401,42 @@ class Federation:
         metrics["bytes_down"] += tensor_bytes(payload)
         return payload
 
+    def check_noise(self) -> None:
+        """A resumed run's units must keep the noise multipliers their accounting so far assumed."""
+        for u, sigma in self.privacy.noise.items():
+            if u in self.checkpoint_noise and self.checkpoint_noise[u] != sigma:
+                raise FloranaError(f"checkpoint's DP noise multiplier {self.checkpoint_noise[u]} for "
+                                   f"{'the federation' if u == FEDERATION else f'client {u}'} differs from this "
+                                   f"run's {sigma}: its accounting cannot continue")
+
+    def join_private(self, u: int, count: int) -> None:
+        """Plan sample-level DP for client u from the training examples its node reports (a node with its own
+        data, which the server never loads): its σ_u, q_u and δ_u are what the node plans for itself."""
+        if self.privacy is None or self.privacy.mode != "sample":
+            return
+        joining = privacy_plan(self.config, [count if v == u else 0 for v in range(len(self.data.clients))])
+        self.privacy = self.privacy.joined(joining)
+
     def train_client(self, start: dict[str, Tensor], data: Encoded, steps: int, seed: int,
-                     rate: float | None = None) -> tuple[float, dict]:
-        """Train the model's adapter from `start`; the mean loss and the trained adapter (on the CPU). With `rate`,
-        by DP-SGD on Poisson batches of that sample rate."""
+                     dp_client: int | None = None) -> tuple[float, dict]:
+        """Train the model's adapter from `start`; the mean loss and the trained adapter (on the CPU). With
+        `dp_client`, by DP-SGD as the run's plan has it for that client: Poisson batches of its sample rate, noise of
+        its multiplier."""
         self.note_gpu_peak(reset=True)  # each client starts from an empty cache; the round keeps the largest peak
         self.slots.write(start)
         torch.manual_seed(seed)  # every device's generator: dropout draws the same on every run
         cfg, make_batch = self.config, (lambda idx: self.task.batch(data, idx))
         on_step = self.progress.step if self.progress else None
-        if rate is None:
+        if dp_client is None:
             batches = batch_indices(len(data), cfg.batch_size, steps, np.random.default_rng(seed))
             loss = train_steps(self.model, self.params, make_batch, batches, lr=cfg.lr,
                                weight_decay=cfg.weight_decay, precision=self.precision, on_step=on_step)
         else:
-            seed = dp_seed(seed, self.secret_dp)
+            seed, rate = dp_seed(seed, self.secret_dp), self.privacy.rates[dp_client]
             batches = poisson_batches(len(data), rate, steps, np.random.default_rng(seed))
             loss = private_train_steps(self.model, self.params, make_batch, batches, lr=cfg.lr,
                                        weight_decay=cfg.weight_decay, precision=self.precision, clip=cfg.dp_clip,
-                                       noise=self.privacy.noise, expected_batch=rate * len(data),
+                                       noise=self.privacy.noise[dp_client], expected_batch=rate * len(data),
                                        generator=torch.Generator().manual_seed(derive_seed(seed, 10)),
                                        on_step=on_step)
         release_memory()
@@ -441,7 +466,7 @@ class Federation:
         private = self.privacy is not None and self.privacy.mode == "sample"
         loss, tensors = self.train_client(start, client.train, self.config.local_steps,
                                           derive_seed(self.config.seed, 6, round_, u),
-                                          rate=self.privacy.rates[u] if private else None)
+                                          dp_client=u if private else None)
         if not usable(loss, tensors):
             return LocalResult(loss, None, None, client.size), {}
         accuracy = self.task.evaluate(self.model, client.test, self.config.eval_batch_size)["accuracy"]
@@ -492,11 +517,13 @@ class Federation:
         """A round's metrics record as it starts: who was sampled, who had no data. Under a DP budget, BudgetSpent
         if the round would take a sampled client past it (nothing has trained yet)."""
         if self.privacy is not None:
+            self.check_noise()
             units = sampled if self.privacy.mode == "sample" else [FEDERATION]
             if (over := self.privacy.over_budget(units, self.spent)) is not None:
                 who = "the federation" if over[0] == FEDERATION else f"client {over[0]}"
                 raise BudgetSpent(f"stopped before round {round_}: it would take {who} to ε = {over[1]:.3f} > "
-                                  f"dp_epsilon = {self.privacy.target:g} (noise multiplier {self.privacy.noise:.4f}); "
+                                  f"dp_epsilon = {self.privacy.target:g} (noise multiplier "
+                                  f"{self.privacy.noise[over[0]]:.4f}); "
                                   f"rounds 1..{round_ - 1} are complete")
         self.gpu_peak = None
         reset_peak_memory(self.device)
@@ -581,7 +608,7 @@ class Federation:
         received = self.wire_keys(self.global_tensors, up=True, round_=round_)
         uploads = [r.tensors for r in results.values() if r.tensors is not None and usable(r.loss, r.tensors)]
         eligible = sum(1 for c in self.data.clients if c.size > 0)  # as sample() counts: a remote node reports it
-        noisy = dp_fedavg(received, uploads, clip=self.config.dp_clip, noise=self.privacy.noise,
+        noisy = dp_fedavg(received, uploads, clip=self.config.dp_clip, noise=self.privacy.noise[FEDERATION],
                           denominator=self.config.sample_fraction * eligible,
                           generator=torch.Generator().manual_seed(dp_seed(derive_seed(self.config.seed, 9, round_),
                                                                   self.secret_dp)))
@@ -589,7 +616,7 @@ class Federation:
 
     def charge_privacy(self, metrics: dict) -> None:
         """Charge the round to who took part (sample: each sampled client; client: the federation, every round) and
-        record each client's ε at its δ, their largest and the noise multiplier."""
+        record each client's ε at its δ, their largest, and the noise multipliers (sample: each client's)."""
         plan = self.privacy
         for u in (metrics["clients"] if plan.mode == "sample" else [FEDERATION]):
             self.spent[u] = self.spent.get(u, 0) + 1
@@ -598,9 +625,10 @@ class Federation:
         else:
             shared = plan.epsilon(FEDERATION, self.spent[FEDERATION])
             eps = {str(u): shared for u, c in enumerate(self.data.clients) if c.size > 0}
-        metrics.update(dp_epsilon=eps, dp_epsilon_max=max(eps.values(), default=0.0), dp_noise=plan.noise,
-                       dp_delta={str(u): d for u, d in plan.deltas.items()} if plan.mode == "sample" else
-                       plan.deltas[FEDERATION])
+        sample = plan.mode == "sample"
+        metrics.update(dp_epsilon=eps, dp_epsilon_max=max(eps.values(), default=0.0),
+                       dp_noise={str(u): n for u, n in plan.noise.items()} if sample else plan.noise[FEDERATION],
+                       dp_delta={str(u): d for u, d in plan.deltas.items()} if sample else plan.deltas[FEDERATION])
 
     @staticmethod
     def book_generation(scores: dict, metrics: dict, examples: int, prefix: str = "") -> None:

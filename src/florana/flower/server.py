@@ -82,6 +82,12 @@ def nodes_num_partitions(grid: Grid, wait: float) -> int:
     return next(iter(sizes.values()))
 
 
+def counts(config: RunConfig) -> bool:
+    """Whether a node's own count of training examples matters to the server: as its weight, or to account its
+    sample-level DP (the sample rate and δ come from it)."""
+    return config.weighting == "examples" or config.dp == "sample"
+
+
 @dataclass
 class Hello:
     """A node's answer to the server's query: the partition it holds, or that it has its own data (with its count
@@ -233,12 +239,14 @@ class FloranaStrategy(FedAvg):
                 continue
             self.nodes[u] = node
             if answer.own:
-                count = check_count(node, answer.count, config.max_examples_per_node) \
-                    if config.weighting == "examples" else 1
+                counted = counts(config)
+                reported = check_count(node, answer.count, config.max_examples_per_node) if counted else 1
+                count = reported if config.weighting == "examples" else 1
                 self.own[u] = count
                 self.fed.data.clients[u] = Client(self.fed.data.clients[u].train.subset([]),
                                                   self.fed.data.clients[u].test.subset([]), count)
                 self.fed.data.stats[u] = {"client": u, "node_data": True}
+                self.fed.join_private(u, reported)  # its σ_u, q_u, δ_u: as the node plans them from its count
                 log.info("node %d: its own data, client %d", node, u)
 
     def check_node(self, node: int, answer: Hello) -> str | None:
@@ -251,7 +259,7 @@ class FloranaStrategy(FedAvg):
         if answer.model_hash is not None and \
                 (problem := hash_problem(node, self.base_hash(), answer.model_hash, self.fed.config.model)):
             return problem
-        if answer.own and self.fed.config.weighting == "examples":
+        if answer.own and counts(self.fed.config):
             try:
                 check_count(node, answer.count, self.fed.config.max_examples_per_node)
             except FloranaError as e:

@@ -4,13 +4,17 @@ https://arxiv.org/abs/1908.10530), and the noise multiplier that meets a target 
 A run accounts per *unit*: at sample level each client (its examples are what is protected; q_u = batch_size / N_u,
 local_steps mechanism steps per round it takes part in, δ_u = 1/N_u unless dp_delta gives one); at client level the
 federation as one unit (a client is what is protected; q = sample_fraction, one step per round, δ = 1/num_clients
-unless given), so every client has the same ε. A unit's state is the number of rounds charged to it: with one noise
-multiplier for the run, (σ, q, steps·rounds) is the accountant's whole history, JSON in a checkpoint.
+unless given), so every client has the same ε. Each unit has its own noise multiplier σ_u: the one given
+(dp_noise), or the smallest that keeps *that* unit within the target ε, as each client's own Opacus
+`make_private_with_epsilon` would calibrate it. One σ for all would be set by the client with the fewest examples
+(the highest sample rate) and leave the others far below their budget with far more noise than they need. A unit's
+state is the number of rounds charged to it: (σ_u, q_u, steps·rounds) is the accountant's whole history, JSON in a
+checkpoint.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from opacus.accountants import RDPAccountant
 from opacus.accountants.utils import get_noise_multiplier
@@ -41,13 +45,13 @@ def calibrate_noise(target: float, rate: float, steps: int, delta: float) -> flo
 
 @dataclass(frozen=True)
 class PrivacyPlan:
-    """A run's DP: the mode ('sample' or 'client'), the clip bound C, the noise multiplier σ (noise std σC on a sum),
-    the target ε (None: no budget), the mechanism steps per round a unit takes part in, and each unit's sample rate
-    and δ."""
+    """A run's DP: the mode ('sample' or 'client'), the clip bound C, the target ε (None: no budget), the mechanism
+    steps per round a unit takes part in, and each unit's noise multiplier σ_u (noise std σ_u·C on a sum), sample
+    rate and δ."""
 
     mode: str
     clip: float
-    noise: float
+    noise: dict[int, float]
     target: float | None
     steps: int
     rates: dict[int, float]
@@ -55,7 +59,13 @@ class PrivacyPlan:
 
     def epsilon(self, unit: int, rounds: int) -> float:
         """Unit's ε at its δ after taking part in `rounds` rounds."""
-        return epsilon(self.noise, self.rates[unit], self.steps * rounds, self.deltas[unit])
+        return epsilon(self.noise[unit], self.rates[unit], self.steps * rounds, self.deltas[unit])
+
+    def joined(self, other: PrivacyPlan) -> PrivacyPlan:
+        """This plan with `other`'s units added (a node with its own data, known once it has said its count); the
+        units' σ, q and δ do not depend on each other, so nothing already planned changes."""
+        return replace(self, noise={**self.noise, **other.noise}, rates={**self.rates, **other.rates},
+                       deltas={**self.deltas, **other.deltas})
 
     def over_budget(self, units: list[int], spent: dict[int, int]) -> tuple[int, float] | None:
         """The first of `units` whose ε would exceed the target after one more round, with that ε; None if none
@@ -70,17 +80,18 @@ class PrivacyPlan:
 
 
 def _noise(noise: float | None, target: float | None, rates: dict[int, float], deltas: dict[int, float],
-           steps: int) -> float:
-    """The given noise multiplier, or the smallest that keeps every unit within the target over `steps` steps."""
+           steps: int) -> dict[int, float]:
+    """Each unit's noise multiplier: the given one, or the smallest that keeps the unit within the target over
+    `steps` steps."""
     if noise is not None:
-        return noise
-    return max(calibrate_noise(target, rates[u], steps, deltas[u]) for u in rates)
+        return {u: noise for u in rates}
+    return {u: calibrate_noise(target, rates[u], steps, deltas[u]) for u in rates}
 
 
 def sample_level_plan(*, clip: float, noise: float | None, target: float | None, delta: float | None,
                       batch_size: int, local_steps: int, rounds: int, sizes: dict[int, int]) -> PrivacyPlan:
     """DP-SGD at each client of `sizes` (client → training examples, clients without data left out). With only a
-    target, σ is calibrated so that a client taking part in every round ends within it."""
+    target, each client's σ_u is calibrated so that it ends within the target if it takes part in every round."""
     rates = {u: min(1.0, batch_size / n) for u, n in sizes.items()}
     deltas = {u: delta if delta is not None else 1.0 / n for u, n in sizes.items()}
     return PrivacyPlan("sample", clip, _noise(noise, target, rates, deltas, local_steps * rounds), target,
