@@ -131,8 +131,8 @@ def test_exact_methods_are_exact_inside_the_loop(assets, method, model, monkeypa
     trained = {}
     real = engine.Federation.train_client
 
-    def record(self, start, data, steps, seed, rate=None):
-        loss, tensors = real(self, start, data, steps, seed, rate)
+    def record(self, start, data, steps, seed, dp_client=None):
+        loss, tensors = real(self, start, data, steps, seed, dp_client)
         u = next(u for u, c in enumerate(self.data.clients) if c.train is data)
         trained[u] = (start, tensors)
         return loss, tensors
@@ -516,8 +516,8 @@ def test_nan_client_is_rejected_and_the_run_goes_on(assets, tmp_path, monkeypatc
 def test_non_finite_factors_are_rejected(assets, tmp_path, monkeypatch):
     real = engine.Federation.train_client
 
-    def poisoned(self, start, data, steps, seed, rate=None):
-        loss, tensors = real(self, start, data, steps, seed, rate)
+    def poisoned(self, start, data, steps, seed, dp_client=None):
+        loss, tensors = real(self, start, data, steps, seed, dp_client)
         if data is self.data.clients[0].train:
             key = next(k for k in tensors if ".lora_B." in k)
             tensors[key][0, 0] = float("inf")
@@ -762,8 +762,8 @@ def test_exact_methods_stay_exact_with_mixed_ranks(assets, method, monkeypatch):
     trained = {}
     real = engine.Federation.train_client
 
-    def record(self, start, data, steps, seed, rate=None):
-        loss, tensors = real(self, start, data, steps, seed, rate)
+    def record(self, start, data, steps, seed, dp_client=None):
+        loss, tensors = real(self, start, data, steps, seed, dp_client)
         trained[next(u for u, c in enumerate(self.data.clients) if c.train is data)] = tensors
         return loss, tensors
 
