@@ -83,8 +83,9 @@ def macro_f1(pred: np.ndarray, gold: np.ndarray, num_classes: int) -> float:
 
 def logit_spread(logits: torch.Tensor) -> float | None:
     """How much a classifier's answers vary across examples: the std over examples of each class's logit, centred
-    per example (what softmax sees), averaged over classes. Near 0 when every input gets the same logits, a
-    collapsed representation, which accuracy alone cannot tell from a biased head on varied features."""
+    per example (what softmax sees), averaged over classes. Near 0 when every input gets nearly the same logits (an
+    untrained head, or a representation that no longer tells inputs apart); accuracy alone cannot tell that from a
+    biased head on varied features, whose spread is large."""
     if len(logits) < 2:
         return None
     return float((logits - logits.mean(-1, keepdim=True)).std(0).mean())
