@@ -239,8 +239,7 @@ class FloranaStrategy(FedAvg):
                 continue
             self.nodes[u] = node
             if answer.own:
-                counted = counts(config)
-                reported = check_count(node, answer.count, config.max_examples_per_node) if counted else 1
+                reported = check_count(node, answer.count, config.max_examples_per_node) if counts(config) else 1
                 count = reported if config.weighting == "examples" else 1
                 self.own[u] = count
                 self.fed.data.clients[u] = Client(self.fed.data.clients[u].train.subset([]),

@@ -16,7 +16,7 @@ PANELS = (
     ("bytes.png", "cum_mib", "round", "cumulative MiB on the wire (up + down)"),
     ("accuracy_mib.png", "global_accuracy", "cum_mib", "global test accuracy against MiB on the wire"),
     ("spread.png", "global_logit_spread", "round",
-     "spread of the global model's logits across test examples (near 0: one answer for every input)"),
+     "spread of the global model's logits across test examples (near 0: nearly the same logits for every input)"),
 )
 AXIS = {"round": "round", "cum_mib": "cumulative MiB on the wire (up + down)"}
 # where a metric can lie: a band is clipped to it (with two seeds a t interval is ±12.7 std and leaves [0, 1])
