@@ -53,7 +53,7 @@ case "${1:?stream a, b, c, d, e or f}" in
     rt --methods "$REST" --seeds 1,2 --alpha 0.5
     rt --methods "$HEAD,$REST" --seeds 1,2 --alpha 0.1,1.0
     ;;
-  c)  # optional seeds ("c 0"): streams b and c must not run the same seed at once (runs have no lock)
+  c)  # optional seeds ("c 0"); streams that meet the same run leave it to whichever holds it (compare skips it)
     for seed in ${2:-0 1 2}; do privacy $seed; done
     ;;
   d)

@@ -351,3 +351,47 @@ def test_global_features_script_tells_a_collapsed_representation_from_a_biased_h
     monkeypatch.setattr(engine.Federation, "__init__", collapsed)
     found = re.fullmatch(pattern, script.spread(out))
     assert found and float(found.group(1)) == 0 and ", std 0.000," in found.group(0)
+
+
+def test_a_run_folder_is_run_by_one_process_at_a_time(tiny_cfg, tmp_path):
+    """While a process holds a run folder (its .lock), `run` there stops with an error naming the holder and
+    `compare` leaves that run to it, runs the rest and says which run its summary lacks; the lock goes with its
+    process, even one killed by SIGKILL."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    from florana.federation.folders import RunInUse, holding
+
+    out = tmp_path / "cmp"
+    held = out / "fedit-alpha0.5-seed0"
+    with holding(held):
+        with pytest.raises(RunInUse, match=rf"{held}: in use by pid {os.getpid()} on "):
+            from florana.federation.engine import run
+            from florana.config import load_config
+            run(load_config(tiny_cfg).with_overrides(rounds=1), held)
+        res = runner.invoke(app, ["compare", "--methods", "fedit,florana", "--seeds", "0", "--config", str(tiny_cfg),
+                                  "--rounds", "1", "--out", str(out), "--quiet"])
+        assert res.exit_code == 0, res.output
+        assert "not in this summary, being run by other processes: fedit-alpha0.5-seed0" in res.output
+        assert (out / "florana-alpha0.5-seed0" / "global_adapter").is_dir() and not (held / "metrics.jsonl").exists()
+        summary = list(csv.DictReader(io.StringIO((out / "summary.csv").read_text())))
+        assert [r["method"] for r in summary] == ["florana"]
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from pathlib import Path; "
+                               "from florana.federation.folders import holding\n"
+                               f"with holding(Path({str(held)!r})):\n print('held', flush=True); time.sleep(60)"],
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(RunInUse, match=f"in use by pid {holder.pid} on "):
+            with holding(held):
+                pass
+    finally:
+        holder.send_signal(signal.SIGKILL)
+        holder.wait()
+    res = runner.invoke(app, ["compare", "--methods", "fedit,florana", "--seeds", "0", "--config", str(tiny_cfg),
+                              "--rounds", "1", "--out", str(out), "--quiet"])
+    assert res.exit_code == 0, res.output
+    summary = list(csv.DictReader(io.StringIO((out / "summary.csv").read_text())))
+    assert [r["method"] for r in summary] == ["fedit", "florana"]

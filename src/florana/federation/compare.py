@@ -4,6 +4,7 @@ then one summary."""
 from __future__ import annotations
 
 import itertools
+import logging
 import re
 from pathlib import Path
 
@@ -11,11 +12,12 @@ from florana.aggregation import METHODS
 from florana.config import FIELDS, RunConfig, describe, differences
 from florana.errors import FloranaError
 from florana.federation.engine import read_metrics, resumed_config, run
-from florana.federation.folders import check_compare_folder, remove_run
+from florana.federation.folders import RunInUse, check_compare_folder, remove_run
 from florana.report.summary import load_run, write_summary
 from florana.report.tables import BASELINE, TARGET, method_owning
 
 AXES = {"method": "--methods", "seed": "--seeds", "alpha": "--alpha"}  # the grid's own flags
+log = logging.getLogger("florana")
 
 
 def _name_part(v) -> str:
@@ -108,7 +110,9 @@ def compare(base: RunConfig, methods: list[str], seeds: list[int], alphas: list[
     (report.summary: tables with intervals over seeds, paired differences against `baseline`, the cost of reaching
     `target`, plots/<setting>/, provenance). `grid` adds config keys to vary (plan_runs). The partition depends only
     on the seed and the config, never on the method. A run folder is reused only for the same config (HOW_IT_RUNS
-    aside: it resumes with its own); otherwise an error, or with `force` the old run is removed."""
+    aside: it resumes with its own); otherwise an error, or with `force` the old run is removed. A run another
+    process is running (another compare on the same folder) is left to it and out of this summary: several
+    compares over one folder share its runs without running one twice."""
     out = Path(out)
     check_compare_folder(out)
     plan = [(config, out / name) for name, config in plan_runs(base, methods, seeds, alphas, grid)]
@@ -120,11 +124,19 @@ def compare(base: RunConfig, methods: list[str], seeds: list[int], alphas: list[
                                    "to redo it, or choose another --out")
             remove_run(run_dir)
     out.mkdir(parents=True, exist_ok=True)
-    runs = []
+    runs, busy = [], []
     for config, run_dir in plan:
         resume = (run_dir / "config.toml").exists()
         done = resume and (run_dir / "global_adapter").is_dir() and len(read_metrics(run_dir)) == config.rounds
         if not done:
-            run(None if resume else config, run_dir, resume=resume, progress=progress)
+            try:
+                run(None if resume else config, run_dir, resume=resume, progress=progress)
+            except RunInUse as e:
+                log.warning("%s; compare goes on with the next run", e)
+                busy.append(run_dir.name)
+                continue
         runs.append(load_run(run_dir))
-    return write_summary([r for r in runs if r is not None], out, target, baseline)
+    rows = write_summary([r for r in runs if r is not None], out, target, baseline)
+    if busy:
+        log.warning("not in this summary, being run by other processes: %s", ", ".join(busy))
+    return rows

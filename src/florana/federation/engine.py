@@ -30,7 +30,7 @@ from florana.data import Examples, load_examples, partition, partition_stats, re
 from florana.errors import FloranaError
 from florana.federation.checkpoint import (latest_checkpoint, latest_round, prune_checkpoints, save_checkpoint,
                                            write_text_atomic)
-from florana.federation.folders import check_run_folder
+from florana.federation.folders import check_run_folder, holding
 from florana.federation.methods import method_of
 from florana.lora.adapter import LoraModule, at_rank, has_non_finite, revive_dead_slots
 from florana.lora.base_delta import apply_change, factor_change, total_change
@@ -784,17 +784,20 @@ def run(config: RunConfig | None, run_dir: Path, *, resume: bool = False, progre
         raise FloranaError("secagg=true is for the Flower runtime (florana run --runtime flower, or flwr run .): in "
                            "one process the server computes from every client's update itself, so secure "
                            "aggregation would hide nothing")
-    fed, start = open_run(config, run_dir, resume=resume, progress=progress)
-    for r in range(start, fed.config.rounds + 1):
-        try:
-            metrics = fed.round(r)
-        except BudgetSpent as e:  # the rounds done are kept and closed, then the run says why it stopped
-            log.warning("%s", e)
-            if fed.history:
-                close_run(fed, run_dir)
-            raise
-        record_round(fed, run_dir, metrics)
-    return close_run(fed, run_dir)
+    if not resume:
+        check_run_folder(run_dir)  # before the lock file goes in: a folder of someone else's files stays as it was
+    with holding(run_dir):
+        fed, start = open_run(config, run_dir, resume=resume, progress=progress)
+        for r in range(start, fed.config.rounds + 1):
+            try:
+                metrics = fed.round(r)
+            except BudgetSpent as e:  # the rounds done are kept and closed, then the run says why it stopped
+                log.warning("%s", e)
+                if fed.history:
+                    close_run(fed, run_dir)
+                raise
+            record_round(fed, run_dir, metrics)
+        return close_run(fed, run_dir)
 
 
 def _fmt(x) -> str:

@@ -4,8 +4,11 @@ file florana did not write."""
 
 from __future__ import annotations
 
+import fcntl
 import os
 import shutil
+import socket
+from contextlib import contextmanager
 from pathlib import Path
 
 from florana.errors import FloranaError, listing
@@ -15,11 +18,12 @@ from florana.report.plots import PANELS
 from florana.report.provenance import SESSIONS
 from florana.report.summary import SUMMARY_FILES, SUMMARY_FOLDERS
 
+LOCK = ".lock"  # held (flock) by the process running the run in this folder
 # what a run writes at its top level (.mpl: matplotlib's cache; .flower: the loopback script's FLWR_HOME and logs)
 SUMMARY_ENTRIES = frozenset({*SUMMARY_FILES, *SUMMARY_FOLDERS, ".mpl"})
 RUN_ENTRIES = frozenset({"config.toml", "partition.json", "metrics.jsonl", "run.log", "checkpoints",
-                         "global_adapter", SESSIONS, ".mpl", ".flower", *SUMMARY_ENTRIES})
-HIDDEN_ENTRIES = frozenset({".mpl", ".flower"})
+                         "global_adapter", SESSIONS, ".mpl", ".flower", LOCK, *SUMMARY_ENTRIES})
+HIDDEN_ENTRIES = frozenset({".mpl", ".flower", LOCK})
 # every file a run writes, wherever in its folder
 RUN_FILES = frozenset(RUN_ENTRIES | set(CHECKPOINT_FILES) | set(ADAPTER_FILES) | {p[0] for p in PANELS})
 
@@ -89,6 +93,31 @@ def check_report_folder(out: Path) -> None:
     """report writes summary.md, summary.csv and plots/ into a run or compare folder, or a new or empty one."""
     if _existing_folder(out) and not (is_run_folder(out) or is_compare_folder(out)):
         raise _refusal(out, foreign_entries(out, SUMMARY_ENTRIES), "a florana run's or compare's")
+
+
+class RunInUse(FloranaError):
+    """Another process is running the run in this folder."""
+
+
+@contextmanager
+def holding(run_dir: Path):
+    """Hold run_dir for this process while it runs the run there: another `run`, `compare` or Flower server on the
+    same folder stops with RunInUse naming the holder, instead of both writing its checkpoints and metrics. An OS
+    file lock (flock) on run_dir/.lock, so it goes with the process, however that ends (kill -9 included)."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    fd = os.open(run_dir / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.read(fd, 200).decode(errors="replace").strip() or "a process"
+        os.close(fd)
+        raise RunInUse(f"{run_dir}: in use by {holder}, which is running this run; wait for it or stop it") from None
+    os.ftruncate(fd, 0)
+    os.write(fd, f"pid {os.getpid()} on {socket.gethostname()}".encode())
+    try:
+        yield
+    finally:
+        os.close(fd)  # releases the lock; the file stays (removing it would race with the next holder)
 
 
 def remove_run(run_dir: Path) -> None:

@@ -23,6 +23,7 @@ from florana.config import RunConfig, describe, differences
 from florana.errors import FloranaError
 from florana.data import load_examples
 from florana.federation.checkpoint import write_text_atomic
+from florana.federation.folders import check_run_folder, holding
 from florana.federation.engine import (BudgetSpent, Client, Federation, LocalResult, close_run, open_run,
                                        record_round, resumed_config)
 from florana.federation.methods import BOUNDS
@@ -443,25 +444,28 @@ def serve(grid: Grid, config: RunConfig | None, run_dir: Path, *, resume: bool =
         if own:
             shared = any(isinstance(a, Hello) and not a.own for a in answers.values())
             split = lambda c: server_split(c, {}, shared)  # noqa: E731
-        fed, start = open_run(config, run_dir, resume=resume, split=split, secret_dp=True)
-        check_runtime(fed.config)
-        fed.synced.clear()  # the nodes of a new Flower run hold no base change and only the initial global factors,
-        fed.held.clear()  # whatever a checkpoint says
-        log.info("run folder %s, rounds %d..%d", run_dir, start, fed.config.rounds)
-        if start <= fed.config.rounds:
-            strategy = FloranaStrategy(fed, run_dir, first_round=start, min_nodes=min_nodes, node_wait=node_wait,
-                                       round_timeout=round_timeout)
-            strategy.wait_for_nodes(grid, answers)
-            if strategy.own:  # which slots hold nodes' own data (no sizes, no labels: those are theirs)
-                write_text_atomic(run_dir / "partition.json", json.dumps(fed.data.stats, indent=1))
-            try:
-                strategy.start(grid, to_record(fed.global_tensors), num_rounds=fed.config.rounds - start + 1,
-                               timeout=round_timeout)
-            except BudgetSpent:  # as in process: the rounds done are closed and kept, then the run says why
-                if fed.history:
-                    close_run(fed, run_dir)
-                raise
-        close_run(fed, run_dir)
+        if not resume:
+            check_run_folder(run_dir)  # before the lock file goes in (engine.run does the same)
+        with holding(run_dir):  # one process runs a run folder at a time
+            fed, start = open_run(config, run_dir, resume=resume, split=split, secret_dp=True)
+            check_runtime(fed.config)
+            fed.synced.clear()  # the nodes of a new Flower run hold no base change and only the initial global
+            fed.held.clear()  # factors, whatever a checkpoint says
+            log.info("run folder %s, rounds %d..%d", run_dir, start, fed.config.rounds)
+            if start <= fed.config.rounds:
+                strategy = FloranaStrategy(fed, run_dir, first_round=start, min_nodes=min_nodes,
+                                           node_wait=node_wait, round_timeout=round_timeout)
+                strategy.wait_for_nodes(grid, answers)
+                if strategy.own:  # which slots hold nodes' own data (no sizes, no labels: those are theirs)
+                    write_text_atomic(run_dir / "partition.json", json.dumps(fed.data.stats, indent=1))
+                try:
+                    strategy.start(grid, to_record(fed.global_tensors), num_rounds=fed.config.rounds - start + 1,
+                                   timeout=round_timeout)
+                except BudgetSpent:  # as in process: the rounds done are closed and kept, then the run says why
+                    if fed.history:
+                        close_run(fed, run_dir)
+                    raise
+            close_run(fed, run_dir)
     except FloranaError as e:  # the run log says why the run stopped, wherever the ServerApp ran
         log.error("%s", e)
         raise
