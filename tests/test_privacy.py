@@ -251,3 +251,33 @@ def test_client_level_dp_on_a_server_whose_nodes_hold_the_data(assets):
     metrics = {"round": 1, "clients": []}
     fed.charge_privacy(metrics)
     assert set(metrics["dp_epsilon"]) == {"0", "1", "2"}
+
+
+def test_the_run_says_how_much_of_a_dp_step_is_noise(assets, caplog):
+    """σ·√d / (expected batch): the noise norm on a step's mean gradient against the clip bound, for the values the
+    method trains (ffa freezes A, so fewer values and less noise norm than fedit at the same σ)."""
+    import logging
+    import re
+
+    from florana.federation.engine import Federation
+
+    plan = sample_level_plan(clip=0.5, noise=2.0, target=None, delta=None, batch_size=16, local_steps=1, rounds=1,
+                             sizes={0: 100, 1: 8})
+    assert plan.noise_to_clip(0, 100, 10_000) == pytest.approx(2.0 * 100 / 16)  # q·N = 16
+    assert plan.noise_to_clip(1, 8, 10_000) == pytest.approx(2.0 * 100 / 8)  # q = 1: the whole client
+    caplog.set_level(logging.INFO, logger="florana")
+    said = {}
+    for method in ("fedit", "ffa"):
+        caplog.clear()
+        fed = Federation(tiny_config(assets, dp="sample", dp_noise=1.0, method=method))
+        found = re.search(r"norm ≈ (\S+)\.\.(\S+) × dp_clip, against at most 1 × dp_clip of clipped gradient \((\d+) "
+                          r"trained values", caplog.text)
+        assert found, caplog.text
+        low, high, trained = float(found[1]), float(found[2]), int(found[3])
+        sizes = [c.size for c in fed.data.clients]
+        expected = sorted(1.0 * trained ** 0.5 / min(8, n) for n in sizes)  # batch_size 8
+        assert (low, high) == (pytest.approx(expected[0], rel=0.05), pytest.approx(expected[-1], rel=0.05))
+        assert all(p.requires_grad for p in fed.slots.params.values())  # counting trained nothing
+        said[method] = trained
+    lora_A = sum(t.numel() for k, t in fed.initial.items() if ".lora_A." in k)
+    assert said["fedit"] - said["ffa"] == lora_A > 0

@@ -228,15 +228,12 @@ class Federation:
             eval_subset(self.data.test, config.eval_max_examples, config.seed)
         self.privacy = privacy_plan(config, [c.size for c in self.data.clients])
         self.checkpoint_noise: dict[int, float] = {}  # a resumed run's σ_u, for units that join later
-        if self.privacy is not None and self.privacy.noise:
-            sigmas = sorted(self.privacy.noise.values())
-            log.info("dp=%s: noise multiplier %s, clip %g", config.dp, f"{sigmas[0]:.4f}" if sigmas[0] == sigmas[-1]
-                     else f"{sigmas[0]:.4f}..{sigmas[-1]:.4f} (each client's own, for dp_epsilon = "
-                     f"{config.dp_epsilon:g})", config.dp_clip)
         self.slots = AdapterSlots.of(self.model)
         self.initial = on_cpu(self.slots.read())
         self.modules = sorted({k.rsplit(".lora_", 1)[0] for k in self.initial if ".lora_" in k})
         self.params = self.slots.trainable()  # what a bound trains; a method's clients train what its round says
+        if self.privacy is not None and self.privacy.noise:
+            self.log_privacy()
         # state that a checkpoint carries
         self.global_tensors = dict(self.initial)
         self.personal: dict[int, dict[str, Tensor]] = {}
@@ -400,6 +397,25 @@ class Federation:
             self.synced[u] = self.base_round
         metrics["bytes_down"] += tensor_bytes(payload)
         return payload
+
+    def log_privacy(self) -> None:
+        """The plan's noise multipliers and, under DP-SGD, how much of a step is noise (PrivacyPlan.noise_to_clip)
+        for what round 1 trains: a user whose steps are mostly noise learns why nothing moves."""
+        sigmas = sorted(self.privacy.noise.values())
+        log.info("dp=%s: noise multiplier %s, clip %g", self.config.dp, f"{sigmas[0]:.4f}" if sigmas[0] == sigmas[-1]
+                 else f"{sigmas[0]:.4f}..{sigmas[-1]:.4f} (each client's own, for dp_epsilon = "
+                 f"{self.config.dp_epsilon:g})", self.config.dp_clip)
+        if self.privacy.mode != "sample":
+            return
+        method = None if self.method is None else self.method.at_round(1)
+        trained = self.slots.trained_values() if method is None else \
+            self.slots.trained_values(train_A=method.trains_A, train_B=method.trains_B)
+        ratios = sorted(self.privacy.noise_to_clip(u, self.data.clients[u].size, trained) for u in self.privacy.noise)
+        log.info("dp=sample: each step's noise on the mean gradient has norm ≈ %.2g..%.2g × dp_clip, against at "
+                 "most 1 × dp_clip of clipped gradient (%d trained values, expected batch batch_size or a client's "
+                 "whole data)%s", ratios[0], ratios[-1], trained,
+                 "; steps that are mostly noise learn slowly or not at all: a larger batch_size lowers it"
+                 if ratios[0] > 1 else "")
 
     def check_noise(self) -> None:
         """A resumed run's units must keep the noise multipliers their accounting so far assumed."""

@@ -61,6 +61,12 @@ class PrivacyPlan:
         """Unit's ε at its δ after taking part in `rounds` rounds."""
         return epsilon(self.noise[unit], self.rates[unit], self.steps * rounds, self.deltas[unit])
 
+    def noise_to_clip(self, unit: int, size: int, trained: int) -> float:
+        """A DP-SGD step's noise on the mean gradient, as a multiple of the clip bound: the noise on the sum has
+        norm ≈ σ_u·C·√d over d trained values and the sum is divided by the expected batch q_u·N_u, while the mean
+        of clipped gradients has norm at most C. Above ~1 a step is mostly noise; a larger batch lowers it."""
+        return self.noise[unit] * trained ** 0.5 / (self.rates[unit] * size)
+
     def joined(self, other: PrivacyPlan) -> PrivacyPlan:
         """This plan with `other`'s units added (a node with its own data, known once it has said its count); the
         units' σ, q and δ do not depend on each other, so nothing already planned changes."""

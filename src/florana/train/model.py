@@ -155,6 +155,11 @@ def refuse_unsupported_lora(model) -> None:
                                "remove it from target_modules (`florana aggregate` does accept embedding adapters)")
 
 
+def _trains(name: str, train_A: bool, train_B: bool) -> bool:
+    """Whether adapter parameter `name` trains when A (B) is frozen unless train_A (train_B)."""
+    return (train_A or ".lora_A." not in name) and (train_B or ".lora_B." not in name)
+
+
 @dataclass
 class AdapterSlots:
     """The adapter tensors of the live PEFT model under their file keys, the base weights LoRA adapts, and the
@@ -267,8 +272,12 @@ class AdapterSlots:
         odd rounds) and less lora_B when B is (rolora's even rounds)."""
         out = []
         for k, p in self.params.items():
-            p.requires_grad_((train_A or ".lora_A." not in k) and (train_B or ".lora_B." not in k))
+            p.requires_grad_(_trains(k, train_A, train_B))
             if p.requires_grad:
                 out.append(p)
         return out
+
+    def trained_values(self, *, train_A: bool = True, train_B: bool = True) -> int:
+        """How many values `trainable` would optimise, leaving every parameter as it is."""
+        return sum(p.numel() for k, p in self.params.items() if _trains(k, train_A, train_B))
 
