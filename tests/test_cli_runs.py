@@ -336,12 +336,14 @@ def test_global_features_script_tells_a_collapsed_representation_from_a_biased_h
     script = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(script)
     out = tmp_path / "run"
-    res = runner.invoke(app, ["run", "--config", str(tiny_cfg), "--rounds", "1", "--out", str(out), "--quiet"])
+    res = runner.invoke(app, ["run", "--config", str(tiny_cfg), "--rounds", "2", "--out", str(out), "--quiet"])
     assert res.exit_code == 0, res.output
-    pattern = (r"run \(round 1\): margin mean [+-]\d\.\d{3}, std \d\.\d{3}, by gold class \[[+-]\d\.\d{3}, "
+    pattern = (r"run \(round 2\): margin mean [+-]\d\.\d{3}, std \d\.\d{3}, by gold class \[[+-]\d\.\d{3}, "
                r"[+-]\d\.\d{3}\]; \[CLS\] spread (\S+)")
     found = re.fullmatch(pattern, script.spread(out))
     assert found and float(found.group(1)) > 0
+    first, last = script.every_round(out)  # --every-round: each kept checkpoint (keep_checkpoints = 2), oldest first
+    assert first.startswith("run (round 1): ") and first != last == found.group(0)
     real_init = engine.Federation.__init__
 
     def collapsed(self, *a, **k):  # the encoder's last layer outputs zeros, whatever the input
