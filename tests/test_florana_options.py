@@ -54,6 +54,9 @@ def test_every_gauge_keeps_the_product_and_the_error(method, option, values, ran
             if value == "client_norm":
                 mean = sum(w * a.modules[name].A.double().norm() for w, a in zip(W, clients))
                 assert A.norm().item() == pytest.approx(mean.item(), rel=1e-5)
+            if value == "fedit_norm":  # FedIT's Â on the same clients, for mixed ranks at the global rank
+                fedit = aggregate_adapters(clients, "fedit", weights=W).adapter.modules[name].A.double()
+                assert A.norm().item() == pytest.approx(fedit.norm().item(), rel=1e-5)
             if value == "sum_p":
                 assert sum(got.report.modules[name]["P"]) == pytest.approx(1.0, abs=1e-9)
             if value == "b":  # Â has orthonormal rows, s·B̂'s columns are ΔW*'s singular values: FlexLoRA's split
@@ -166,7 +169,7 @@ def test_the_defaults_are_todays_methods():
 
 @pytest.mark.parametrize("method, options, message", [
     ("florana", {"solver": "newton"}, "florana solver must be one of als, gradient, got 'newton'"),
-    ("florana", {"gauge": "sum_q"}, "florana gauge must be one of sum_p, balanced, client_norm"),
+    ("florana", {"gauge": "sum_q"}, "florana gauge must be one of sum_p, balanced, client_norm, fedit_norm"),
     ("florana", {"lr": 2.0}, r"lr in \(0, 2\)"),
     ("florana", {"prox": -1.0}, "prox >= 0"),
     ("svd", {"split": "a"}, "svd split must be one of client_norm, balanced, b, got 'a'"),
@@ -182,7 +185,7 @@ def test_bad_options_are_refused(method, options, message):
     ({"florana_steps": 0}, "florana_steps must be >= 1"),
     ({"florana_lr": 2.5}, r"florana_lr must be in \(0, 2\)"),
     ({"florana_prox": -0.1}, "florana_prox must be >= 0"),
-    ({"florana_gauge": "both"}, "florana_gauge must be one of sum_p, balanced, client_norm"),
+    ({"florana_gauge": "both"}, "florana_gauge must be one of sum_p, balanced, client_norm, fedit_norm"),
     ({"svd_split": "a"}, "svd_split must be one of client_norm, balanced, b"),
 ])
 def test_bad_config_values(data, message):

@@ -128,8 +128,9 @@ class RunConfig:
     florana_prox: float = _f(0.0, "florana: λ of the proximal term λ·‖ΔW*‖²·(‖P − w‖² + ‖Q − w‖²) towards FedIT's "
                                   "weights (0: none)", at_least(0))
     florana_gauge: str = _f("sum_p", "florana: how the product is split between Â and B̂: sum_p (Σ P = 1), balanced "
-                                     "(‖Â‖_F = ‖B̂‖_F) or client_norm (‖Â‖_F = the clients' mean ‖A_u‖_F)",
-                            one_of("sum_p", "balanced", "client_norm"))
+                                     "(‖Â‖_F = ‖B̂‖_F), client_norm (‖Â‖_F = the clients' mean ‖A_u‖_F) or "
+                                     "fedit_norm (‖Â‖_F = FedIT's ‖Σ w_u A_u‖_F)",
+                            one_of("sum_p", "balanced", "client_norm", "fedit_norm"))
     svd_split: str = _f("client_norm", "svd: how the product is split between Â and B̂: client_norm (‖Â‖_F = the "
                                        "clients' mean ‖A_u‖_F), balanced (‖Â‖_F = ‖B̂‖_F) or b (Σ in B̂, Â with "
                                        "orthonormal rows)", one_of("client_norm", "balanced", "b"))

@@ -32,7 +32,9 @@ Options (run config keys `florana_*`), each defaulting to the above until a mult
   200-sweep cap in every module), and the chosen gauge is applied once, at the end.
 - gauge (`florana_gauge`), applied to the solution, which changes the split between Â and B̂, never s·B̂Â:
   "sum_p" (Σ_u P_u = 1), "balanced" (‖Â‖_F = ‖B̂‖_F for the factors as the adapter stores them; gradient flow on
-  B and A conserves ‖B‖² − ‖A‖²), "client_norm" (‖Â‖_F = Σ_u w_u ‖A_u‖_F, as svd's split).
+  B and A conserves ‖B‖² − ‖A‖²), "client_norm" (‖Â‖_F = Σ_u w_u ‖A_u‖_F, as svd's split), "fedit_norm"
+  (‖Â‖_F = ‖Σ_u w_u A_u‖_F, FedIT's Â on the same updates: the estimate's product with FedIT's factor scale, so
+  that a run's ‖Â‖ cannot drift from FedIT's round after round).
 Diagnostics per module (the report's modules) and over modules (`summarize`: metrics.jsonl): P and Q's extremes,
 Σ P, Σ Q, the gauge-free Σ P·Σ Q (FedIT's is 1; were every client's update the same B·A, the server's would be
 Σ P·Σ Q times it: a scalar summary of how far the server steps relative to FedIT), and the sweeps (or gradient
@@ -56,7 +58,7 @@ MAX_ITER = 200
 TOL = 1e-10
 RIDGE = 1e-12
 SOLVERS = ("als", "gradient")
-GAUGES = ("sum_p", "balanced", "client_norm")
+GAUGES = ("sum_p", "balanced", "client_norm", "fedit_norm")
 STEPS, LR = 10, 1.0  # the gradient solver's defaults: ten Q-then-P steps of the descent lemma's size
 
 
@@ -214,14 +216,17 @@ def factor_norms(Gb: Tensor, Ga: Tensor, P: Tensor, Q: Tensor) -> tuple[Tensor, 
     return norm_b, norm_A
 
 
-def fix_gauge(gauge: str, P: Tensor, Q: Tensor, Gb: Tensor, Ga: Tensor, scale: float,
+def fix_gauge(gauge: str, P: Tensor, Q: Tensor, Gb: Tensor, Ga: Tensor, scale: float, w: Tensor,
               client_norm_A: Tensor) -> tuple[Tensor, Tensor]:
     """(c·P, Q/c), which leaves every Q_u P_v and so s·B̂Â unchanged, with c chosen by `gauge` (see GAUGES); B̂ is
     Σ Q_u b_u / scale, as the adapter stores it."""
     if gauge == "sum_p":
         return sum_p_gauge(P, Q)
     norm_b, norm_A = factor_norms(Gb, Ga, P, Q)
-    c = rescaling(gauge, norm_b / scale, norm_A, client_norm_A)
+    if gauge == "fedit_norm":  # FedIT's ‖Σ w_u A_u‖_F, from the same Grams
+        c = rescaling("client_norm", norm_b / scale, norm_A, factor_norms(Gb, Ga, w.expand_as(P), w.expand_as(Q))[1])
+    else:
+        c = rescaling(gauge, norm_b / scale, norm_A, client_norm_A)
     return P * c[:, None], Q / c[:, None]
 
 
@@ -238,7 +243,7 @@ def estimate(clients: ClientFactors, scale: float, solver: str = "als", steps: i
     else:
         P, Q = gradient_weights(Gb, Ga, w, steps, lr, prox)
         sweeps = torch.full((P.shape[0],), steps, device=P.device)
-    P, Q = fix_gauge(gauge, P, Q, Gb, Ga, scale, clients.mean_A_norm())
+    P, Q = fix_gauge(gauge, P, Q, Gb, Ga, scale, w, clients.mean_A_norm())
     coef_B = block_coefficients(ranks, Q * clients.scale_vector / scale, r)
     coef_A = block_coefficients(ranks, P, r).mT
     return Estimate(coef_B, coef_A, info={"P": P, "Q": Q, "sweeps": sweeps})
