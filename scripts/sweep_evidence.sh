@@ -36,7 +36,7 @@ ablation() {  # SEED ALPHA: one option at a time against the default's runs (a v
     rt --methods florana --seeds "$1" --alpha "$2" --set florana_solver=als,gradient
     # the control: FLoRA-NA's code with its weights held at FedIT's (a 1000× smaller gradient step) must be FedIT
     rt --methods florana --seeds "$1" --alpha "$2" --set florana_solver=gradient --set florana_lr=0.001
-    rt --methods florana --seeds "$1" --alpha "$2" --set florana_gauge=sum_p,balanced,client_norm
+    rt --methods florana --seeds "$1" --alpha "$2" --set florana_gauge=sum_p,balanced,client_norm,fedit_norm
     rt --methods svd --seeds "$1" --alpha "$2" --set svd_split=client_norm,balanced,b
 }
 
