@@ -800,9 +800,7 @@ def run(config: RunConfig | None, run_dir: Path, *, resume: bool = False, progre
         raise FloranaError("secagg=true is for the Flower runtime (florana run --runtime flower, or flwr run .): in "
                            "one process the server computes from every client's update itself, so secure "
                            "aggregation would hide nothing")
-    if not resume:
-        check_run_folder(run_dir)  # before the lock file goes in: a folder of someone else's files stays as it was
-    with holding(run_dir):
+    with holding(run_dir, new=not resume):
         fed, start = open_run(config, run_dir, resume=resume, progress=progress)
         for r in range(start, fed.config.rounds + 1):
             try:

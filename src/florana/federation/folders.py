@@ -100,10 +100,13 @@ class RunInUse(FloranaError):
 
 
 @contextmanager
-def holding(run_dir: Path):
+def holding(run_dir: Path, new: bool = False):
     """Hold run_dir for this process while it runs the run there: another `run`, `compare` or Flower server on the
     same folder stops with RunInUse naming the holder, instead of both writing its checkpoints and metrics. An OS
-    file lock (flock) on run_dir/.lock, so it goes with the process, however that ends (kill -9 included)."""
+    file lock (flock) on run_dir/.lock, so it goes with the process, however that ends (kill -9 included). For a
+    `new` run the folder is checked first (check_run_folder), so a folder of someone else's files gets no lock file."""
+    if new:
+        check_run_folder(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     fd = os.open(run_dir / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
     try:

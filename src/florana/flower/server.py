@@ -23,7 +23,7 @@ from florana.config import RunConfig, describe, differences
 from florana.errors import FloranaError
 from florana.data import load_examples
 from florana.federation.checkpoint import write_text_atomic
-from florana.federation.folders import check_run_folder, holding
+from florana.federation.folders import holding
 from florana.federation.engine import (BudgetSpent, Client, Federation, LocalResult, close_run, open_run,
                                        record_round, resumed_config)
 from florana.federation.methods import BOUNDS
@@ -444,9 +444,7 @@ def serve(grid: Grid, config: RunConfig | None, run_dir: Path, *, resume: bool =
         if own:
             shared = any(isinstance(a, Hello) and not a.own for a in answers.values())
             split = lambda c: server_split(c, {}, shared)  # noqa: E731
-        if not resume:
-            check_run_folder(run_dir)  # before the lock file goes in (engine.run does the same)
-        with holding(run_dir):  # one process runs a run folder at a time
+        with holding(run_dir, new=not resume):  # one process runs a run folder at a time
             fed, start = open_run(config, run_dir, resume=resume, split=split, secret_dp=True)
             check_runtime(fed.config)
             fed.synced.clear()  # the nodes of a new Flower run hold no base change and only the initial global
