@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -68,41 +69,44 @@ def main() -> None:
     from flwr.supercore.task_identity import TaskIdentity
 
     work = Path(tempfile.mkdtemp(prefix="cache-"))
-    os.environ.setdefault("MPLCONFIGDIR", str(work / "mpl"))
-    cfg = RunConfig(model=args.model, num_clients=args.clients, rounds=args.rounds, local_steps=args.steps,
-                    test_size=200, threads=max(1, os.cpu_count() or 1))
-    print(f"config: {cfg.model} + LoRA r={cfg.lora_r}, {cfg.num_clients} clients, {cfg.rounds} rounds, "
-          f"{cfg.local_steps} local steps, {cfg.threads} thread(s), {os.cpu_count()} CPUs")
-    rows = []
-    # the emptied run first: whatever this process warms up once (imports, file caches) favours the kept run less
-    for run_id, (name, fresh) in enumerate([("cache emptied per message (deployment)", True),
-                                            ("cache kept (simulation: Ray actor)", False)], start=1):
-        TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = run_id, 0, 0
+    try:
+        os.environ.setdefault("MPLCONFIGDIR", str(work / "mpl"))
+        cfg = RunConfig(model=args.model, num_clients=args.clients, rounds=args.rounds, local_steps=args.steps,
+                        test_size=200, threads=max(1, os.cpu_count() or 1))
+        print(f"config: {cfg.model} + LoRA r={cfg.lora_r}, {cfg.num_clients} clients, {cfg.rounds} rounds, "
+              f"{cfg.local_steps} local steps, {cfg.threads} thread(s), {os.cpu_count()} CPUs")
+        rows = []
+        # the emptied run first: whatever this process warms up once (imports, file caches) favours the kept run less
+        for run_id, (name, fresh) in enumerate([("cache emptied per message (deployment)", True),
+                                                ("cache kept (simulation: Ray actor)", False)], start=1):
+            TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = run_id, 0, 0
+            client._worker.clear()
+            loads = len(client.LOADS)
+            t0 = time.perf_counter()
+            serve(Grid(args.clients, run_id, fresh), cfg, work / f"run{run_id}", node_wait=5)
+            wall = time.perf_counter() - t0
+            rounds = [m["seconds"] for m in read_metrics(work / f"run{run_id}")]
+            rows.append((name, wall, statistics.mean(rounds[1:] or rounds), len(client.LOADS) - loads))
         client._worker.clear()
-        loads = len(client.LOADS)
-        t0 = time.perf_counter()
-        serve(Grid(args.clients, run_id, fresh), cfg, work / f"run{run_id}", node_wait=5)
-        wall = time.perf_counter() - t0
-        rounds = [m["seconds"] for m in read_metrics(work / f"run{run_id}")]
-        rows.append((name, wall, statistics.mean(rounds[1:] or rounds), len(client.LOADS) - loads))
-    client._worker.clear()
-    imports = statistics.median(import_seconds() for _ in range(3))
-    load_s = []
-    for _ in range(2):  # what one load costs: the model and the node's data, as a message without the cache pays
-        t0 = time.perf_counter()
-        Federation(cfg)
-        load_s.append(time.perf_counter() - t0)
-    rows.reverse()
-    base = rows[0][2]
-    print("\n| ClientApp process | whole run s | s/round (rounds 2..) | × cached | model loads |")
-    print("|---|---|---|---|---|")
-    for name, wall, per_round, loads in rows:
-        print(f"| {name} | {wall:.1f} | {per_round:.1f} | {per_round / base:.2f}× | {loads} |")
-    print(f"\none load of the model and the node's data (what each message without the cache pays): "
-          f"{statistics.median(load_s):.1f} s")
-    print(f"a fresh interpreter importing the ClientApp: {imports:.1f} s, paid by every deployed message on top "
-          f"(a round with {args.clients} clients in parallel pays it once in wall time, {args.clients}× in CPU)")
+        imports = statistics.median(import_seconds() for _ in range(3))
+        load_s = []
+        for _ in range(2):  # what one load costs: the model and the node's data, as a message without the cache pays
+            t0 = time.perf_counter()
+            Federation(cfg)
+            load_s.append(time.perf_counter() - t0)
+        rows.reverse()
+        base = rows[0][2]
+        print("\n| ClientApp process | whole run s | s/round (rounds 2..) | × cached | model loads |")
+        print("|---|---|---|---|---|")
+        for name, wall, per_round, loads in rows:
+            print(f"| {name} | {wall:.1f} | {per_round:.1f} | {per_round / base:.2f}× | {loads} |")
+        print(f"\none load of the model and the node's data (what each message without the cache pays): "
+              f"{statistics.median(load_s):.1f} s")
+        print(f"a fresh interpreter importing the ClientApp: {imports:.1f} s, paid by every deployed message on top "
+              f"(a round with {args.clients} clients in parallel pays it once in wall time, {args.clients}× in CPU)")
 
+    finally:  # the runs' folders, checkpoints included, are not the benchmark's output
+        shutil.rmtree(work, ignore_errors=True)
 
 if __name__ == "__main__":
     main()
