@@ -12,17 +12,15 @@ spread stopped growing or fell.
 
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors.torch import load_file
 
 from florana.config import load_config
 from florana.errors import FloranaError
-from florana.federation.checkpoint import latest_checkpoint
+from florana.federation.checkpoint import checkpoint_at, latest_checkpoint
 from florana.federation.engine import Federation
 from florana.train.tasks import by_length
 
@@ -41,22 +39,30 @@ def spread(run: Path, checkpoint: Path | None = None, fed: Federation | None = N
         round_, tensors, meta = found
     else:
         round_ = int(checkpoint.name.removeprefix("round-"))
-        tensors, meta = load_file(checkpoint / "state.safetensors"), json.loads((checkpoint / "state.json").read_text())
+        tensors, meta = checkpoint_at(run, round_)
     fed.load_state(tensors, meta)
+    f = features(fed)
+    by_class = ", ".join(f"{m:+.3f}" for m in f["margin_by_class"])
+    return (f"{run.name} (round {round_}): margin mean {f['margin_mean']:+.3f}, std {f['margin_std']:.3f}, by gold "
+            f"class [{by_class}]; [CLS] spread {f['cls_spread']:.4g}")
+
+
+def features(fed: Federation) -> dict:
+    """The global model's margins (class 1 − class 0) on the whole test set, their mean by gold class, its accuracy
+    and the spread of its [CLS] output, as `fed` holds the model now (its global tensors and base delta)."""
     fed.slots.write(fed.global_tensors)
     model, task, data = fed.model.eval(), fed.task, fed.data.test
-    margins, features = np.empty(len(data)), []
+    margins, feats = np.empty(len(data)), []
     with torch.no_grad():
-        for idx in by_length([len(s) for s in data.ids], cfg.eval_batch_size):
+        for idx in by_length([len(s) for s in data.ids], fed.config.eval_batch_size):
             out = model(**task.batch(data, idx), output_hidden_states=True)
             logits = out.logits.float()
             margins[idx] = (logits[:, 1] - logits[:, 0]).cpu().numpy()
-            features.append(out.hidden_states[-1][:, 0].float().cpu())
+            feats.append(out.hidden_states[-1][:, 0].float().cpu())
     gold = np.array(data.targets)
-    by_class = ", ".join(f"{margins[gold == c].mean():+.3f}" for c in range(2))
-    cls_spread = torch.cat(features).std(0).mean().item()
-    return (f"{run.name} (round {round_}): margin mean {margins.mean():+.3f}, std {margins.std():.3f}, by gold class "
-            f"[{by_class}]; [CLS] spread {cls_spread:.4g}")
+    return {"accuracy": float(((margins > 0) == gold).mean()), "margin_mean": float(margins.mean()), "margin_std": float(margins.std()),
+            "margin_by_class": [float(margins[gold == c].mean()) for c in range(2)],
+            "cls_spread": torch.cat(feats).std(0).mean().item()}
 
 
 def every_round(run: Path) -> list[str]:

@@ -1,10 +1,12 @@
 """The run/compare/report commands end to end, including one run on the real offline default."""
 
 import csv
+import importlib.util
 import io
 import json
 import re
 import tomllib
+from pathlib import Path
 
 import pytest
 from typer.testing import CliRunner
@@ -15,6 +17,15 @@ from florana.report.tables import SUMMARY_KEYS
 from tiny import sentiment_csv, tiny_bert
 
 runner = CliRunner()
+SCRIPTS = Path(__file__).parents[1] / "scripts"
+
+
+def _script(name: str):
+    """A script of scripts/ as a module."""
+    spec = importlib.util.spec_from_file_location(name, SCRIPTS / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 @pytest.fixture(scope="module")
@@ -324,17 +335,11 @@ def test_run_takes_any_config_key_with_set(tiny_cfg, tmp_path):
 def test_global_features_script_tells_a_collapsed_representation_from_a_biased_head(tiny_cfg, tmp_path, monkeypatch):
     """scripts/global_features.py reads a run's last checkpoint and prints its margins and [CLS] spread; an encoder
     whose output no longer depends on the input (a collapsed representation) has a spread of exactly 0."""
-    import importlib.util
-    from pathlib import Path
-
     import torch
 
     from florana.federation import engine
 
-    spec = importlib.util.spec_from_file_location("global_features", Path(__file__).parents[1] / "scripts" /
-                                                  "global_features.py")
-    script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(script)
+    script = _script("global_features")
     out = tmp_path / "run"
     res = runner.invoke(app, ["run", "--config", str(tiny_cfg), "--rounds", "2", "--out", str(out), "--quiet"])
     assert res.exit_code == 0, res.output
@@ -353,6 +358,42 @@ def test_global_features_script_tells_a_collapsed_representation_from_a_biased_h
     monkeypatch.setattr(engine.Federation, "__init__", collapsed)
     found = re.fullmatch(pattern, script.spread(out))
     assert found and float(found.group(1)) == 0 and ", std 0.000," in found.group(0)
+
+
+def test_aggregate_probe_replays_a_round_and_varies_only_its_aggregate(tiny_cfg, tmp_path, monkeypatch):
+    """scripts/aggregate_probe.py: with the run's own method the replayed round is the round the run recorded (from
+    its start and from a kept checkpoint); on the same updates fedex (the exact update) has no error, FedIT's row
+    has the error the run recorded as FedIT's and svd sits on the rank-r floor; options vary the aggregate; a method
+    whose clients train otherwise is refused."""
+    from florana.errors import FloranaError
+
+    monkeypatch.syspath_prepend(str(SCRIPTS))
+    probe = _script("aggregate_probe")
+    out = tmp_path / "run"
+    res = runner.invoke(app, ["run", "--config", str(tiny_cfg), "--method", "florana", "--rounds", "2", "--out",
+                              str(out), "--quiet"])
+    assert res.exit_code == 0, res.output
+    recorded = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    for round_ in (1, 2):
+        own, fedit, fedex, svd, prox = probe.probe(out, round_, ["fedit", "fedex", "svd", "florana,florana_prox=10"])
+        assert [own["method"], prox["method"]] == ["florana", "florana,florana_prox=10"]
+        for key in ("global_accuracy", "global_loss", "global_logit_spread", "relative_error", "fedit_error",
+                    "local_accuracy_mean", "norm_A"):
+            assert own[key] == recorded[round_ - 1][key], key
+        assert fedit["relative_error"] == pytest.approx(own["fedit_error"], rel=1e-6)
+        assert fedex["relative_error"] < 1e-6 and svd["relative_error"] == pytest.approx(svd["error_floor"], rel=1e-4)
+        assert own["relative_error"] < fedit["relative_error"] and prox["relative_error"] != own["relative_error"]
+        assert "[CLS] spread" in probe.line(own)
+    before, *rest = probe.probe(out, 2, [], clients=True)  # the start of round 2, then each client's model
+    sampled = recorded[1]["clients"]
+    assert before["method"] == "before" and [r["method"] for r in rest] == [f"client {u}" for u in sampled] + [
+        "florana"]
+    assert [r["own_accuracy"] for r in rest[:-1]] == [recorded[1]["local_accuracy"][str(u)] for u in sampled]
+    assert before["cls_spread"] > 0 and "its own held-out" in probe.line(rest[0])
+    with pytest.raises(FloranaError, match="ffa: its clients train differently from florana's in round 2"):
+        probe.probe(out, 2, ["ffa"])
+    with pytest.raises(FloranaError, match="no checkpoint of round 3 \\(kept: 1, 2;"):
+        probe.probe(out, 4, [])
 
 
 def test_a_run_folder_is_run_by_one_process_at_a_time(tiny_cfg, tmp_path):

@@ -44,8 +44,21 @@ def latest_checkpoint(run_dir: Path) -> tuple[int, dict[str, Tensor], dict] | No
     if not found:
         return None
     round_, path = found[-1]
+    return round_, *_read(path)
+
+
+def checkpoint_at(run_dir: Path, round_: int) -> tuple[dict[str, Tensor], dict]:
+    """The state after `round_`, from the checkpoint the run kept of it (keep_checkpoints says how many it keeps)."""
+    kept = dict(_checkpoints(run_dir))
+    if round_ not in kept:
+        have = ", ".join(map(str, kept)) or "none"
+        raise FloranaError(f"{run_dir}: no checkpoint of round {round_} (kept: {have}; keep_checkpoints keeps more)")
+    return _read(kept[round_])
+
+
+def _read(path: Path) -> tuple[dict[str, Tensor], dict]:
     try:
-        return round_, load_file(path / "state.safetensors"), json.loads((path / "state.json").read_text())
+        return load_file(path / "state.safetensors"), json.loads((path / "state.json").read_text())
     except Exception as e:  # a checkpoint is renamed into place only when complete; this is outside damage
         raise FloranaError(f"{path}: unreadable checkpoint ({type(e).__name__}: {e})") from None
 

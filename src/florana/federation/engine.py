@@ -504,6 +504,11 @@ class Federation:
 
     def round(self, round_: int) -> dict:
         """One round in this process: every sampled client trains in turn, then the server closes the round."""
+        return self.close_round(*self.train_round(round_))
+
+    def train_round(self, round_: int) -> tuple[dict, dict[int, LocalResult], float]:
+        """A round in this process up to the server's part: the open round's metrics, each sampled client's result
+        (a bound has trained the global tensors instead) and when the round began, as close_round takes them."""
         cfg, t0 = self.config, time.perf_counter()
         sampled, empty = self.sample(round_)
         if self.progress:
@@ -527,7 +532,7 @@ class Federation:
                 results[u], kept = self.local_update(u, self.client_start(u, round_, shared), round_)
                 if kept:
                     self.personal[u] = kept
-        return self.close_round(metrics, results, t0)
+        return metrics, results, t0
 
     def open_round(self, round_: int, sampled: list[int], empty: list[int]) -> dict:
         """A round's metrics record as it starts: who was sampled, who had no data. Under a DP budget, BudgetSpent

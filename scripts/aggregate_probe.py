@@ -1,0 +1,96 @@
+"""What one round's aggregate does to a classifier's global model, method by method, on the same client updates:
+load a run's state after round K−1 (a checkpoint it kept), let round K's sampled clients train exactly as the run's
+did, aggregate those updates with each method given and score each resulting global model on the whole test set
+(accuracy, logit margins, the spread of the encoder's [CLS] output) with its aggregation error against ΔW*. Issue 14:
+on seed 2 FLoRA-NA's [CLS] spread collapsed in round 7; would FedIT's aggregate of the same updates have kept it?
+
+    PYTHONPATH=src .venv/bin/python scripts/aggregate_probe.py RUN_DIR ROUND [METHOD[,KEY=VALUE...] ...]
+
+Default methods: the run's own, fedit, florana, svd and fedex (FedIT's factors plus the rest of ΔW* in the base
+weights: the exact update). A method must train what the run's clients trained (both factors, none kept personal,
+no restart of LoRA each round), or its aggregate of these updates means nothing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+from pathlib import Path
+
+import torch
+
+from global_features import features
+from florana.config import load_config
+from florana.errors import FloranaError
+from florana.federation.checkpoint import checkpoint_at
+from florana.federation.compare import parse_settings
+from florana.federation.engine import Federation
+from florana.federation.methods import method_of
+
+DEFAULT = ["fedit", "florana", "svd", "fedex"]
+
+
+def probe(run: Path, round_: int, candidates: list[str], clients: bool = False) -> list[dict]:
+    """One row per candidate ("method" or "method,key=value,..."): the round's metrics under its aggregate and the
+    global model's features; the run's own method first. `clients`: first a row for the global model the round
+    started from ("before") and one for each client's trained model ("client u"), features only."""
+    cfg = load_config(run / "config.toml")
+    if cfg.task != "classification":
+        raise FloranaError(f"{run}: a {cfg.task} run; this scores a classifier")
+    fed = Federation(cfg.with_overrides(threads=torch.get_num_threads()))
+    if fed.method is None:
+        raise FloranaError(f"{run}: a {cfg.method} run has no aggregate to vary")
+    if round_ > 1:
+        fed.load_state(*checkpoint_at(run, round_ - 1))
+    before = (fed.state_tensors(), copy.deepcopy(fed.state_meta()))
+    own = fed.method.at_round(round_)
+    metrics, results, t0 = fed.train_round(round_)
+    rows = []
+    if clients:
+        fed.load_state(*before)
+        start = fed.global_tensors
+        rows.append({**features(fed), "method": "before"})
+        for u, res in sorted(results.items()):
+            fed.global_tensors = {**fed.for_client(start, u), **res.tensors}
+            rows.append({**features(fed), "method": f"client {u}", "own_accuracy": res.local_accuracy})
+    for spec in dict.fromkeys([cfg.method, *candidates]):
+        name, *settings = spec.split(",")
+        method = method_of(cfg.with_overrides(method=name, **parse_settings(settings)))
+        if method is None:
+            raise FloranaError(f"{spec}: a bound, not an aggregator")
+        at = method.at_round(round_)
+        if (at.trains_A, at.trains_B) != (own.trains_A, own.trains_B) or at.personal_B or at.merges:
+            raise FloranaError(f"{spec}: its clients train differently from {cfg.method}'s in round {round_}; its "
+                               f"aggregate of these updates would not be its round")
+        fed.load_state(*before)
+        fed.method = method
+        scores = fed.close_round(copy.deepcopy(metrics), results, t0)
+        rows.append({**scores, **features(fed), "method": spec})
+    return rows
+
+
+def line(row: dict) -> str:
+    by_class = ", ".join(f"{m:+.2f}" for m in row["margin_by_class"])
+    text = (f"{row['method']:<28} acc {row['accuracy']:.3f}  [CLS] spread {row['cls_spread']:.4f}  "
+            f"margin {row['margin_mean']:+.2f} ± {row['margin_std']:.2f} [{by_class}]")
+    if "relative_error" in row:
+        text += f"  error {row['relative_error']:.4f} (FedIT's {row['fedit_error']:.4f})"
+    if row.get("own_accuracy") is not None:
+        text += f"  its own held-out {row['own_accuracy']:.3f}"
+    return text
+
+
+if __name__ == "__main__":
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("run", type=Path)
+    p.add_argument("round", type=int)
+    p.add_argument("methods", nargs="*", default=DEFAULT)
+    p.add_argument("--clients", action="store_true", help="also the model the round started from and each client's")
+    args = p.parse_args()
+    torch.set_num_threads(1)
+    try:
+        rows = probe(args.run, args.round, args.methods, args.clients)
+    except FloranaError as e:
+        raise SystemExit(f"error: {e}")
+    print(f"{args.run.name}, round {args.round}, every aggregate of the same client updates (whole test set):")
+    print("\n".join(line(r) for r in rows))
