@@ -30,10 +30,12 @@ from florana.federation.methods import method_of
 DEFAULT = ["fedit", "florana", "svd", "fedex"]
 
 
-def probe(run: Path, round_: int, candidates: list[str], clients: bool = False) -> list[dict]:
+def probe(run: Path, round_: int, candidates: list[str], clients: bool = False,
+          start: dict[str, torch.Tensor] | None = None) -> list[dict]:
     """One row per candidate ("method" or "method,key=value,..."): the round's metrics under its aggregate and the
     global model's features; the run's own method first. `clients`: first a row for the global model the round
-    started from ("before") and one for each client's trained model ("client u"), features only."""
+    started from ("before") and one for each client's trained model ("client u"), features only. `start`: global
+    tensors the round starts from in place of the run's (scripts/swap_probe.py)."""
     cfg = load_config(run / "config.toml")
     if cfg.task != "classification":
         raise FloranaError(f"{run}: a {cfg.task} run; this scores a classifier")
@@ -42,17 +44,20 @@ def probe(run: Path, round_: int, candidates: list[str], clients: bool = False) 
         raise FloranaError(f"{run}: a {cfg.method} run has no aggregate to vary")
     if round_ > 1:
         fed.load_state(*checkpoint_at(run, round_ - 1))
+    if start is not None:
+        fed.global_tensors = dict(start)
     before = (fed.state_tensors(), copy.deepcopy(fed.state_meta()))
     own = fed.method.at_round(round_)
     metrics, results, t0 = fed.train_round(round_)
     rows = []
     if clients:
         fed.load_state(*before)
-        start = fed.global_tensors
+        began = fed.global_tensors
         rows.append({**features(fed), "method": "before"})
         for u, res in sorted(results.items()):
-            fed.global_tensors = {**fed.for_client(start, u), **res.tensors}
-            rows.append({**features(fed), "method": f"client {u}", "own_accuracy": res.local_accuracy})
+            fed.global_tensors = {**fed.for_client(began, u), **res.tensors}
+            rows.append({**features(fed), "method": f"client {u}", "own_accuracy": res.local_accuracy,
+                         "size": res.size})
     for spec in dict.fromkeys([cfg.method, *candidates]):
         name, *settings = spec.split(",")
         method = method_of(cfg.with_overrides(method=name, **parse_settings(settings)))

@@ -396,6 +396,31 @@ def test_aggregate_probe_replays_a_round_and_varies_only_its_aggregate(tiny_cfg,
         probe.probe(out, 4, [])
 
 
+def test_swap_probe_starts_a_round_from_parts_of_two_runs(tiny_cfg, tmp_path, monkeypatch):
+    """scripts/swap_probe.py: run A's state alone replays A's round (its clients train as in A's own probe); B with
+    its factors re-split at A's norms is the same model (the same starting spread); runs of different partitions are
+    refused."""
+    from florana.errors import FloranaError
+
+    monkeypatch.syspath_prepend(str(SCRIPTS))
+    swap, probe = _script("swap_probe"), _script("aggregate_probe")
+    runs = {}
+    for method, seed in (("fedit", 0), ("florana", 0), ("florana", 1)):
+        runs[method, seed] = out = tmp_path / f"{method}{seed}"
+        res = runner.invoke(app, ["run", "--config", str(tiny_cfg), "--method", method, "--seed", str(seed),
+                                  "--rounds", "2", "--out", str(out), "--quiet"])
+        assert res.exit_code == 0, res.output
+    rows = {r["variant"]: r for r in swap.swap(runs["fedit", 0], runs["florana", 0], 2)}
+    assert {"A", "B", "B LoRA + A head", "B at A's ‖A‖", "B LoRA in query", "B LoRA in value"} <= set(rows)
+    assert any(name.startswith("B LoRA in layers ≤") for name in rows)
+    before, *clients, _, _ = probe.probe(runs["fedit", 0], 2, ["florana"], clients=True)
+    assert rows["A"]["clients"] == [c["cls_spread"] for c in clients] and rows["A"]["start"] == before["cls_spread"]
+    assert rows["B at A's ‖A‖"]["start"] == pytest.approx(rows["B"]["start"], rel=1e-4)
+    assert rows["B"]["own"] == "florana" and rows["B"]["start"] != rows["A"]["start"]
+    with pytest.raises(FloranaError, match="partition the data differently"):
+        swap.swap(runs["fedit", 0], runs["florana", 1], 2, ["A"])
+
+
 def test_a_run_folder_is_run_by_one_process_at_a_time(tiny_cfg, tmp_path):
     """While a process holds a run folder (its .lock), `run` there stops with an error naming the holder and
     `compare` leaves that run to it, runs the rest and says which run its summary lacks; the lock goes with its
