@@ -33,7 +33,7 @@ privacy() {  # the runs without DP first (shared with streams a and b), then ε 
 ablation() {  # SEED ALPHA: one option at a time against the default's runs (a value equal to the default is its
     # plain run, reused)
     rt --methods fedit,florana,svd --seeds "$1" --alpha "$2"
-    rt --methods florana --seeds "$1" --alpha "$2" --set florana_prox=0,0.1
+    rt --methods florana --seeds "$1" --alpha "$2" --set florana_prox=0,0.1,10  # 10: no collapse in 12 rounds of seed 2
     rt --methods florana --seeds "$1" --alpha "$2" --set florana_solver=als,gradient
     # the control: FLoRA-NA's code with its weights held at FedIT's (a 1000× smaller gradient step) must be FedIT
     rt --methods florana --seeds "$1" --alpha "$2" --set florana_solver=gradient --set florana_lr=0.001
