@@ -30,18 +30,29 @@ from florana.federation.methods import method_of
 DEFAULT = ["fedit", "florana", "svd", "fedex"]
 
 
-def probe(run: Path, round_: int, candidates: list[str], clients: bool = False,
-          start: dict[str, torch.Tensor] | None = None) -> list[dict]:
-    """One row per candidate ("method" or "method,key=value,..."): the round's metrics under its aggregate and the
-    global model's features; the run's own method first. `clients`: first a row for the global model the round
-    started from ("before") and one for each client's trained model ("client u"), features only. `start`: global
-    tensors the round starts from in place of the run's (scripts/swap_probe.py)."""
+def federation(run: Path) -> Federation:
+    """The run's Federation (its model, data and method), as the round it replays needs."""
     cfg = load_config(run / "config.toml")
     if cfg.task != "classification":
         raise FloranaError(f"{run}: a {cfg.task} run; this scores a classifier")
     fed = Federation(cfg.with_overrides(threads=torch.get_num_threads()))
     if fed.method is None:
         raise FloranaError(f"{run}: a {cfg.method} run has no aggregate to vary")
+    return fed
+
+
+def probe(run: Path, round_: int, candidates: list[str], clients: bool = False,
+          start: dict[str, torch.Tensor] | None = None, fed: Federation | None = None) -> list[dict]:
+    """One row per candidate ("method" or "method,key=value,..."): the round's metrics under its aggregate and the
+    global model's features; the run's own method first. `clients`: first a row for the global model the round
+    started from ("before") and one for each client's trained model ("client u"), features only. `start`: global
+    tensors the round starts from in place of the run's (scripts/swap_probe.py). `fed`: federation(run), from an
+    earlier call, for a round after the first (whose start is the checkpoint of the round before)."""
+    if fed is not None and round_ == 1:
+        raise FloranaError("a Federation used before cannot replay round 1: its initial state is gone")
+    fed = fed or federation(run)
+    cfg = fed.config
+    fed.method = method_of(cfg)  # what the run's clients train (the last call left its last candidate)
     if round_ > 1:
         fed.load_state(*checkpoint_at(run, round_ - 1))
     if start is not None:

@@ -60,8 +60,8 @@ def features(fed: Federation) -> dict:
             margins[idx] = (logits[:, 1] - logits[:, 0]).cpu().numpy()
             feats.append(out.hidden_states[-1][:, 0].float().cpu())
     gold = np.array(data.targets)
-    return {"accuracy": float(((margins > 0) == gold).mean()), "margin_mean": float(margins.mean()), "margin_std": float(margins.std()),
-            "margin_by_class": [float(margins[gold == c].mean()) for c in range(2)],
+    return {"accuracy": float(((margins > 0) == gold).mean()), "margin_mean": float(margins.mean()),
+            "margin_std": float(margins.std()), "margin_by_class": [float(margins[gold == c].mean()) for c in range(2)],
             "cls_spread": torch.cat(feats).std(0).mean().item()}
 
 

@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from aggregate_probe import probe
+from aggregate_probe import federation, probe
 from florana.errors import FloranaError
 from florana.federation.checkpoint import checkpoint_at
 
@@ -76,9 +76,9 @@ def swap(run_a: Path, run_b: Path, round_: int, names: list[str] | None = None) 
     unknown = sorted(set(names or []) - set(starts))
     if unknown:
         raise FloranaError(f"unknown variant {unknown[0]!r}; variants: {', '.join(starts)}")
-    rows = []
+    rows, fed = [], federation(run_b)
     for name in names or starts:
-        before, *clients, own, fedit = probe(run_b, round_, ["fedit"], clients=True, start=starts[name])
+        before, *clients, own, fedit = probe(run_b, round_, ["fedit"], clients=True, start=starts[name], fed=fed)
         sizes, spreads = np.array([c["size"] for c in clients], float), np.array([c["cls_spread"] for c in clients])
         rows.append({"variant": name, "start": before["cls_spread"], "clients": spreads.tolist(),
                      "clients_mean": float(spreads @ sizes / sizes.sum()), "own": own["method"],

@@ -415,6 +415,10 @@ def test_swap_probe_starts_a_round_from_parts_of_two_runs(tiny_cfg, tmp_path, mo
     assert any(name.startswith("B LoRA in layers ≤") for name in rows)
     before, *clients, _, _ = probe.probe(runs["fedit", 0], 2, ["florana"], clients=True)
     assert rows["A"]["clients"] == [c["cls_spread"] for c in clients] and rows["A"]["start"] == before["cls_spread"]
+    _, *clients, _, _ = probe.probe(runs["florana", 0], 2, ["fedit"], clients=True)  # B came after A in one Federation
+    assert rows["B"]["clients"] == [c["cls_spread"] for c in clients]
+    with pytest.raises(FloranaError, match="cannot replay round 1"):
+        probe.probe(runs["florana", 0], 1, [], fed=probe.federation(runs["florana", 0]))
     assert rows["B at A's ‖A‖"]["start"] == pytest.approx(rows["B"]["start"], rel=1e-4)
     assert rows["B"]["own"] == "florana" and rows["B"]["start"] != rows["A"]["start"]
     with pytest.raises(FloranaError, match="partition the data differently"):
