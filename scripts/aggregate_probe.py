@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 
 from global_features import features
+from florana.aggregation.base import client_weights
 from florana.config import load_config
 from florana.errors import FloranaError
 from florana.federation.checkpoint import checkpoint_at
@@ -41,13 +42,36 @@ def federation(run: Path) -> Federation:
     return fed
 
 
+def products(tensors: dict[str, torch.Tensor], kind: str) -> torch.Tensor:
+    """B·A of every LoRA module of one kind (query, value, ...: the last part of its name), flattened end to end."""
+    keys = sorted(k for k in tensors if ".lora_A." in k and k.rsplit(".lora_", 1)[0].endswith(f".{kind}"))
+    if not keys:
+        raise FloranaError(f"no LoRA module of kind {kind!r}")
+    return torch.cat([(tensors[k.replace(".lora_A.", ".lora_B.")].double() @ tensors[k].double()).flatten()
+                      for k in keys])
+
+
+def followed(began: dict, updates: list[dict], aggregate: dict, kind: str) -> tuple[list[float], float]:
+    """How much of each client's update an aggregate carries in the modules of `kind`: the least-squares coefficients
+    β of the aggregate's change of B·A on the clients' changes (ΔW* is Σ_u w_u·change_u, so the exact update has
+    β = w), and the part of the aggregate's change they leave out, relative to it (cross terms B_u·A_v, say)."""
+    base = products(began, kind)
+    changes = torch.stack([products({**began, **u}, kind) - base for u in updates])
+    target = products(aggregate, kind) - base
+    beta = torch.linalg.lstsq(changes.T, target.unsqueeze(1)).solution.squeeze(1)
+    return beta.tolist(), float((target - changes.T @ beta).norm() / target.norm())
+
+
 def probe(run: Path, round_: int, candidates: list[str], clients: bool = False,
-          start: dict[str, torch.Tensor] | None = None, fed: Federation | None = None) -> list[dict]:
+          start: dict[str, torch.Tensor] | None = None, fed: Federation | None = None,
+          follow: list[str] = ()) -> list[dict]:
     """One row per candidate ("method" or "method,key=value,..."): the round's metrics under its aggregate and the
     global model's features; the run's own method first. `clients`: first a row for the global model the round
     started from ("before") and one for each client's trained model ("client u"), features only. `start`: global
     tensors the round starts from in place of the run's (scripts/swap_probe.py). `fed`: federation(run), from an
-    earlier call, for a round after the first (whose start is the checkpoint of the round before)."""
+    earlier call, for a round after the first (whose start is the checkpoint of the round before). `follow`: module
+    kinds (query, value, ...) in which to say how much of each client's update each aggregate carries (followed;
+    clients of one rank, aggregates that leave the base weights alone)."""
     if fed is not None and round_ == 1:
         raise FloranaError("a Federation used before cannot replay round 1: its initial state is gone")
     fed = fed or federation(run)
@@ -57,13 +81,15 @@ def probe(run: Path, round_: int, candidates: list[str], clients: bool = False,
         fed.load_state(*checkpoint_at(run, round_ - 1))
     if start is not None:
         fed.global_tensors = dict(start)
+    if follow and len(set(fed.ranks)) > 1:
+        raise FloranaError(f"{run}: its clients' ranks differ; following their updates needs one rank")
     before = (fed.state_tensors(), copy.deepcopy(fed.state_meta()))
+    began = dict(fed.global_tensors)
     own = fed.method.at_round(round_)
     metrics, results, t0 = fed.train_round(round_)
     rows = []
     if clients:
         fed.load_state(*before)
-        began = fed.global_tensors
         rows.append({**features(fed), "method": "before"})
         for u, res in sorted(results.items()):
             fed.global_tensors = {**fed.for_client(began, u), **res.tensors}
@@ -82,6 +108,11 @@ def probe(run: Path, round_: int, candidates: list[str], clients: bool = False,
         fed.method = method
         scores = fed.close_round(copy.deepcopy(metrics), results, t0)
         rows.append({**scores, **features(fed), "method": spec})
+        if follow and not method.changes_base:  # fedex's and flora's change is partly in the base weights
+            updates = [results[u].tensors for u in sorted(results)]
+            sizes = [results[u].size for u in sorted(results)]
+            rows[-1]["weights"] = client_weights(sizes if cfg.weighting == "examples" else None, len(sizes)).tolist()
+            rows[-1]["follows"] = {kind: followed(began, updates, fed.global_tensors, kind) for kind in follow}
     return rows
 
 
@@ -93,6 +124,9 @@ def line(row: dict) -> str:
         text += f"  error {row['relative_error']:.4f} (FedIT's {row['fedit_error']:.4f})"
     if row.get("own_accuracy") is not None:
         text += f"  its own held-out {row['own_accuracy']:.3f}"
+    for kind, (beta, left) in row.get("follows", {}).items():
+        text += f"\n    {kind}: carries of each client's update " + " ".join(f"{b:+.2f}" for b in beta) + \
+            f" (left out {left:.2f})"
     return text
 
 
@@ -102,11 +136,16 @@ if __name__ == "__main__":
     p.add_argument("round", type=int)
     p.add_argument("methods", nargs="*", default=DEFAULT)
     p.add_argument("--clients", action="store_true", help="also the model the round started from and each client's")
+    p.add_argument("--follow", default="", help="module kinds, e.g. query,value: how much of each client's update "
+                                                "each aggregate carries there")
     args = p.parse_args()
     torch.set_num_threads(1)
     try:
-        rows = probe(args.run, args.round, args.methods, args.clients)
+        rows = probe(args.run, args.round, args.methods, args.clients, follow=[k for k in args.follow.split(",") if k])
     except FloranaError as e:
         raise SystemExit(f"error: {e}")
     print(f"{args.run.name}, round {args.round}, every aggregate of the same client updates (whole test set):")
+    if args.follow:
+        weighed = next(r for r in rows if "weights" in r)
+        print(f"clients {weighed['clients']}, their weights w: " + " ".join(f"{w:.2f}" for w in weighed["weights"]))
     print("\n".join(line(r) for r in rows))

@@ -390,6 +390,17 @@ def test_aggregate_probe_replays_a_round_and_varies_only_its_aggregate(tiny_cfg,
         "florana"]
     assert [r["own_accuracy"] for r in rest[:-1]] == [recorded[1]["local_accuracy"][str(u)] for u in sampled]
     assert before["cls_spread"] > 0 and "its own held-out" in probe.line(rest[0])
+    # follow: ffa's aggregate (A frozen, B̂ = Σ w_u B_u) is ΔW* itself, so it carries each client's update at its
+    # weight and leaves nothing out; FedIT's product of means carries other amounts and cross terms
+    ffa = tmp_path / "ffa"
+    res = runner.invoke(app, ["run", "--config", str(tiny_cfg), "--method", "ffa", "--rounds", "2", "--out", str(ffa),
+                              "--quiet"])
+    assert res.exit_code == 0, res.output
+    (row,) = probe.probe(ffa, 2, [], follow=["value"])
+    beta, left = row["follows"]["value"]
+    assert beta == pytest.approx(row["weights"], abs=1e-6) and left < 1e-6 and "value: carries" in probe.line(row)
+    _, fedit = probe.probe(out, 2, ["fedit"], follow=["query", "value"])
+    assert set(fedit["follows"]) == {"query", "value"} and fedit["follows"]["value"][1] > 1e-3
     with pytest.raises(FloranaError, match="ffa: its clients train differently from florana's in round 2"):
         probe.probe(out, 2, ["ffa"])
     with pytest.raises(FloranaError, match="no checkpoint of round 3 \\(kept: 1, 2;"):
