@@ -42,9 +42,14 @@ def federation(run: Path) -> Federation:
     return fed
 
 
+def module_kind(key: str) -> str:
+    """The kind of a LoRA tensor's module: the last part of its name (query, value, ...)."""
+    return key.rsplit(".lora_", 1)[0].rsplit(".", 1)[-1]
+
+
 def products(tensors: dict[str, torch.Tensor], kind: str) -> torch.Tensor:
     """B·A of every LoRA module of one kind (query, value, ...: the last part of its name), flattened end to end."""
-    keys = sorted(k for k in tensors if ".lora_A." in k and k.rsplit(".lora_", 1)[0].endswith(f".{kind}"))
+    keys = sorted(k for k in tensors if ".lora_A." in k and module_kind(k) == kind)
     if not keys:
         raise FloranaError(f"no LoRA module of kind {kind!r}")
     return torch.cat([(tensors[k.replace(".lora_A.", ".lora_B.")].double() @ tensors[k].double()).flatten()

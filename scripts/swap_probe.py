@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from aggregate_probe import federation, probe
+from aggregate_probe import federation, module_kind, probe
 from florana.errors import FloranaError
 from florana.federation.checkpoint import checkpoint_at
 
@@ -53,7 +53,7 @@ def variants(A: dict, B: dict) -> dict[str, dict]:
     lora = lambda k: ".lora_" in k  # noqa: E731
     mix = lambda take: {k: B[k] if take(k) else A[k] for k in A}  # noqa: E731 (B's where take says, else A's)
     layers = sorted({int(m.group(1)) for k in A if lora(k) and (m := LAYER.search(k))})
-    kinds = sorted({k.rsplit(".lora_", 1)[0].rsplit(".", 1)[-1] for k in A if lora(k)})
+    kinds = sorted({module_kind(k) for k in A if lora(k)})
     out = {"A": A, "B": B, "B LoRA + A head": mix(lora), "A LoRA + B head": mix(lambda k: not lora(k)),
            "B at A's ‖A‖": rescaled(B, A), "B at A's ‖BA‖": rescaled(B, A, product=True),
            "A at B's ‖A‖": rescaled(A, B)}
@@ -63,7 +63,7 @@ def variants(A: dict, B: dict) -> dict[str, dict]:
         out[f"B LoRA in layers ≤ {h}"] = mix(lambda k: lora(k) and layer(k) <= h)
         out[f"B LoRA in layers > {h}"] = mix(lambda k: lora(k) and layer(k) > h)
     for kind in kinds:
-        out[f"B LoRA in {kind}"] = mix(lambda k, kind=kind: lora(k) and k.rsplit(".lora_", 1)[0].endswith(kind))
+        out[f"B LoRA in {kind}"] = mix(lambda k, kind=kind: lora(k) and module_kind(k) == kind)
     return out
 
 
