@@ -14,6 +14,8 @@
 # e: 20 Newsgroups (the default config on dataset twenty_newsgroups) at α = 0.1 and 1.0, FedIT, FLoRA-NA, svd at seed 0
 #    first.
 # f: issue 14 part 4, FLoRA-NA's and svd's options at α = 0.1 and 0.5 (the default's runs are reused as its rows).
+# g: FedIT, FLoRA-NA and svd at α = 0.1 and 1.0 on every seed: the headline question at the other two skews, ahead
+#    of the rest of a and b (which reuse these runs).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 FLORANA=${FLORANA:-.venv/bin/florana}
@@ -41,7 +43,7 @@ ablation() {  # SEED ALPHA: one option at a time against the default's runs (a v
     rt --methods svd --seeds "$1" --alpha "$2" --set svd_split=client_norm,balanced,b
 }
 
-case "${1:?stream a, b, c, d, e or f}" in
+case "${1:?stream a, b, c, d, e, f or g}" in
   a)
     rt --methods "$HEAD" --seeds 0 --alpha 0.5  # fedit seed 0 ran on two threads: compare reuses it as it is
     rt --methods "$REST" --seeds 0 --alpha 0.5
@@ -69,5 +71,8 @@ case "${1:?stream a, b, c, d, e or f}" in
   f)
     for alpha in 0.5 0.1; do for seed in 2 0 1; do ablation $seed $alpha; done; done
     ;;
-  *) echo "stream a, b, c, d, e or f" >&2; exit 2 ;;
+  g)
+    rt --methods "$HEAD" --seeds 0,1,2 --alpha 0.1,1.0
+    ;;
+  *) echo "stream a, b, c, d, e, f or g" >&2; exit 2 ;;
 esac
