@@ -5,6 +5,7 @@ import importlib.util
 import io
 import json
 import re
+import shutil
 import tomllib
 from pathlib import Path
 
@@ -13,6 +14,7 @@ from typer.testing import CliRunner
 
 from florana.cli import app
 from florana.config import RunConfig
+from florana.errors import FloranaError
 from florana.report.tables import SUMMARY_KEYS
 from tiny import sentiment_csv, tiny_bert
 
@@ -365,7 +367,6 @@ def test_aggregate_probe_replays_a_round_and_varies_only_its_aggregate(tiny_cfg,
     its start and from a kept checkpoint); on the same updates fedex (the exact update) has no error, FedIT's row
     has the error the run recorded as FedIT's and svd sits on the rank-r floor; options vary the aggregate; a method
     whose clients train otherwise is refused."""
-    from florana.errors import FloranaError
 
     monkeypatch.syspath_prepend(str(SCRIPTS))
     probe = _script("aggregate_probe")
@@ -411,7 +412,6 @@ def test_swap_probe_starts_a_round_from_parts_of_two_runs(tiny_cfg, tmp_path, mo
     """scripts/swap_probe.py: run A's state alone replays A's round (its clients train as in A's own probe); B with
     its factors re-split at A's norms is the same model (the same starting spread); runs of different partitions are
     refused."""
-    from florana.errors import FloranaError
 
     monkeypatch.syspath_prepend(str(SCRIPTS))
     swap, probe = _script("swap_probe"), _script("aggregate_probe")
@@ -434,6 +434,48 @@ def test_swap_probe_starts_a_round_from_parts_of_two_runs(tiny_cfg, tmp_path, mo
     assert rows["B"]["own"] == "florana" and rows["B"]["start"] != rows["A"]["start"]
     with pytest.raises(FloranaError, match="partition the data differently"):
         swap.swap(runs["fedit", 0], runs["florana", 1], 2, ["A"])
+
+
+def test_partition_outcomes_pairs_each_partition_with_its_runs(tiny_cfg, tmp_path):
+    """scripts/partition_outcomes.py: a partition's shape by example weight (one-sided clients, the most of them on
+    one class, the largest mixed client), and one row per α and seed where the method's run (plain, or with the
+    options its compare name says) and the baseline's plain run both finished; other partitions are refused."""
+    po = _script("partition_outcomes")
+    stats = [{"client": 0, "size": 50, "labels": {"a": 50, "b": 0}},
+             {"client": 1, "size": 30, "labels": {"a": 27, "b": 3}},
+             {"client": 2, "size": 20, "labels": {"a": 10, "b": 10}}]
+    assert po.shape(stats) == pytest.approx({"one_sided_w": 0.8, "agreeing_w": 0.8, "agreeing_class": "a",
+                                             "largest_mixed_w": 0.2})
+    stats[1]["labels"] = {"a": 3, "b": 27}
+    assert po.shape(stats) == pytest.approx({"one_sided_w": 0.8, "agreeing_w": 0.5, "agreeing_class": "a",
+                                             "largest_mixed_w": 0.2})
+    assert po.shape(stats, one_sided=0.95)["one_sided_w"] == pytest.approx(0.5)
+    out = tmp_path / "sweep"
+    res = runner.invoke(app, ["compare", "--methods", "fedit,florana", "--seeds", "0,1", "--config", str(tiny_cfg),
+                              "--rounds", "1", "--set", "florana_prox=0,10", "--out", str(out), "--quiet"])
+    assert res.exit_code == 0, res.output
+
+    def last(name):
+        return json.loads((out / name / "metrics.jsonl").read_text().splitlines()[-1])
+    for extra, name in [(None, "florana-alpha0.5-seed{}"),
+                        ({"florana_prox": 10.0}, "florana-alpha0.5-florana_prox10-seed{}")]:
+        table = po.rows(out, "florana", "fedit", extra)
+        assert [(r["alpha"], r["seed"]) for r in table] == [(0.5, 0), (0.5, 1)]
+        for r in table:
+            mine, base = last(name.format(r["seed"])), last(f"fedit-alpha0.5-seed{r['seed']}")
+            assert (r["accuracy"], r["baseline_accuracy"]) == (mine["global_accuracy"], base["global_accuracy"])
+            assert r["difference"] == pytest.approx(mine["global_accuracy"] - base["global_accuracy"])
+            assert {k: r[k] for k in po.shape(stats)} == po.shape(json.loads(
+                (out / f"fedit-alpha0.5-seed{r['seed']}" / "partition.json").read_text()))
+    assert "| 0.5 | 1 |" in po.markdown(table, "florana", "fedit")
+    shutil.rmtree(out / "fedit-alpha0.5-seed0" / "global_adapter")  # an unfinished baseline: no pair
+    assert [r["seed"] for r in po.rows(out, "florana", "fedit")] == [1]
+    assert po.rows(out, "svd", "fedit") == []
+    other = json.loads((out / "fedit-alpha0.5-seed1" / "partition.json").read_text())
+    other[0]["size"] += 1
+    (out / "fedit-alpha0.5-seed1" / "partition.json").write_text(json.dumps(other))
+    with pytest.raises(FloranaError, match="different partitions, not a pair"):
+        po.rows(out, "florana", "fedit")
 
 
 def test_a_run_folder_is_run_by_one_process_at_a_time(tiny_cfg, tmp_path):
