@@ -23,7 +23,7 @@ from florana.federation.compare import parse_settings, run_name
 
 def shape(stats: list[dict], one_sided: float = 0.9) -> dict:
     """A partition's shape from partition.json's per-client sizes and label counts, each client weighted by its
-    share of the examples: the weight of the one-sided clients (largest class ≥ `one_sided` of its examples), the
+    share of the partitioned examples (near its example weight, which counts only its training part): the weight of the one-sided clients (largest class ≥ `one_sided` of its examples), the
     most of that weight on one class, and the weight of the largest client that is not one-sided."""
     total = sum(c["size"] for c in stats)
     if total == 0:
@@ -50,6 +50,7 @@ def final(run_dir: Path) -> dict | None:
 
 
 def partition(run_dir: Path) -> list[dict]:
+    """A run's partition.json: each client's size and label counts."""
     path = run_dir / "partition.json"
     try:
         return json.loads(path.read_text())
@@ -66,7 +67,7 @@ def rows(folder: Path, method: str, baseline: str, extra: dict | None = None, on
         if last is None or run_dir.name != run_name(method, last["alpha"], last["seed"], extra):
             continue
         base_dir = folder / run_name(baseline, last["alpha"], last["seed"])
-        base = final(base_dir) if (base_dir / "metrics.jsonl").is_file() else None
+        base = final(base_dir)
         if base is None:
             continue
         stats = partition(run_dir)
@@ -82,7 +83,7 @@ def rows(folder: Path, method: str, baseline: str, extra: dict | None = None, on
 
 def markdown(table: list[dict], method: str, baseline: str) -> str:
     def num(v):
-        return "–" if v is None else f"{v:+.3f}" if isinstance(v, float) and v < 0 else f"{v:.3f}"
+        return "–" if v is None else f"{v:.3f}"
     head = ["α", "seed", "one-sided w", "agreeing w (class)", "largest mixed w", f"{method} acc",
             f"{baseline} acc", "difference", f"{method} macro-F1", f"{method} logit spread"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
