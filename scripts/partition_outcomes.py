@@ -23,8 +23,9 @@ from florana.federation.compare import parse_settings, run_name
 
 def shape(stats: list[dict], one_sided: float = 0.9) -> dict:
     """A partition's shape from partition.json's per-client sizes and label counts, each client weighted by its
-    share of the partitioned examples (near its example weight, which counts only its training part): the weight of the one-sided clients (largest class ≥ `one_sided` of its examples), the
-    most of that weight on one class, and the weight of the largest client that is not one-sided."""
+    share of the partitioned examples (near its example weight, which counts only its training part): the weight
+    of the one-sided clients (largest class ≥ `one_sided` of its examples), the most of that weight on one class,
+    and the weight of the largest client that is not one-sided."""
     total = sum(c["size"] for c in stats)
     if total == 0:
         raise FloranaError("partition.json: no client has examples")
