@@ -16,7 +16,8 @@
 # f: issue 14 part 4, FLoRA-NA's and svd's options at α = 0.1 and 0.5 (the default's runs are reused as its rows).
 # g: FLoRA-NA with florana_prox = 10 (the one option that kept seed 2's representation through 12 rounds) on every
 #    seed at α = 0.5; FedIT and FLoRA-NA at α = 0.1 on every seed, prox = 10 there too (what choosing FLoRA-NA's
-#    default needs), then svd at α = 0.1 and the three at α = 1.0 (the headline question at the other two skews).
+#    default needs), then svd at α = 0.1, and at α = 1.0 FedIT and FLoRA-NA, prox = 10, svd (the headline question at
+#    the other two skews).
 #    Ahead of the rest of a, b and f, which reuse these runs. Two g streams side by side share its runs out.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -77,7 +78,10 @@ case "${1:?stream a, b, c, d, e, f or g}" in
     rt --methods florana --seeds 2,0,1 --alpha 0.5 --set florana_prox=10
     rt --methods fedit,florana --seeds 0,1,2 --alpha 0.1
     rt --methods florana --seeds 0,1,2 --alpha 0.1 --set florana_prox=10  # the second α a default needs
-    rt --methods "$HEAD" --seeds 0,1,2 --alpha 0.1,1.0
+    rt --methods "$HEAD" --seeds 0,1,2 --alpha 0.1
+    rt --methods fedit,florana --seeds 0,1,2 --alpha 1.0  # seed 0: FLoRA-NA near the majority answer (0.639)
+    rt --methods florana --seeds 0,1,2 --alpha 1.0 --set florana_prox=10
+    rt --methods svd --seeds 0,1,2 --alpha 1.0
     ;;
   *) echo "stream a, b, c, d, e, f or g" >&2; exit 2 ;;
 esac
