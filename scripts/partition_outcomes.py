@@ -8,7 +8,7 @@ of it that agrees on one class; the weight of the largest mixed client) and the 
 each, the difference, the method's final macro-F1 and logit spread where recorded).
 
     PYTHONPATH=src .venv/bin/python scripts/partition_outcomes.py COMPARE_FOLDER [--method florana] [--baseline fedit]
-        [--set florana_prox=10]
+        [--set florana_prox=0]
 """
 
 from __future__ import annotations
@@ -102,7 +102,7 @@ def main() -> None:
     ap.add_argument("--method", default="florana")
     ap.add_argument("--baseline", default="fedit")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                    help="the method's runs with this option (compare --set), e.g. florana_prox=10")
+                    help="the method's runs with this option (compare --set), e.g. florana_prox=0")
     ap.add_argument("--one-sided", type=float, default=0.9, help="a client's largest class share to count as one-sided")
     args = ap.parse_args()
     try:

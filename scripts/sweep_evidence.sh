@@ -5,6 +5,9 @@
 # (two single-thread runs side by side beat one two-thread run on a 2-core machine); runs go under $SWEEP (not
 # committed) and scripts/sweep_results.sh summarises the finished ones into results/.
 #   mkdir -p runs && for s in a b; do nohup scripts/sweep_evidence.sh $s >> runs/sweep-$s.log 2>&1 & done
+# FLoRA-NA runs at its default (florana_prox = 10, the sweep's own choice) and, as "the paper's estimate", at
+# florana_prox = 0 (Eq. 6 alone, the default until the sweep chose it). compare names a run after the keys that
+# differ from the default, so the runs made before the default changed were renamed with it.
 # a: Rotten Tomatoes at seed 0: FedIT, FLoRA-NA, svd, then every other aggregator and both bounds, then α = 0.1, 1.0.
 # b: the same at seeds 1 and 2, with the ablation (f) of seed 2 and issue 12's privacy table (c) after FedIT,
 #    FLoRA-NA and svd.
@@ -13,12 +16,11 @@
 # d: the causal-LM task (configs/arithmetic_smollm2.toml) into its own folder.
 # e: 20 Newsgroups (the default config on dataset twenty_newsgroups) at α = 0.1 and 1.0, FedIT, FLoRA-NA, svd at seed 0
 #    first.
-# f: issue 14 part 4, FLoRA-NA's and svd's options at α = 0.1 and 0.5 (the default's runs are reused as its rows).
-# g: FLoRA-NA with florana_prox = 10 (the one option that kept seed 2's representation through 12 rounds) on every
-#    seed at α = 0.5; FedIT and FLoRA-NA at α = 0.1 on every seed, prox = 10 there too (what choosing FLoRA-NA's
-#    default needs), then svd at α = 0.1, and at α = 1.0 FedIT and FLoRA-NA, prox = 10, svd (the headline question at
-#    the other two skews).
-#    Ahead of the rest of a, b and f, which reuse these runs. Two g streams side by side share its runs out.
+# f: issue 14 part 4, the options of the paper's estimate and of svd at α = 0.1 and 0.5 (the default's runs are
+#    reused as its rows).
+# g: what the default's choice is checked on next: α = 1.0, FedIT and FLoRA-NA on every seed, the paper's estimate,
+#    svd; then the default on 20 Newsgroups at seed 0. Ahead of the rest of a, b, e and f, which reuse these runs. Two
+#    g streams side by side share its runs out.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 FLORANA=${FLORANA:-.venv/bin/florana}
@@ -31,29 +33,34 @@ CONFIG="$SWEEP/default-1thread.toml"  # the default, one torch thread (threads i
 NG_CONFIG="$SWEEP/twenty_newsgroups-1thread.toml"  # the same config on the second task: nothing tuned for it
 sed 's/^dataset = .*/dataset = "twenty_newsgroups"/' "$CONFIG" > "$NG_CONFIG"
 rt() { "$FLORANA" compare --config "$CONFIG" --out "$SWEEP/rotten_tomatoes" --quiet "$@"; }
+ng() { "$FLORANA" compare --config "$NG_CONFIG" --out "$SWEEP/twenty_newsgroups" --quiet "$@"; }
+PAPER=(--methods florana --set florana_prox=0)  # the paper's estimate: FLoRA-NA without the proximal term
 privacy() {  # the runs without DP first (shared with streams a and b), then ε = 8, 3, 1 seed by seed
     rt --methods fedit,ffa,fedsa,florana,svd --seeds "$1" --alpha 0.5
     rt --methods fedit,ffa,fedsa,florana,svd --seeds "$1" --alpha 0.5 --set dp=sample --set dp_epsilon=8,3,1
+    rt --methods florana --seeds "$1" --alpha 0.5 --set dp=sample --set dp_epsilon=8 --set florana_prox=0
 }
 ablation() {  # SEED ALPHA: one option at a time against the default's runs (a value equal to the default is its
     # plain run, reused)
     rt --methods fedit,florana,svd --seeds "$1" --alpha "$2"
     rt --methods florana --seeds "$1" --alpha "$2" --set florana_prox=0,0.1,10  # 10: no collapse in 12 rounds of seed 2
-    rt --methods florana --seeds "$1" --alpha "$2" --set florana_solver=als,gradient
+    rt "${PAPER[@]}" --seeds "$1" --alpha "$2" --set florana_solver=als,gradient
     # the control: FLoRA-NA's code with its weights held at FedIT's (a 1000× smaller gradient step) must be FedIT
-    rt --methods florana --seeds "$1" --alpha "$2" --set florana_solver=gradient --set florana_lr=0.001
-    rt --methods florana --seeds "$1" --alpha "$2" --set florana_gauge=sum_p,balanced,client_norm,fedit_norm
+    rt "${PAPER[@]}" --seeds "$1" --alpha "$2" --set florana_solver=gradient --set florana_lr=0.001
+    rt "${PAPER[@]}" --seeds "$1" --alpha "$2" --set florana_gauge=sum_p,balanced,client_norm,fedit_norm
     rt --methods svd --seeds "$1" --alpha "$2" --set svd_split=client_norm,balanced,b
 }
 
 case "${1:?stream a, b, c, d, e, f or g}" in
   a)
     rt --methods "$HEAD" --seeds 0 --alpha 0.5  # fedit seed 0 ran on two threads: compare reuses it as it is
+    rt "${PAPER[@]}" --seeds 0 --alpha 0.5,0.1,1.0
     rt --methods "$REST" --seeds 0 --alpha 0.5
     rt --methods "$HEAD,$REST" --seeds 0 --alpha 0.1,1.0
     ;;
   b)
     rt --methods "$HEAD" --seeds 1,2 --alpha 0.5
+    rt "${PAPER[@]}" --seeds 1,2 --alpha 0.5,0.1,1.0
     ablation 2 0.5  # FLoRA-NA never left the majority answers on seed 2 while FedIT reached 0.75: which option helps?
     for seed in 1 2 0; do privacy $seed; done
     rt --methods "$REST" --seeds 1,2 --alpha 0.5
@@ -67,21 +74,19 @@ case "${1:?stream a, b, c, d, e, f or g}" in
         --methods fedit,florana,svd,ffa,fedsa,centralized --seeds 0,1,2
     ;;
   e)  # seed 0 of FedIT, FLoRA-NA and svd at both α first: whether seed 2's failure on Rotten Tomatoes is the task's
-    ng() { "$FLORANA" compare --config "$NG_CONFIG" --out "$SWEEP/twenty_newsgroups" --quiet "$@"; }
     ng --methods "$HEAD" --seeds 0 --alpha 0.1,1.0
+    ng "${PAPER[@]}" --seeds 0 --alpha 0.1,1.0
     ng --methods "$HEAD,ffa,fedsa,centralized,local" --seeds 0,1,2 --alpha 0.1,1.0
+    ng "${PAPER[@]}" --seeds 1,2 --alpha 0.1,1.0
     ;;
   f)
     for alpha in 0.5 0.1; do for seed in 2 0 1; do ablation $seed $alpha; done; done
     ;;
   g)
-    rt --methods florana --seeds 2,0,1 --alpha 0.5 --set florana_prox=10
-    rt --methods fedit,florana --seeds 0,1,2 --alpha 0.1
-    rt --methods florana --seeds 0,1,2 --alpha 0.1 --set florana_prox=10  # the second α a default needs
-    rt --methods "$HEAD" --seeds 0,1,2 --alpha 0.1
-    rt --methods fedit,florana --seeds 0,1,2 --alpha 1.0  # seed 0: FLoRA-NA near the majority answer (0.639)
-    rt --methods florana --seeds 0,1,2 --alpha 1.0 --set florana_prox=10
-    rt --methods svd --seeds 0,1,2 --alpha 1.0
+    rt --methods florana,fedit --seeds 0,1,2 --alpha 1.0  # the paper's estimate ended at 0.639 on seed 0, FedIT 0.771
+    rt "${PAPER[@]}" --seeds 1,2 --alpha 1.0
+    rt --methods svd --seeds 1,2 --alpha 1.0
+    ng --methods florana --seeds 0 --alpha 0.1,1.0
     ;;
   *) echo "stream a, b, c, d, e, f or g" >&2; exit 2 ;;
 esac

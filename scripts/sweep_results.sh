@@ -27,9 +27,10 @@ table() {
     echo "results/$name: ${#finished[@]} finished runs"
 }
 
-table rotten_tomatoes rotten_tomatoes '^[a-z_]+-alpha[0-9.]+-seed[0-9]+$'
+# the headline tables hold FLoRA-NA's default and the paper's estimate (florana_prox = 0) beside the others
+table rotten_tomatoes rotten_tomatoes '^[a-z_]+-alpha[0-9.]+-(florana_prox0-)?seed[0-9]+$'
 table rotten_tomatoes_privacy rotten_tomatoes \
-    '^(fedit|ffa|fedsa|florana|svd)-alpha0\.5-(dpsample-dp_epsilon[0-9.]+-)?seed[0-9]+$' 'dpsample'
+    '^(fedit|ffa|fedsa|florana|svd)-alpha0\.5-(dpsample-dp_epsilon[0-9.]+-)?(florana_prox0-)?seed[0-9]+$' 'dpsample'
 table rotten_tomatoes_ablation rotten_tomatoes \
     '^(fedit|florana|svd)-alpha0\.[15]-((florana_[a-z]+|svd_split)[A-Za-z0-9._]*-)*seed[0-9]+$' '(florana_|svd_split)'
 table twenty_newsgroups twenty_newsgroups '.'

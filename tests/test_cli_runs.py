@@ -376,8 +376,8 @@ def test_aggregate_probe_replays_a_round_and_varies_only_its_aggregate(tiny_cfg,
     assert res.exit_code == 0, res.output
     recorded = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     for round_ in (1, 2):
-        own, fedit, fedex, svd, prox = probe.probe(out, round_, ["fedit", "fedex", "svd", "florana,florana_prox=10"])
-        assert [own["method"], prox["method"]] == ["florana", "florana,florana_prox=10"]
+        own, fedit, fedex, svd, prox = probe.probe(out, round_, ["fedit", "fedex", "svd", "florana,florana_prox=0"])
+        assert [own["method"], prox["method"]] == ["florana", "florana,florana_prox=0"]
         for key in ("global_accuracy", "global_loss", "global_logit_spread", "relative_error", "fedit_error",
                     "local_accuracy_mean", "norm_A"):
             assert own[key] == recorded[round_ - 1][key], key
@@ -458,7 +458,7 @@ def test_partition_outcomes_pairs_each_partition_with_its_runs(tiny_cfg, tmp_pat
     def last(name):
         return json.loads((out / name / "metrics.jsonl").read_text().splitlines()[-1])
     for extra, name in [(None, "florana-alpha0.5-seed{}"),
-                        ({"florana_prox": 10.0}, "florana-alpha0.5-florana_prox10-seed{}")]:
+                        ({"florana_prox": 0.0}, "florana-alpha0.5-florana_prox0-seed{}")]:
         table = po.rows(out, "florana", "fedit", extra)
         assert [(r["alpha"], r["seed"]) for r in table] == [(0.5, 0), (0.5, 1)]
         for r in table:

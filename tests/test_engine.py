@@ -20,7 +20,7 @@ from florana.errors import FloranaError
 from florana.federation import engine
 from florana.federation.engine import read_metrics, run
 from florana.aggregation import METHODS
-from florana.federation.methods import ALL_METHODS, BOUNDS
+from florana.federation.methods import ALL_METHODS, BOUNDS, run_differences
 from florana.lora import load_adapter
 from tiny import arithmetic_jsonl, sentiment_csv, tiny_bert, tiny_bert_bf16, tiny_config, tiny_llama
 
@@ -431,6 +431,23 @@ def test_a_resumed_run_keeps_its_config(assets, tmp_path):
     run(local, tmp_path / "local")
     with pytest.raises(FloranaError, match="a finished local run cannot be extended"):
         run(local.with_overrides(rounds=2), tmp_path / "local", resume=True)
+
+
+def test_another_methods_option_does_not_stop_a_resume(assets, tmp_path):
+    """A fedit run made before florana's default λ changed resumes (and compare reuses it) under the new default:
+    florana_prox changes nothing fedit computes. A florana run with another λ is another run."""
+    cfg = tiny_config(assets, method="fedit", rounds=1, florana_prox=0.0, svd_split="b")
+    run(cfg, tmp_path / "fedit")
+    later = cfg.with_overrides(rounds=2, florana_prox=10.0, svd_split="client_norm")
+    assert run_differences(cfg, later) == {"rounds": (1, 2)}
+    run(later, tmp_path / "fedit", resume=True)
+    assert load_config(tmp_path / "fedit" / "config.toml") == later
+    ours = cfg.with_overrides(method="florana")
+    assert run_differences(ours, ours.with_overrides(florana_prox=10.0, svd_split="client_norm")) == {
+        "florana_prox": (0.0, 10.0)}
+    run(ours, tmp_path / "florana")
+    with pytest.raises(FloranaError, match=re.escape("florana_prox 0.0 → 10.0 differ(s) from its config.toml")):
+        run(ours.with_overrides(rounds=2, florana_prox=10.0), tmp_path / "florana", resume=True)
 
 
 def test_only_the_newest_checkpoints_are_kept(assets, tmp_path):

@@ -125,8 +125,9 @@ class RunConfig:
     florana_lr: float = _f(1.0, "florana: the gradient solver's step as a fraction of 1/Lipschitz constant of its "
                                 "block's gradient (the objective decreases for any value in (0, 2))",
                            (lambda v: 0 < v < 2, "in (0, 2)"))
-    florana_prox: float = _f(0.0, "florana: λ of the proximal term λ·‖ΔW*‖²·(‖P − w‖² + ‖Q − w‖²) towards FedIT's "
-                                  "weights (0: none)", at_least(0))
+    florana_prox: float = _f(10.0, "florana: λ of the proximal term λ·‖ΔW*‖²·(‖P − w‖² + ‖Q − w‖²) towards FedIT's "
+                                   "weights (0: none, the paper's Eq. 6 alone; 10: the evidence sweep's choice, see "
+                                   "the README)", at_least(0))
     florana_gauge: str = _f("sum_p", "florana: how the product is split between Â and B̂: sum_p (Σ P = 1), balanced "
                                      "(‖Â‖_F = ‖B̂‖_F), client_norm (‖Â‖_F = the clients' mean ‖A_u‖_F) or "
                                      "fedit_norm (‖Â‖_F = FedIT's ‖Σ w_u A_u‖_F)",

@@ -9,12 +9,13 @@ import re
 from pathlib import Path
 
 from florana.aggregation import METHODS
-from florana.config import FIELDS, RunConfig, describe, differences
+from florana.config import FIELDS, RunConfig, describe
 from florana.errors import FloranaError
 from florana.federation.engine import read_metrics, resumed_config, run
 from florana.federation.folders import RunInUse, check_compare_folder, remove_run
 from florana.report.summary import load_run, write_summary
-from florana.report.tables import BASELINE, TARGET, method_owning
+from florana.federation.methods import method_owning, run_differences
+from florana.report.tables import BASELINE, TARGET
 
 AXES = {"method": "--methods", "seed": "--seeds", "alpha": "--alpha"}  # the grid's own flags
 log = logging.getLogger("florana")
@@ -117,7 +118,7 @@ def compare(base: RunConfig, methods: list[str], seeds: list[int], alphas: list[
     check_compare_folder(out)
     plan = [(config, out / name) for name, config in plan_runs(base, methods, seeds, alphas, grid)]
     for config, run_dir in plan:  # all checked before any run starts
-        changes = differences(resumed_config(run_dir), config) if (run_dir / "config.toml").exists() else {}
+        changes = run_differences(resumed_config(run_dir), config) if (run_dir / "config.toml").exists() else {}
         if changes := {k: v for k, v in changes.items() if k not in HOW_IT_RUNS}:
             if not force:
                 raise FloranaError(f"{run_dir}: holds a run of another config ({describe(changes)}); pass --force "

@@ -25,13 +25,13 @@ import torch
 from torch import Tensor
 
 from florana.aggregation import aggregate_adapters
-from florana.config import RunConfig, describe, differences, load_config
+from florana.config import RunConfig, describe, load_config
 from florana.data import Examples, load_examples, partition, partition_stats, relabel
 from florana.errors import FloranaError
 from florana.federation.checkpoint import (latest_checkpoint, latest_round, prune_checkpoints, save_checkpoint,
                                            write_text_atomic)
 from florana.federation.folders import check_run_folder, holding
-from florana.federation.methods import method_of
+from florana.federation.methods import method_of, run_differences
 from florana.lora.adapter import LoraModule, at_rank, has_non_finite, revive_dead_slots
 from florana.lora.base_delta import apply_change, factor_change, total_change
 from florana.lora.peft_io import save_adapter
@@ -713,15 +713,16 @@ class RunResult:
 
 def resumed_config(run_dir: Path, requested: RunConfig | None = None) -> RunConfig:
     """The config to resume run_dir with: its stored config.toml, or `requested` where that differs from it only
-    in rounds beyond those done (an extension) or in the device (where it runs: a checkpoint is CPU tensors), written
-    to config.toml at once, so that every runtime resumes with it. Any other difference is an error naming the keys."""
+    in rounds beyond those done (an extension), in the device (where it runs: a checkpoint is CPU tensors) or in
+    other methods' keys (run_differences), written to config.toml at once, so that every runtime resumes with it.
+    Any other difference is an error naming the keys."""
     path = Path(run_dir) / "config.toml"
     if not path.is_file():
         raise FloranaError(f"{run_dir}: nothing to resume (no config.toml)")
     stored = load_config(path)
     if requested is None or requested == stored:
         return stored
-    changes = differences(stored, requested)
+    changes = run_differences(stored, requested)
     others = {k: v for k, v in changes.items() if k not in ("rounds", "device")}
     if others:
         raise FloranaError(f"{run_dir}: a resumed run keeps its config, but {describe(others)} differ(s) from its "

@@ -6,6 +6,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from florana.aggregation import METHODS, Method, get_method
+from florana.config import differences
 from florana.errors import FloranaError
 
 if TYPE_CHECKING:
@@ -37,6 +38,18 @@ def check_method(name: str, error_feedback: bool = False, secagg: bool = False) 
                "it changes the base weights")
         usable = ", ".join(m.name for m in METHODS.values() if m.feeds_back)
         raise FloranaError(f"error_feedback=true does not apply to {name}: {why} (it applies to {usable})")
+
+
+def method_owning(key: str, methods=METHODS) -> str | None:
+    """The method a config key is named after ('lora_fair' for lora_fair_steps), or None for a shared key."""
+    return max((m for m in methods if key.startswith(m + "_")), key=len, default=None)
+
+
+def run_differences(old: RunConfig, new: RunConfig) -> dict[str, tuple]:
+    """The keys whose values differ (each with (old, new)) and bear on the run: a key named after another method
+    (florana_prox in a fedit run) changes nothing the run computes, so a changed default of one method leaves every
+    other method's finished runs reusable."""
+    return {k: v for k, v in differences(old, new).items() if method_owning(k) in (None, old.method, new.method)}
 
 
 def method_options(config: RunConfig) -> dict:

@@ -19,14 +19,14 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, M
 from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp.strategy import FedAvg
 
-from florana.config import RunConfig, describe, differences
+from florana.config import RunConfig, describe
 from florana.errors import FloranaError
 from florana.data import load_examples
 from florana.federation.checkpoint import write_text_atomic
 from florana.federation.folders import holding
 from florana.federation.engine import (BudgetSpent, Client, Federation, LocalResult, close_run, open_run,
                                        record_round, resumed_config)
-from florana.federation.methods import BOUNDS
+from florana.federation.methods import BOUNDS, run_differences
 from florana.flower.handshake import base_model_folder, hash_problem, model_hash, version_problem, versions
 from florana.flower.nodedata import agree_labels, check_count, server_split
 from florana.flower.secagg import SecureRound, sum_weight, upload_bytes
@@ -506,7 +506,7 @@ def main(grid: Grid, context: Context) -> None:
         run_dir = Path(str(runtime["run-dir"]).replace("{run_id}", str(context.run_id)))
         if runtime["resume"]:  # Flower hands over every key, defaults included: say which ones are not used
             stored = resumed_config(run_dir.resolve())
-            ignored = {k: v for k, v in differences(stored, config).items()
+            ignored = {k: v for k, v in run_differences(stored, config).items()
                        if not (k == "num_clients" and run_config.get(k) == CLIENTS_FROM_NODES)}
             if ignored:
                 log.warning("resume=true continues %s with its stored config; these run-config values differ and are "

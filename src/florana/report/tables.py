@@ -81,16 +81,11 @@ def _show(v) -> str:
     return f"{v:g}" if isinstance(v, float) else str(v)
 
 
-def method_owning(key: str, methods) -> str | None:
-    """The method a config key is named after ('lora_fair' for lora_fair_steps), or None for a shared key."""
-    return max((m for m in methods if key.startswith(m + "_")), key=len, default=None)
-
-
 def label_runs(runs: list[Run]) -> list[Run]:
     """Give each run its label and setting. The setting is alpha and every other config key whose value differs
     between runs, save seeds and the keys named after a method (fedsvd_period, lora_fair_*): those differing
     between runs of their own method label variants of it ('lora_fair[steps=10]'), and are ignored otherwise."""
-    from florana.federation.methods import BOUNDS
+    from florana.federation.methods import BOUNDS, method_owning
 
     names = sorted({k for r in runs for k in r.config} - NOT_A_SETTING)
     methods = {r.method for r in runs} - set(BOUNDS)  # a bound has no options (local_steps is everyone's)
