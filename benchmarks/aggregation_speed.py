@@ -25,8 +25,10 @@ Baselines, with X = [w_1 s B_1 … w_U s B_U] (d×Ur), Y = [A_1; …; A_U] (Ur×
   from R_y). Report from the core: error ‖C − U_rΣ_rV_rᵀ‖, floor the tail of Σ, FedIT's error
   ‖C − (R_x E)(R_y W)ᵀ‖ (E sums the client blocks, W weights them). Modules go 20 at a time, as florana's do.
   This is a tall-skinny QR where florana takes fp64 Grams (a Cholesky QR): the same O((d+k)(Ur)²) work.
-- "dense ALS" (florana): florana's ALS (start P = Q = w, a Q half-step then a P half-step, ridge
-  1e-12·tr(H)/U, a step kept only where it lowers L, gauge Σ P = 1) for exactly the sweeps florana ran, each
+- "dense ALS" (florana): florana's ALS with its default proximal term μ = λ‖ΔW*‖², λ = florana_prox (start
+  P = Q = w, a Q half-step then a P half-step on L + μ(‖P − w‖² + ‖Q − w‖²), ridge 1e-12·tr(H)/U, a step kept only
+  where it lowers that, then florana's gauge step: Σ P = 1 for λ = 0, else the prox-minimising rescaling
+  `prox_gauge`, a few flops on U-vectors) for exactly the sweeps florana ran, each
   U×U system taken from dense products: ΔW* = X·Y by one bmm, Z_u = s B_u Â (or B̂ A_v) for all clients
   and modules of a chunk by one bmm, H[u,u'] = ⟨Z_u, Z_u'⟩ and g[u] = ⟨Z_u, ΔW*⟩ by two bmm (fp32 products
   like the factors, row-wise fp32 dots summed in fp64, fp64 U×U solves). Loops only over chunks and sweeps.
@@ -76,6 +78,7 @@ import torch
 from torch import Tensor
 
 from florana.aggregation import aggregate_adapters
+from florana.aggregation.florana import PROX, prox_gauge
 from florana.lora import LoraAdapter, LoraModule
 
 RIDGE = 1e-12  # florana's ALS ridge, relative to tr(H)/U
@@ -293,7 +296,7 @@ def _loss(H: Tensor, g: Tensor, x: Tensor, target: Tensor) -> Tensor:
     return torch.einsum("mu,muv,mv->m", x, H, x) - 2 * (g * x).sum(-1) + target
 
 
-def dense_als(clients, names, w, s, r, chunk=2, sweeps=None, timers=None, **_) -> dict[str, Tensor]:
+def dense_als(clients, names, w, s, r, chunk=2, sweeps=None, timers=None, prox=PROX, **_) -> dict[str, Tensor]:
     """florana's ALS with every U×U system from dense products (see the module docstring).
 
     The products are laid out row by row, Z (M, d, U, k): row i holds the i-th rows of all clients' Z_u, so
@@ -324,27 +327,38 @@ def dense_als(clients, names, w, s, r, chunk=2, sweeps=None, timers=None, **_) -
 
         P = w.expand(M, U).clone()
         Q = P.clone()
+        mu = prox * target  # the proximal term's weight per module; L below includes the term
+
+        def pull(x: Tensor) -> Tensor:
+            return mu * (x - w).pow(2).sum(-1)
+        eye = torch.eye(U, dtype=torch.float64)
         for sweep in range(max(sweeps[n] for n in part)):
             A_hat = (A * P.float().view(M, U, 1, 1)).sum(1)
             torch.bmm(b_rows, A_hat, out=Z.view(M, d * U, k))  # Z_u = b_u·Â, every client at once
             H, g = system()
             if sweep == 0:
-                L = _loss(H, g, Q, target)  # at P = Q = w: FedIT's error
+                L = _loss(H, g, Q, target)  # at P = Q = w: FedIT's error (the proximal term is 0 there)
                 fedit = L.clone()
-            Q_new = _solve(H, g)
-            L_new = _loss(H, g, Q_new, target)
+            Q_new = _solve(H + mu[:, None, None] * eye, g + mu[:, None] * w)
+            L_new = _loss(H, g, Q_new, target) + pull(P) + pull(Q_new)
             keep = L_new < L
             Q, L = torch.where(keep[:, None], Q_new, Q), torch.where(keep, L_new, L)
             B_hat = (bt * Q.float().view(M, U, 1, 1)).sum(1).mT  # (M, d, r)
             torch.bmm(B_hat, A_cols, out=Z.view(M, d, U * k))  # Z_v = B̂·A_v
             H, g = system()
-            P_new = _solve(H, g)
-            L_new = _loss(H, g, P_new, target)
+            P_new = _solve(H + mu[:, None, None] * eye, g + mu[:, None] * w)
+            L_new = _loss(H, g, P_new, target) + pull(P_new) + pull(Q)
             keep = L_new < L
             P, L = torch.where(keep[:, None], P_new, P), torch.where(keep, L_new, L)
-            total = P.sum(-1, keepdim=True)
-            gauge = torch.where(total.abs() > 1e-12, total, torch.ones_like(total))
-            P, Q = P / gauge, Q * gauge
+            if prox:  # the data term is gauge-free: only the proximal term changes
+                L = L - pull(P) - pull(Q)
+                P, Q = prox_gauge(P, Q, w)
+                L = L + pull(P) + pull(Q)
+            else:
+                total = P.sum(-1, keepdim=True)
+                gauge = torch.where(total.abs() > 1e-12, total, torch.ones_like(total))
+                P, Q = P / gauge, Q * gauge
+        L = L - pull(P) - pull(Q)  # the data term: the error of the product
         del Z, rows, T, T_rows
         t0 = now()
         rep = qr_floor(X.view(M, U, r, d), A, w, r)
