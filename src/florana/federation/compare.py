@@ -8,7 +8,6 @@ import logging
 import re
 from pathlib import Path
 
-from florana.aggregation import METHODS
 from florana.config import FIELDS, RunConfig, describe
 from florana.errors import FloranaError
 from florana.federation.engine import read_metrics, resumed_config, run
@@ -93,7 +92,7 @@ def plan_runs(base: RunConfig, methods: list[str], seeds: list[int], alphas: lis
     grid = grid or {}
     plan: dict[str, RunConfig] = {}
     for alpha, seed, values, method in itertools.product(alphas, seeds, itertools.product(*grid.values()), methods):
-        extra = {k: v for k, v in zip(grid, values) if method_owning(k, METHODS) in (None, method)}
+        extra = {k: v for k, v in zip(grid, values) if method_owning(k) in (None, method)}
         name = run_name(method, alpha, seed, {k: v for k, v in extra.items() if v != getattr(base, k)})
         if name not in plan:
             plan[name] = base.with_overrides(method=method, seed=seed, alpha=alpha, **extra)
