@@ -3,7 +3,8 @@
 # compare reuses its folder's finished runs and resumes an unfinished one, so a killed sweep restarts where it
 # stopped: start its streams again. Every run is the default config (configs/default.toml) with one torch thread
 # (two single-thread runs side by side beat one two-thread run on a 2-core machine); runs go under $SWEEP (not
-# committed) and scripts/sweep_results.sh summarises the finished ones into results/.
+# committed) and scripts/sweep_results.sh summarises the finished ones into results/. A run that a committed summary
+# under $RESULTS records is not run again (compare --reuse): the sweep goes on from its summaries on a new machine.
 #   mkdir -p runs && for s in a b; do nohup scripts/sweep_evidence.sh $s >> runs/sweep-$s.log 2>&1 & done
 # FLoRA-NA runs at its default (florana_prox = 10, the sweep's own choice) and, as "the paper's estimate", at
 # florana_prox = 0 (Eq. 6 alone, the default until the sweep chose it). compare names a run after the keys that
@@ -25,6 +26,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 FLORANA=${FLORANA:-.venv/bin/florana}
 SWEEP=${SWEEP:-runs/sweep}
+RESULTS=${RESULTS:-results}
 HEAD=fedit,florana,svd
 REST=ffa,fedsa,fedex,flora,flexlora,rolora,lora_fair,hetlora,fedsvd,centralized,local
 mkdir -p "$SWEEP"
@@ -32,8 +34,15 @@ CONFIG="$SWEEP/default-1thread.toml"  # the default, one torch thread (threads i
 { cat configs/default.toml; echo "threads = 1"; } > "$CONFIG"
 NG_CONFIG="$SWEEP/twenty_newsgroups-1thread.toml"  # the same config on the second task: nothing tuned for it
 sed 's/^dataset = .*/dataset = "twenty_newsgroups"/' "$CONFIG" > "$NG_CONFIG"
-rt() { "$FLORANA" compare --config "$CONFIG" --out "$SWEEP/rotten_tomatoes" --quiet "$@"; }
-ng() { "$FLORANA" compare --config "$NG_CONFIG" --out "$SWEEP/twenty_newsgroups" --quiet "$@"; }
+RT_REUSE=() NG_REUSE=()  # --reuse of each committed summary of the task
+for d in "$RESULTS"/rotten_tomatoes "$RESULTS"/rotten_tomatoes_*; do
+    [ -f "$d/provenance.json" ] && RT_REUSE+=(--reuse "$d")
+done
+for d in "$RESULTS"/twenty_newsgroups*; do
+    [ -f "$d/provenance.json" ] && NG_REUSE+=(--reuse "$d")
+done
+rt() { "$FLORANA" compare --config "$CONFIG" --out "$SWEEP/rotten_tomatoes" --quiet "${RT_REUSE[@]}" "$@"; }
+ng() { "$FLORANA" compare --config "$NG_CONFIG" --out "$SWEEP/twenty_newsgroups" --quiet "${NG_REUSE[@]}" "$@"; }
 PAPER=(--methods florana --set florana_prox=0)  # the paper's estimate: FLoRA-NA without the proximal term
 privacy() {  # the runs without DP first (shared with streams a and b), then ε = 8, 3, 1 seed by seed
     rt --methods fedit,ffa,fedsa,florana,svd --seeds "$1" --alpha 0.5

@@ -1,7 +1,10 @@
 #!/usr/bin/env bash
 # Summarise the sweep's FINISHED runs (those that wrote their global adapter) into results/<table>/, the folders that
-# are committed: summary.md/csv, paired.csv, runs.csv, rounds.csv, plots/, run_configs/, provenance.json. Unfinished
-# runs are left out, so a table never mixes a 40-round run with a half-done one. Safe to run while the sweep goes on.
+# are committed: summary.md/csv, paired.csv, runs.csv, rounds.csv, plots/, run_configs/, histories/, provenance.json.
+# Unfinished runs are left out, so a table never mixes a 40-round run with a half-done one. Safe to run while the
+# sweep goes on. A table also takes the runs the committed summaries of its task record (results/<task>*/): the run
+# folders of an earlier machine are gone, their records are not, so the tables grow across machines. A table whose
+# runs and histories are unchanged is left as it is.
 # One sweep folder feeds several tables (scripts/sweep_evidence.sh): the aggregators on the default config, issue 12's
 # privacy table (its DP runs and the same methods' runs without DP), issue 14's ablation (the options' runs and the
 # default's at the same α).
@@ -10,21 +13,39 @@ cd "$(dirname "$0")/.."
 FLORANA=${FLORANA:-.venv/bin/florana}
 SWEEP=${SWEEP:-runs/sweep}
 
-# table NAME FOLDER PATTERN [NEEDS]: results/NAME from the finished runs of $SWEEP/FOLDER whose names match PATTERN
-# (an extended regex), written only when one of them matches NEEDS (default: any)
+# table NAME FOLDER PATTERN [NEEDS]: results/NAME from the runs whose names match PATTERN (an extended regex) among
+# the finished runs of $SWEEP/FOLDER and the runs recorded in results/FOLDER*/, written only when one of them matches
+# NEEDS (default: any)
 table() {
-    local name=$1 folder=$SWEEP/$2 pattern=$3 needs=${4:-.} finished=() run base
-    [ -d "$folder" ] || return 0
-    for run in "$folder"/*/; do
-        base=$(basename "$run")
-        [ -d "$run/global_adapter" ] && [[ $base =~ $pattern ]] && finished+=("${run%/}")
+    local name=$1 folder=$SWEEP/$2 pattern=$3 needs=${4:-.} sources=() run tmp
+    for run in "results/$2" "results/$2"_*; do
+        [ -f "$run/provenance.json" ] && sources+=("$run")
     done
-    [ ${#finished[@]} -eq 0 ] && return 0
-    printf '%s\n' "${finished[@]##*/}" | grep -Eq -- "$needs" || return 0
+    if [ -d "$folder" ]; then
+        for run in "$folder"/*/; do
+            [ -d "$run/global_adapter" ] && [[ $(basename "$run") =~ $pattern ]] && sources+=("${run%/}")
+        done
+    fi
+    [ ${#sources[@]} -eq 0 ] && return 0
+    tmp=$(mktemp -d)
+    if ! "$FLORANA" report "${sources[@]}" --runs "$pattern" --out "$tmp" > "$tmp.log" 2>&1; then
+        grep -q "no finished rounds" "$tmp.log" || { cat "$tmp.log" >&2; rm -rf "$tmp" "$tmp.log"; return 1; }
+        rm -rf "$tmp" "$tmp.log"; return 0
+    fi
+    rm -rf "$tmp/.mpl" "$tmp.log"  # matplotlib's cache
+    if ! tail -n +2 "$tmp/runs.csv" | cut -d, -f1 | grep -Eq -- "$needs" || unchanged "$tmp" "results/$name"; then
+        rm -rf "$tmp"; return 0
+    fi
     rm -rf "results/$name"
-    "$FLORANA" report "${finished[@]}" --out "results/$name" > /dev/null
-    rm -rf "results/$name/.mpl"  # matplotlib's cache
-    echo "results/$name: ${#finished[@]} finished runs"
+    mv "$tmp" "results/$name"
+    echo "results/$name: $(($(wc -l < "results/$name/runs.csv") - 1)) finished runs"
+}
+
+# unchanged NEW OLD: the same runs, with histories for the same ones
+unchanged() {
+    [ -f "$2/runs.csv" ] && cmp -s <(tail -n +2 "$1/runs.csv" | cut -d, -f1 | sort) \
+        <(tail -n +2 "$2/runs.csv" | cut -d, -f1 | sort) \
+        && cmp -s <(ls "$1/histories" 2>/dev/null) <(ls "$2/histories" 2>/dev/null)
 }
 
 # the headline tables hold FLoRA-NA's default and the paper's estimate (florana_prox = 0) beside the others

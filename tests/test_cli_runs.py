@@ -113,6 +113,41 @@ def test_compare_then_report(tiny_cfg, tmp_path):
     assert res.exit_code == 0, res.output
 
 
+def test_compare_reuses_the_runs_a_summary_recorded(tiny_cfg, tmp_path):
+    """On a machine without the run folders, `compare --reuse results/x` takes the finished runs a committed summary
+    records (with a history, or with only its numbers, as older summaries kept them) instead of running them again,
+    and runs what it lacks; a recorded run of another config runs anew."""
+    first = tmp_path / "first"
+    args = ["compare", "--methods", "fedit", "--seeds", "0", "--config", str(tiny_cfg), "--quiet"]
+    assert runner.invoke(app, [*args, "--out", str(first)]).exit_code == 0
+    results = tmp_path / "results"
+    res = runner.invoke(app, ["report", str(first), "--out", str(results)])
+    assert res.exit_code == 0, res.output
+    shutil.rmtree(first)  # the machine is gone; its summary is committed
+    old = tmp_path / "old"  # the same summary as one written before summaries kept histories
+    shutil.copytree(results, old)
+    shutil.rmtree(old / "histories")
+    recorded = (results / "histories" / "fedit-alpha0.5-seed0.jsonl").read_text()
+    for source in (results, old):
+        out = tmp_path / f"grown-{source.name}"
+        res = runner.invoke(app, [*args, "--methods", "fedit,florana", "--out", str(out), "--reuse", str(source)])
+        assert res.exit_code == 0, res.output
+        assert sorted(p.name for p in out.glob("*-seed*")) == ["florana-alpha0.5-seed0"]  # fedit not run again
+        entries = {e["name"]: e for e in json.loads((out / "provenance.json").read_text())["runs"]}
+        assert set(entries) == {"fedit-alpha0.5-seed0", "florana-alpha0.5-seed0"}
+        assert entries["fedit-alpha0.5-seed0"]["finished"] and len(entries["fedit-alpha0.5-seed0"]["sessions"]) == 1
+        paired = list(csv.DictReader(io.StringIO((out / "paired.csv").read_text())))
+        assert {(p["method"], p["n"]) for p in paired} == {("florana", "1")}
+        history = out / "histories" / "fedit-alpha0.5-seed0.jsonl"
+        assert (history.read_text() == recorded) if source == results else not history.exists()
+    # another config (here 3 rounds) is not the recorded run: it runs
+    out = tmp_path / "longer"
+    res = runner.invoke(app, [*args, "--rounds", "3", "--out", str(out), "--reuse", str(results)])
+    assert res.exit_code == 0, res.output
+    assert [json.loads(x)["round"] for x in (out / "fedit-alpha0.5-seed0" / "metrics.jsonl").read_text().splitlines()] \
+        == [1, 2, 3]
+
+
 def test_compare_grid_over_other_keys(tiny_cfg, tmp_path):
     """--set KEY=V1,V2 varies any config key: every combination runs in its own folder and is its own setting; a
     key named after a method varies for that method only."""

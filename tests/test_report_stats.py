@@ -6,6 +6,7 @@ import io
 import json
 import math
 import os
+import shutil
 
 import pytest
 
@@ -258,9 +259,9 @@ def test_write_summary_files(tmp_path):
     root = write_runs(tmp_path / "sweep", grid(alphas=(0.1, 1.0)))
     out = tmp_path / "results"
     rows = write_summary(find_runs([root]), out, target=0.6)
-    assert sorted(p.name for p in out.iterdir()) == ["paired.csv", "paired_rounds.csv", "plots", "provenance.json",
-                                                     "rounds.csv", "run_configs", "runs.csv", "summary.csv",
-                                                     "summary.md"]
+    assert sorted(p.name for p in out.iterdir()) == ["histories", "paired.csv", "paired_rounds.csv", "plots",
+                                                     "provenance.json", "rounds.csv", "run_configs", "runs.csv",
+                                                     "summary.csv", "summary.md"]
     per_round = list(csv.DictReader(io.StringIO((out / "rounds.csv").read_text())))
     assert len(per_round) == 2 * 2 * 3  # methods × settings × rounds
     last = next(r for r in per_round if (r["method"], r["setting"], r["round"]) == ("fedit", "alpha=0.1", "3"))
@@ -308,6 +309,77 @@ def test_write_summary_files(tmp_path):
     write_summary(find_runs([root / "fedit-alpha0.1-seed0", root / "florana-alpha0.1-seed0"]), out)
     assert sorted(p.name for p in (out / "run_configs").iterdir()) == ["fedit-alpha0.1-seed0.toml",
                                                                       "florana-alpha0.1-seed0.toml"]
+    assert sorted(p.name for p in (out / "histories").iterdir()) == ["fedit-alpha0.1-seed0.jsonl",
+                                                                    "florana-alpha0.1-seed0.jsonl"]
+
+
+SUMMARY_TABLES = ("summary.csv", "paired.csv", "runs.csv", "rounds.csv", "paired_rounds.csv")
+
+
+def test_a_summary_is_a_record_its_runs_are_read_back_from(tmp_path):
+    """A summary keeps each run's config, history and sessions: summarising it again (on another machine, where the
+    run folders are gone) gives the same tables, and its finished flags and sessions stand."""
+    root = write_runs(tmp_path / "sweep", grid(alphas=(0.1, 1.0)))
+    (root / "fedit-alpha0.1-seed0" / "global_adapter").mkdir()
+    session = {"git": {"commit": "abc", "dirty": False}, "machine": {"cpu": "x", "cpus_usable": 2}}
+    (root / "fedit-alpha0.1-seed0" / "sessions.jsonl").write_text(json.dumps(session) + "\n")
+    first, again = tmp_path / "results", tmp_path / "elsewhere"
+    write_summary(find_runs([root]), first, target=0.6)
+    assert (first / "histories" / "fedit-alpha0.1-seed0.jsonl").read_text() == \
+        (root / "fedit-alpha0.1-seed0" / "metrics.jsonl").read_text()
+    shutil.rmtree(root)
+    runs = find_runs([first])
+    assert len(runs) == 12 and all(r.history and r.folder is None and r.summary == first for r in runs)
+    write_summary(runs, again, target=0.6)
+    for name in SUMMARY_TABLES:
+        assert (again / name).read_text() == (first / name).read_text(), name
+    assert sorted(p.name for p in (again / "plots" / "alpha0.1").iterdir()) == sorted(
+        p.name for p in (first / "plots" / "alpha0.1").iterdir())
+    entries = {e["name"]: e for e in json.loads((again / "provenance.json").read_text())["runs"]}
+    assert entries["fedit-alpha0.1-seed0"]["finished"] and not entries["fedit-alpha0.1-seed1"]["finished"]
+    assert entries["fedit-alpha0.1-seed0"]["sessions"] == [session]
+    assert (again / "run_configs" / "florana-alpha1-seed2.toml").read_text() == \
+        (first / "run_configs" / "florana-alpha1-seed2.toml").read_text()
+    # summarised into itself, it stays whole
+    write_summary(find_runs([first]), first, target=0.6)
+    assert len(list((first / "histories").iterdir())) == len(list((first / "run_configs").iterdir())) == 12
+    for name in SUMMARY_TABLES:
+        assert (again / name).read_text() == (first / name).read_text(), name
+
+
+def test_a_summary_made_before_histories_still_gives_every_per_run_table(tmp_path):
+    """A summary written before summaries kept histories has each run's numbers in runs.csv: summarised again, the
+    per-run statistics and the paired differences come out the same; the per-round tables and plots leave those
+    runs out and the header says so; a run folder of the same run, where there is one, stands in for the numbers."""
+    root = write_runs(tmp_path / "sweep", grid(alphas=(0.1, 1.0)))
+    old, again = tmp_path / "results", tmp_path / "again"
+    write_summary(find_runs([root]), old, target=0.6)
+    shutil.rmtree(old / "histories")  # what summaries looked like before
+    runs = find_runs([old])
+    assert len(runs) == 12 and not any(r.history for r in runs) and all(r.numbers for r in runs)
+    write_summary(runs, again, target=0.6)
+    assert (again / "paired.csv").read_text() == (old / "paired.csv").read_text()
+    kept = [k for k in tables.SUMMARY_KEYS if not k.startswith("local_global_gap")]  # not in an old runs.csv
+    before, after = (list(csv.DictReader(io.StringIO((f / "summary.csv").read_text()))) for f in (old, again))
+    assert [{k: r[k] for k in kept} for r in after] == [{k: r[k] for k in kept} for r in before]
+    assert (again / "rounds.csv").read_text() == "method,setting,round,seeds\n"  # no round of any run
+    assert not (again / "plots").exists() and not list((again / "histories").iterdir())
+    assert "12 of the runs come with only the numbers runs.csv kept" in (again / "summary.md").read_text()
+    with pytest.raises(FloranaError, match=r"run fedit-alpha0\.1-seed0 has only the numbers.*--target 0\.6"):
+        write_summary(find_runs([old]), tmp_path / "other", target=0.7)
+    both = find_runs([old, root / "fedit-alpha0.1-seed0"])
+    assert len(both) == 12 and [r.folder for r in both if r.name == "fedit-alpha0.1-seed0"] == \
+        [root / "fedit-alpha0.1-seed0"]
+
+
+def test_find_runs_takes_only_the_names_asked_for(tmp_path):
+    root = write_runs(tmp_path / "sweep", grid())
+    assert {r.method for r in find_runs([root], only="^fedit-")} == {"fedit"}
+    assert len(find_runs([root], only="seed[01]$")) == 4
+    with pytest.raises(FloranaError, match=r"--runs '\(': not a regular expression"):
+        find_runs([root], only="(")
+    with pytest.raises(FloranaError, match="no metrics.jsonl in it or its sub-folders, and no provenance.json"):
+        find_runs([tmp_path])
 
 
 def test_a_summary_keeps_matplotlib_s_cache_out_of_its_plots(tmp_path, monkeypatch):

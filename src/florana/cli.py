@@ -223,6 +223,9 @@ def compare(
     set_: Annotated[list[str] | None, typer.Option("--set", help="Another config key to vary, KEY=V1,V2,... "
                                                                 "(repeatable; every combination runs; a key named "
                                                                 "after a method varies for that method only).")] = None,
+    reuse: Annotated[list[Path] | None, typer.Option(help="A summary folder (e.g. results/<name>, committed) or run "
+                                                       "folder whose finished runs of a planned name and config "
+                                                       "are taken as they are, not run again (repeatable).")] = None,
     target: TargetOpt = TARGET,
     baseline: BaselineOpt = BASELINE,
 ) -> None:
@@ -252,7 +255,7 @@ def compare(
                 check_ranks(name, base.ranks())
         with progress_for(quiet) as progress:
             rows = run_compare(base, names, seed_list, alphas, out, progress=progress, force=force, target=target,
-                               baseline=baseline, grid=grid)
+                               baseline=baseline, grid=grid, reuse=reuse)
     except FloranaError as e:
         fail(str(e))
     print_rows(rows)
@@ -266,25 +269,29 @@ def _echo_outputs(out: Path) -> None:
 
 @app.command()
 def report(
-    run_dirs: Annotated[list[Path], typer.Argument(help="Run folders, or folders of runs (florana compare's out).")],
+    run_dirs: Annotated[list[Path], typer.Argument(help="Run folders, folders of runs (florana compare's out), or "
+                                                        "summary folders (report's out: the runs they record).")],
     out: Annotated[Path | None, typer.Option(help="Where the summary goes (default: the first folder): a new or empty "
                                                   "folder (e.g. results/<name>, to commit), or a run or compare "
                                                   "folder.")] = None,
+    runs: Annotated[str | None, typer.Option("--runs", help="Only the runs whose name this regular expression "
+                                                             "matches (re.search).")] = None,
     target: TargetOpt = TARGET,
     baseline: BaselineOpt = BASELINE,
 ) -> None:
     """Summarise finished runs: summary.md/csv (mean, std and 95% t interval over seeds per method and setting),
-    paired.csv (differences against the baseline on the same seeds), runs.csv, rounds.csv, plots/, run_configs/
-    and provenance.json; no checkpoints or adapters."""
+    paired.csv (differences against the baseline on the same seeds), runs.csv, rounds.csv, plots/, run_configs/,
+    histories/ and provenance.json; no checkpoints or adapters. A summary folder given as input adds the runs it
+    records, so a committed summary grows with new runs on any machine."""
     from florana.federation.folders import check_report_folder
     from florana.report.summary import find_runs, write_summary
 
     try:
-        runs = find_runs(run_dirs)
-        if not runs:
+        found = find_runs(run_dirs, only=runs)
+        if not found:
             raise FloranaError("no finished rounds in these runs")
         check_report_folder(out or run_dirs[0])
-        rows = write_summary(runs, out or run_dirs[0], target, baseline)
+        rows = write_summary(found, out or run_dirs[0], target, baseline)
     except FloranaError as e:
         fail(str(e))
     print_rows(rows)

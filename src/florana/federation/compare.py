@@ -8,13 +8,13 @@ import logging
 import re
 from pathlib import Path
 
-from florana.config import FIELDS, RunConfig, describe
+from florana.config import FIELDS, RunConfig, config_from_dict, describe
 from florana.errors import FloranaError
 from florana.federation.engine import read_metrics, resumed_config, run
 from florana.federation.folders import RunInUse, check_compare_folder, remove_run
-from florana.report.summary import load_run, write_summary
+from florana.report.summary import find_runs, load_run, write_summary
 from florana.federation.methods import method_owning, run_differences
-from florana.report.tables import BASELINE, TARGET
+from florana.report.tables import BASELINE, TARGET, Run
 
 AXES = {"method": "--methods", "seed": "--seeds", "alpha": "--alpha"}  # the grid's own flags
 log = logging.getLogger("florana")
@@ -99,23 +99,52 @@ def plan_runs(base: RunConfig, methods: list[str], seeds: list[int], alphas: lis
     return list(plan.items())
 
 
+def recorded(sources: list[Path], wanted: list[tuple[RunConfig, str]]) -> dict[str, Run]:
+    """Of the finished runs in `sources` (report.summary.find_runs), those standing in for a wanted (config, name):
+    the same name and config, save how it runs (HOW_IT_RUNS) and other methods' keys (run_differences)."""
+    if not sources or not wanted:
+        return {}
+    found = {r.name: r for r in find_runs(sources) if r.entry.get("finished", r.folder is not None and
+                                                                    (r.folder / "global_adapter").is_dir())}
+    held = {}
+    for config, name in wanted:
+        r = found.get(name)
+        if r is None or not r.config:
+            continue
+        try:
+            old = config_from_dict(r.config, str(r.summary or r.folder))
+        except FloranaError:
+            continue  # a config this version cannot read is not the planned one
+        changes = {k: v for k, v in run_differences(old, config).items() if k not in HOW_IT_RUNS}
+        if changes:
+            log.warning("%s: recorded in %s with another config (%s); it runs anew", name, r.summary or r.folder,
+                        describe(changes))
+        else:
+            held[name] = r
+    return held
+
+
 # keys that change how a run executes, not what it computes: a folder whose run differs only in them is reused as it is
 HOW_IT_RUNS = frozenset({"threads", "keep_checkpoints"})
 
 
 def compare(base: RunConfig, methods: list[str], seeds: list[int], alphas: list[float], out: Path,
             progress=None, force: bool = False, target: float = TARGET, baseline: str = BASELINE,
-            grid: dict[str, list] | None = None) -> list[dict]:
+            grid: dict[str, list] | None = None, reuse: list[Path] | None = None) -> list[dict]:
     """Runs (or resumes, or reuses when finished) each combination under out/, then writes the summary
     (report.summary: tables with intervals over seeds, paired differences against `baseline`, the cost of reaching
     `target`, plots/<setting>/, provenance). `grid` adds config keys to vary (plan_runs). The partition depends only
     on the seed and the config, never on the method. A run folder is reused only for the same config (HOW_IT_RUNS
     aside: it resumes with its own); otherwise an error, or with `force` the old run is removed. A run another
     process is running (another compare on the same folder) is left to it and out of this summary: several
-    compares over one folder share its runs without running one twice."""
+    compares over one folder share its runs without running one twice. `reuse` names summary (or run) folders
+    whose finished runs stand in for planned runs of the same name and config that out/ has not begun (recorded):
+    a study grows on another machine from its committed summaries without running what they hold again."""
     out = Path(out)
     check_compare_folder(out)
     plan = [(config, out / name) for name, config in plan_runs(base, methods, seeds, alphas, grid)]
+    held = recorded(reuse or [], [(config, run_dir.name) for config, run_dir in plan
+                                  if not (run_dir / "config.toml").exists()])
     for config, run_dir in plan:  # all checked before any run starts
         changes = run_differences(resumed_config(run_dir), config) if (run_dir / "config.toml").exists() else {}
         if changes := {k: v for k, v in changes.items() if k not in HOW_IT_RUNS}:
@@ -126,6 +155,9 @@ def compare(base: RunConfig, methods: list[str], seeds: list[int], alphas: list[
     out.mkdir(parents=True, exist_ok=True)
     runs, busy = [], []
     for config, run_dir in plan:
+        if run_dir.name in held:
+            runs.append(held[run_dir.name])
+            continue
         resume = (run_dir / "config.toml").exists()
         done = resume and (run_dir / "global_adapter").is_dir() and len(read_metrics(run_dir)) == config.rounds
         if not done:

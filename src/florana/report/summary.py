@@ -1,9 +1,11 @@
 """A summary folder from finished runs: summary.md, summary.csv, paired.csv, runs.csv, rounds.csv,
-plots/<setting>/*.png, run_configs/<run>.toml and provenance.json. It holds no checkpoints or adapters, so it can be
-committed."""
+plots/<setting>/*.png, run_configs/<run>.toml, histories/<run>.jsonl and provenance.json. It holds no checkpoints or
+adapters, so it can be committed; and it holds each run's record (config, history, sessions), so a later summary can
+take its runs as they are, on another machine, beside new ones (find_runs)."""
 
 from __future__ import annotations
 
+import csv
 import json
 import os
 import re
@@ -21,7 +23,18 @@ from florana.report.tables import BASELINE, TARGET, Run
 
 SUMMARY_FILES = ("summary.md", "summary.csv", "paired.csv", "runs.csv", "rounds.csv", "paired_rounds.csv",
                  "provenance.json")
-SUMMARY_FOLDERS = ("plots", "run_configs")
+SUMMARY_FOLDERS = ("plots", "run_configs", "histories")
+
+
+def _history(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def _toml(path: Path) -> dict:
+    try:
+        return tomllib.loads(path.read_text())
+    except tomllib.TOMLDecodeError as e:
+        raise FloranaError(f"{path}: invalid TOML ({e})") from None
 
 
 def load_run(run_dir: Path) -> Run | None:
@@ -30,28 +43,71 @@ def load_run(run_dir: Path) -> Run | None:
     path = run_dir / "metrics.jsonl"
     if not path.is_file():
         raise FloranaError(f"{run_dir}: no metrics.jsonl (not a florana run folder)")
-    history = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    history = _history(path)
     if not history:
         return None
-    config = {}
-    if (run_dir / "config.toml").is_file():
-        try:
-            config = tomllib.loads((run_dir / "config.toml").read_text())
-        except tomllib.TOMLDecodeError as e:
-            raise FloranaError(f"{run_dir / 'config.toml'}: invalid TOML ({e})") from None
+    config = _toml(run_dir / "config.toml") if (run_dir / "config.toml").is_file() else {}
     return Run(history, config, name=run_dir.name, folder=run_dir)
 
 
-def find_runs(folders: list[Path]) -> list[Run]:
-    """The runs in these folders, each a run folder or a folder of runs (compare's --out), in the order of
-    ALL_METHODS; ones with no finished round are left out. Two runs of one folder name get their parent's name in
-    front."""
+def _number(key: str, text: str):
+    if text == "":
+        return None
+    return int(text) if key in ("rounds", "best_round", "rounds_to_target") else float(text)
+
+
+def load_summary(folder: Path) -> list[Run]:
+    """The runs a summary folder records: each with its config (run_configs/) and its history (histories/), or,
+    in a summary made before summaries kept histories, only its row of runs.csv."""
+    folder = Path(folder)
+    try:
+        info = json.loads((folder / "provenance.json").read_text())
+        entries, target = info["runs"], info["statistics"]["target"]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise FloranaError(f"{folder / 'provenance.json'}: not a florana summary's provenance ({e})") from None
+    rows = {}
+    if (folder / "runs.csv").is_file():
+        with open(folder / "runs.csv", newline="") as f:
+            rows = {row["name"]: row for row in csv.DictReader(f)}
+    runs = []
+    for entry in entries:
+        name = entry["name"]
+        config = _toml(folder / entry["config"]) if entry.get("config") else {}
+        record = {**entry, "target": target}
+        if (folder / "histories" / f"{name}.jsonl").is_file():
+            runs.append(Run(_history(folder / "histories" / f"{name}.jsonl"), config, name=name, summary=folder,
+                            entry=record))
+        elif name in rows and config:
+            numbers = {k: _number(k, rows[name].get(k, "")) for k in tables.NUMBER_KEYS}
+            runs.append(Run([], config, name=name, summary=folder, entry=record, numbers=numbers))
+        else:
+            raise FloranaError(f"{folder}: run {name} has neither a history (histories/{name}.jsonl) nor a row "
+                               "in runs.csv with its config")
+    return runs
+
+
+def find_runs(folders: list[Path], only: str | None = None) -> list[Run]:
+    """The runs in these folders, each a run folder, a folder of runs (compare's --out) or a summary folder (its
+    recorded runs), in the order of ALL_METHODS; ones with no finished round are left out, and with `only` (a
+    regular expression) those whose name it does not match. A run met twice by name is taken once: a run folder
+    over a recorded copy, a recorded history over recorded numbers alone (their configs must agree); two different
+    runs of one name get their parent's name in front."""
     runs = []
     for d in folders:
         found = [d] if (d / "metrics.jsonl").is_file() else sorted(p.parent for p in d.glob("*/metrics.jsonl"))
-        if not found:
-            raise FloranaError(f"{d}: no metrics.jsonl in it or its sub-folders (not a florana run)")
-        runs += [r for r in (load_run(f) for f in found) if r is not None]
+        if found:
+            runs += [r for r in (load_run(f) for f in found) if r is not None]
+        elif (d / "provenance.json").is_file():
+            runs += load_summary(d)
+        else:
+            raise FloranaError(f"{d}: no metrics.jsonl in it or its sub-folders, and no provenance.json (not a florana "
+                               "run or summary)")
+    if only is not None:
+        try:
+            runs = [r for r in runs if re.search(only, r.name)]
+        except re.error as e:
+            raise FloranaError(f"--runs {only!r}: not a regular expression ({e})") from None
+    runs = _once(runs)
     order = {m: i for i, m in enumerate(ALL_METHODS)}  # tables list methods as `--methods all` runs them
     runs.sort(key=lambda r: (order.get(r.method, len(order)), r.method, r.alpha is None, r.alpha or 0,
                              r.seed is None, r.seed or 0, r.name))
@@ -60,8 +116,20 @@ def find_runs(folders: list[Path]) -> list[Run]:
         counts[r.name] = counts.get(r.name, 0) + 1
     for r in runs:
         if counts[r.name] > 1:
-            r.name = f"{r.folder.resolve().parent.name}-{r.name}"
+            r.name = f"{(r.folder.resolve().parent if r.folder else r.summary.resolve()).name}-{r.name}"
     return runs
+
+
+def _once(runs: list[Run]) -> list[Run]:
+    """One run per name and config: the run folder, else the recorded history, else the recorded numbers."""
+    def rank(r: Run) -> int:
+        return 0 if r.folder else 1 if r.history else 2
+    kept: dict[tuple[str, str], Run] = {}
+    for r in runs:
+        key = (r.name, json.dumps(r.config, sort_keys=True, default=str))
+        if key not in kept or rank(r) < rank(kept[key]):
+            kept[key] = r
+    return [r for r in runs if kept[(r.name, json.dumps(r.config, sort_keys=True, default=str))] is r]
 
 
 def slug(setting: str) -> str:
@@ -80,10 +148,11 @@ def write_summary(runs: list[Run], out: Path, target: float = TARGET, baseline: 
     # not inside plots/, where plot_bands would put it
     os.environ.setdefault("MPLCONFIGDIR", str(out / ".mpl"))
     plots = {}
-    for setting, group in _by_setting(runs).items():
+    traced = [r for r in runs if r.history]  # runs with only recorded numbers have no curves
+    for setting, group in _by_setting(traced).items():
         plots[setting] = f"plots/{slug(setting)}"
         plot_bands(_histories_by_label(group), out / plots[setting])
-    diffs = tables.paired_histories(runs, baseline)
+    diffs = tables.paired_histories(traced, baseline)
     for setting, group in _by_setting(diffs).items():
         plot_bands(_histories_by_label(group), out / plots[setting], panels=(paired_panel(baseline),))
     info = provenance(runs, out, target, baseline)
@@ -115,25 +184,38 @@ def _by_setting(runs: list[Run]) -> dict[str, list[Run]]:
 def provenance(runs: list[Run], out: Path, target: float, baseline: str) -> dict:
     """provenance.json: how the summary was made (commit, machine, statistics' parameters) and, per run, its
     setting, seed, rounds, seconds, its sessions (the commit and machine each start or resume ran on) and its
-    resolved config, copied into run_configs/ (stale copies from an earlier summary are removed)."""
-    configs = out / "run_configs"
-    configs.mkdir(exist_ok=True)
+    record: its resolved config, copied into run_configs/, and its history, into histories/ (stale copies from an
+    earlier summary are removed). A run taken from another summary keeps the sessions and finished flag it has
+    there."""
+    records = {"run_configs": ".toml", "histories": ".jsonl"}
+    for folder in records:
+        (out / folder).mkdir(exist_ok=True)
     listed = []
     for r in runs:
+        numbers = tables.numbers_of(r, target)
         entry = {"name": r.name, "method": r.method, "label": r.label, "setting": r.setting, "seed": r.seed,
-                 "rounds_done": r.history[-1]["round"], "rounds": r.config.get("rounds"),
-                 "finished": bool(r.folder and (r.folder / "global_adapter").is_dir()
-                                  and r.history[-1]["round"] == r.config.get("rounds")),
-                 "seconds": tables.run_numbers(r.history, target)["seconds"], "config": None,
-                 "sessions": read_sessions(r.folder) if r.folder else []}
-        if r.folder and (r.folder / "config.toml").is_file():
+                 "rounds_done": numbers["rounds"], "rounds": r.config.get("rounds"), "seconds": numbers["seconds"],
+                 "config": None}
+        if r.folder:
+            entry.update(finished=bool((r.folder / "global_adapter").is_dir()
+                                       and r.history[-1]["round"] == r.config.get("rounds")),
+                         sessions=read_sessions(r.folder))
+            config = r.folder / "config.toml"
+        else:
+            entry.update(finished=r.entry.get("finished", False), sessions=r.entry.get("sessions", []))
+            config = r.summary / r.entry["config"] if r.summary and r.entry.get("config") else None
+        if config is not None and config.is_file():
             entry["config"] = f"run_configs/{r.name}.toml"
-            write_text_atomic(configs / f"{r.name}.toml", (r.folder / "config.toml").read_text())
+            if (out / entry["config"]).resolve() != config.resolve():
+                write_text_atomic(out / entry["config"], config.read_text())
+        if r.history:
+            write_text_atomic(out / "histories" / f"{r.name}.jsonl", "".join(json.dumps(m) + "\n" for m in r.history))
         listed.append(entry)
-    kept = {f"{r.name}.toml" for r in runs}
-    for stale in configs.glob("*.toml"):
-        if stale.name not in kept:
-            stale.unlink()
+    for folder, suffix in records.items():
+        kept = {f"{r.name}{suffix}" for r in runs if folder == "run_configs" or r.history}
+        for stale in (out / folder).glob(f"*{suffix}"):
+            if stale.name not in kept:
+                stale.unlink()
     return {"written": now(), "git": git_commit(), "machine": machine(),
             "statistics": {"confidence": CONFIDENCE, "interval": "Student t over seeds", "tie": TIE,
                            "bootstrap": {"resamples": RESAMPLES, "seed": BOOTSTRAP_SEED, "kind": "percentile"},
@@ -157,5 +239,11 @@ def _header(runs: list[Run], info: dict, target: float) -> str:
              f"Rounds took {hours:.2f} h of wall time in all (the sum of each round's seconds; loading not counted).",
              f"Runs ran at commit(s) {', '.join(sorted(commits)) or 'not recorded'} on "
              f"{'; '.join(sorted(machines)) or 'machines not recorded'} ({recorded} of {len(runs)} runs recorded "
-             "their sessions); each run's resolved config is in run_configs/, the details in provenance.json.", ""]
+             "their sessions); each run's resolved config is in run_configs/, its history in histories/, the details "
+             "in provenance.json."]
+    if bare := sum(not r.history for r in runs):
+        lines.append(f"{bare} of the runs come with only the numbers runs.csv kept for them (their summary was made "
+                     "before summaries kept histories): they count in every per-run table, not in rounds.csv, "
+                     "paired_rounds.csv or the plots.")
+    lines.append("")
     return "\n".join(lines) + "\n"

@@ -46,7 +46,9 @@ PAIRED_METRICS = (("global_accuracy", "final acc"), ("best_global_accuracy", "be
 @dataclass
 class Run:
     """One run's history with what groups it: its method label (the method, and its own options where runs of
-    that method differ in them), its setting (the other config keys that differ between runs) and its seed."""
+    that method differ in them), its setting (the other config keys that differ between runs) and its seed. A run
+    read from a summary folder (`summary`) made before summaries kept histories has no history, only the per-run
+    numbers its runs.csv kept (`numbers`, for the target in `entry`, its provenance.json entry)."""
 
     history: list[dict]
     config: dict = field(default_factory=dict)  # the run's config.toml as parsed; empty where it has none
@@ -54,18 +56,24 @@ class Run:
     folder: Path | None = None
     label: str = ""
     setting: str = ""
+    summary: Path | None = None  # the summary folder the run was read from, for one recorded there
+    entry: dict = field(default_factory=dict)  # its provenance.json entry there
+    numbers: dict | None = None  # its runs.csv row there, where the summary kept no history
+
+    def _last(self, name: str):
+        return self.history[-1].get(name) if self.history else self.config.get(name)
 
     @property
     def method(self) -> str:
-        return self.history[-1]["method"]
+        return self._last("method")
 
     @property
     def seed(self):
-        return self.history[-1].get("seed")
+        return self._last("seed")
 
     @property
     def alpha(self):
-        return self.history[-1].get("alpha")
+        return self._last("alpha")
 
     def key(self, name: str):
         """A config key's value: from config.toml; a key it lacks (written before the key existed) has its default;
@@ -74,7 +82,7 @@ class Run:
             return self.config[name]
         if self.config and name in FIELDS:
             return default_of(name)
-        return self.history[-1].get(name)
+        return self._last(name)
 
 
 def _show(v) -> str:
@@ -145,6 +153,18 @@ def run_numbers(history: list[dict], target: float = TARGET) -> dict:
     }
 
 
+def numbers_of(run: Run, target: float | None = TARGET) -> dict:
+    """run_numbers of the run's history; for a run with only the numbers a summary kept, those (their
+    time-to-target is for that summary's target: another target is an error; None: no time-to-target wanted)."""
+    if run.history:
+        return run_numbers(run.history, TARGET if target is None else target)
+    kept = run.entry.get("target", TARGET)
+    if target is not None and target != kept:
+        raise FloranaError(f"{run.summary}: run {run.name} has only the numbers its summary kept (no history), "
+                           f"whose time-to-target is for the target {kept:g}; summarise it with --target {kept:g}")
+    return run.numbers
+
+
 def groups(runs: list[Run]) -> dict[tuple[str, str], list[Run]]:
     """Labelled runs by (setting, label), settings in order of first appearance, runs in seed order."""
     out: dict[tuple[str, str], list[Run]] = defaultdict(list)
@@ -159,7 +179,7 @@ def summarize(runs: list[Run], target: float = TARGET, confidence: float = CONFI
     many seeds reached `target` and the median cost of reaching it (None unless more than half did)."""
     rows = []
     for (setting, label), members in groups(runs).items():
-        numbers = [run_numbers(r.history, target) for r in members]
+        numbers = [numbers_of(r, target) for r in members]
         row = {"method": label, "setting": setting, "alpha": members[0].alpha, "seeds": len(members),
                "seed_list": " ".join(str(r.seed) for r in members), "rounds": max(n["rounds"] for n in numbers)}
         for key, _, _ in STATS:
@@ -179,7 +199,7 @@ def summarize(runs: list[Run], target: float = TARGET, confidence: float = CONFI
 def paired(runs: list[Run], baseline: str = BASELINE, tie: float = TIE, confidence: float = CONFIDENCE) -> list[dict]:
     """Every other method label against `baseline` on the same (setting, seed), per setting and, with several
     settings, pooled over them ('all'): per metric of PAIRED_METRICS, the paired difference (method − baseline)."""
-    base = {(r.setting, r.seed): run_numbers(r.history) for r in runs if r.label == baseline}
+    base = {(r.setting, r.seed): numbers_of(r, None) for r in runs if r.label == baseline}
     by_setting = groups(runs)
     settings = list(dict.fromkeys(s for s, _ in by_setting))
     labels = list(dict.fromkeys(label for _, label in by_setting if label != baseline))
@@ -191,7 +211,7 @@ def paired(runs: list[Run], baseline: str = BASELINE, tie: float = TIE, confiden
             if not runs_here:
                 continue
             for key, _ in PAIRED_METRICS:
-                pairs = [(run_numbers(r.history)[key], base[(r.setting, r.seed)][key]) for r in runs_here
+                pairs = [(numbers_of(r, None)[key], base[(r.setting, r.seed)][key]) for r in runs_here
                          if (r.setting, r.seed) in base]
                 pairs = [(a, b) for a, b in pairs if a is not None and b is not None]
                 if not pairs:
@@ -329,9 +349,11 @@ SUMMARY_KEYS = (["method", "setting", "alpha", "seeds", "seed_list", "rounds"]
                 + ["target", "target_reached"] + [k + "_median" for k, _, _ in COSTS])
 PAIRED_KEYS = ["method", "setting", "metric", "baseline", "n", "diff_mean", "diff_std", "t_ci_low", "t_ci_high",
                "p_value", "bootstrap_ci_low", "bootstrap_ci_high", "wins", "ties", "losses"]
-RUN_KEYS = ["name", "method", "setting", "seed", "rounds", "global_accuracy", "best_global_accuracy", "best_round",
-            "mean_global_accuracy", "local_accuracy_mean", "global_macro_f1", "relative_error", "fedit_error",
-            "error_floor", "total_mib", "seconds", "rounds_to_target", "mib_to_target", "seconds_to_target"]
+NUMBER_KEYS = ["rounds", "global_accuracy", "best_global_accuracy", "best_round", "mean_global_accuracy",
+               "local_accuracy_mean", "global_macro_f1", "relative_error", "fedit_error", "error_floor", "total_mib",
+               "seconds", "rounds_to_target", "mib_to_target", "seconds_to_target", "local_global_gap",
+               "dp_epsilon_max"]  # every key of run_numbers: runs.csv keeps them all
+RUN_KEYS = ["name", "method", "setting", "seed", *NUMBER_KEYS]
 
 
 def to_csv(rows: list[dict]) -> str:
@@ -345,7 +367,7 @@ def paired_csv(pairs: list[dict]) -> str:
 
 def runs_csv(runs: list[Run], target: float = TARGET) -> str:
     """runs.csv: every run's own numbers, the data behind each row of summary.csv."""
-    rows = [{"name": r.name, "method": r.label, "setting": r.setting, "seed": r.seed, **run_numbers(r.history, target)}
+    rows = [{"name": r.name, "method": r.label, "setting": r.setting, "seed": r.seed, **numbers_of(r, target)}
             for r in runs]
     return _csv(rows, RUN_KEYS)
 
