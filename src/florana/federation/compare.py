@@ -12,7 +12,7 @@ from florana.config import FIELDS, RunConfig, config_from_dict, describe
 from florana.errors import FloranaError
 from florana.federation.engine import read_metrics, resumed_config, run
 from florana.federation.folders import RunInUse, check_compare_folder, remove_run
-from florana.report.summary import find_runs, load_run, write_summary
+from florana.report.summary import find_runs, finished, load_run, write_summary
 from florana.federation.methods import method_owning, run_differences
 from florana.report.tables import BASELINE, TARGET, Run
 
@@ -104,17 +104,13 @@ def recorded(sources: list[Path], wanted: list[tuple[RunConfig, str]]) -> dict[s
     the same name and config, save how it runs (HOW_IT_RUNS) and other methods' keys (run_differences)."""
     if not sources or not wanted:
         return {}
-    found = {r.name: r for r in find_runs(sources) if r.entry.get("finished", r.folder is not None and
-                                                                    (r.folder / "global_adapter").is_dir())}
+    found = {r.name: r for r in find_runs(sources) if finished(r)}
     held = {}
     for config, name in wanted:
         r = found.get(name)
         if r is None or not r.config:
             continue
-        try:
-            old = config_from_dict(r.config, str(r.summary or r.folder))
-        except FloranaError:
-            continue  # a config this version cannot read is not the planned one
+        old = config_from_dict(r.config, str(r.summary or r.folder))
         changes = {k: v for k, v in run_differences(old, config).items() if k not in HOW_IT_RUNS}
         if changes:
             log.warning("%s: recorded in %s with another config (%s); it runs anew", name, r.summary or r.folder,

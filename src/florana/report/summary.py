@@ -120,6 +120,13 @@ def find_runs(folders: list[Path], only: str | None = None) -> list[Run]:
     return runs
 
 
+def finished(run: Run) -> bool:
+    """The run did all its rounds and wrote its global adapter (a recorded run: its summary said so)."""
+    if run.folder is None:
+        return bool(run.entry.get("finished"))
+    return (run.folder / "global_adapter").is_dir() and run.history[-1]["round"] == run.config.get("rounds")
+
+
 def _once(runs: list[Run]) -> list[Run]:
     """One run per name and config: the run folder, else the recorded history, else the recorded numbers."""
     def rank(r: Run) -> int:
@@ -196,13 +203,12 @@ def provenance(runs: list[Run], out: Path, target: float, baseline: str) -> dict
         entry = {"name": r.name, "method": r.method, "label": r.label, "setting": r.setting, "seed": r.seed,
                  "rounds_done": numbers["rounds"], "rounds": r.config.get("rounds"), "seconds": numbers["seconds"],
                  "config": None}
+        entry["finished"] = finished(r)
         if r.folder:
-            entry.update(finished=bool((r.folder / "global_adapter").is_dir()
-                                       and r.history[-1]["round"] == r.config.get("rounds")),
-                         sessions=read_sessions(r.folder))
+            entry["sessions"] = read_sessions(r.folder)
             config = r.folder / "config.toml"
         else:
-            entry.update(finished=r.entry.get("finished", False), sessions=r.entry.get("sessions", []))
+            entry["sessions"] = r.entry.get("sessions", [])
             config = r.summary / r.entry["config"] if r.summary and r.entry.get("config") else None
         if config is not None and config.is_file():
             entry["config"] = f"run_configs/{r.name}.toml"
