@@ -224,6 +224,10 @@ def test_label_runs_settings_and_variants():
     assert {r.setting for r in runs} == {"alpha=0.5"}
     assert {r.label for r in runs} == {"fedit", "florana[sweeps=5]", "florana[sweeps=50]"}
     assert len([p for p in tables.paired(runs) if p["metric"] == "global_accuracy"]) == 2
+    # ... also in a table without that method: FedIT runs made under two florana_prox defaults are one setting
+    fedit = [r for r in grid(seeds=(0,), config_extra={"florana_prox": 0.0}) if r.method == "fedit"]
+    fedit += [r for r in grid(seeds=(1,), config_extra={"florana_prox": 10.0}) if r.method == "fedit"]
+    assert {r.setting for r in tables.label_runs(fedit)} == {"alpha=0.5"} and {r.label for r in fedit} == {"fedit"}
     # two runs of the same method, setting and seed: an error naming both
     with pytest.raises(FloranaError, match="two runs of fedit, alpha=0.5, seed 0"):
         tables.label_runs(grid() + grid()[:1])

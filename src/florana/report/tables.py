@@ -92,14 +92,12 @@ def _show(v) -> str:
 def label_runs(runs: list[Run]) -> list[Run]:
     """Give each run its label and setting. The setting is alpha and every other config key whose value differs
     between runs, save seeds and the keys named after a method (fedsvd_period, lora_fair_*): those differing
-    between runs of their own method label variants of it ('lora_fair[steps=10]'), and are ignored otherwise."""
-    from florana.federation.methods import BOUNDS, method_owning
+    between runs of their own method label variants of it ('lora_fair[steps=10]'), and are ignored otherwise, also
+    in a table without that method (FedIT runs made before and after florana_prox's default changed are one
+    setting)."""
+    from florana.federation.methods import method_owning as owner  # every aggregator's (a bound has no options)
 
     names = sorted({k for r in runs for k in r.config} - NOT_A_SETTING)
-    methods = {r.method for r in runs} - set(BOUNDS)  # a bound has no options (local_steps is everyone's)
-
-    def owner(key: str) -> str | None:
-        return method_owning(key, methods)
 
     def differs(key: str, group: list[Run]) -> bool:
         return len({repr(r.key(key)) for r in group}) > 1
