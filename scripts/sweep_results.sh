@@ -54,5 +54,8 @@ table rotten_tomatoes_privacy rotten_tomatoes \
     '^(fedit|ffa|fedsa|florana|svd)-alpha0\.5-(dpsample-dp_epsilon[0-9.]+-)?(florana_prox0-)?seed[0-9]+$' 'dpsample'
 table rotten_tomatoes_ablation rotten_tomatoes \
     '^(fedit|florana|svd)-alpha0\.[15]-((florana_[a-z]+|svd_split)[A-Za-z0-9._]*-)*seed[0-9]+$' '(florana_|svd_split)'
+# issue 12's pilot of a DP schedule (FedIT, seed 0): the default schedule with and without DP at ε = 8, and the
+# schedules tried for DP (their keys in the run names), with and without DP
+table rotten_tomatoes_dp_pilot rotten_tomatoes '^fedit-alpha0\.5-(rounds[0-9]+-.*-|dpsample-dp_epsilon8-)?seed0$' 'rounds'
 table twenty_newsgroups twenty_newsgroups '.'
 table arithmetic arithmetic '.'
