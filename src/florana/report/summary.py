@@ -131,12 +131,12 @@ def _once(runs: list[Run]) -> list[Run]:
     """One run per name and config: the run folder, else the recorded history, else the recorded numbers."""
     def rank(r: Run) -> int:
         return 0 if r.folder else 1 if r.history else 2
+    keys = [(r.name, json.dumps(r.config, sort_keys=True, default=str)) for r in runs]
     kept: dict[tuple[str, str], Run] = {}
-    for r in runs:
-        key = (r.name, json.dumps(r.config, sort_keys=True, default=str))
+    for key, r in zip(keys, runs):
         if key not in kept or rank(r) < rank(kept[key]):
             kept[key] = r
-    return [r for r in runs if kept[(r.name, json.dumps(r.config, sort_keys=True, default=str))] is r]
+    return [r for key, r in zip(keys, runs) if kept[key] is r]
 
 
 def slug(setting: str) -> str:
