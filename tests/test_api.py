@@ -77,7 +77,9 @@ def test_state_dicts_models_and_folders_agree_with_aggregate_adapters_and_the_cl
     for other in (from_models, mixed, reference.adapter.state_dict(), from_cli):
         assert all(torch.equal(from_states[k], other[k]) for k in from_states)
     assert report.relative_error == reference.report.relative_error and report.method == method
-    assert report.error_floor <= report.relative_error <= report.fedit_error + 1e-12
+    # svd attains the floor: the two agree to rounding (1 ulp apart on some CPUs), so both bounds carry 1e-12
+    assert report.error_floor <= report.relative_error + 1e-12
+    assert report.relative_error <= report.fedit_error + 1e-12
     assert len(report.modules) == 4 and report.bytes_up_per_client == reference.report.bytes_up_per_client
     assert report.lora_config["r"] == 4 and report.base_update == {}
     json.dumps(report.to_json())  # the report is JSON-able (base_update listed by module, not dumped)
