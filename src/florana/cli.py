@@ -264,7 +264,7 @@ def compare(
 
 def _echo_outputs(out: Path) -> None:
     typer.echo(f"tables: {out / 'summary.md'}, summary.csv, paired.csv, runs.csv, rounds.csv; "
-               f"plots: {out / 'plots'}; provenance.json and run_configs/")
+               f"plots: {out / 'plots'}; provenance.json, run_configs/ and histories/")
 
 
 @app.command()
