@@ -22,6 +22,8 @@
 # g: what the default's choice is checked on next: α = 1.0, FedIT and FLoRA-NA on every seed, the default on 20
 #    Newsgroups at seed 0, then at α = 1.0 the paper's estimate and svd. Ahead of the rest of a, b, e and f, which reuse
 #    these runs. Two g streams side by side share its runs out.
+# h: the headline at α = 0.5 first: ffa, fedsa and both bounds on seeds 0-2, then every other aggregator on seeds 1
+#    and 2 (the same runs as a's and b's, which reuse them), so each row of the table at α = 0.5 gets its 3 seeds.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 FLORANA=${FLORANA:-.venv/bin/florana}
@@ -60,7 +62,7 @@ ablation() {  # SEED ALPHA: one option at a time against the default's runs (a v
     rt --methods svd --seeds "$1" --alpha "$2" --set svd_split=client_norm,balanced,b
 }
 
-case "${1:?stream a, b, c, d, e, f or g}" in
+case "${1:?stream a, b, c, d, e, f, g or h}" in
   a)
     rt --methods "$HEAD" --seeds 0 --alpha 0.5  # fedit seed 0 ran on two threads: compare reuses it as it is
     rt "${PAPER[@]}" --seeds 0 --alpha 0.5,0.1,1.0
@@ -97,5 +99,9 @@ case "${1:?stream a, b, c, d, e, f or g}" in
     rt "${PAPER[@]}" --seeds 1,2 --alpha 1.0
     rt --methods svd --seeds 1,2 --alpha 1.0
     ;;
-  *) echo "stream a, b, c, d, e, f or g" >&2; exit 2 ;;
+  h)
+    rt --methods ffa,fedsa,centralized,local --seeds 0,1,2 --alpha 0.5
+    rt --methods "$REST" --seeds 1,2 --alpha 0.5
+    ;;
+  *) echo "stream a, b, c, d, e, f, g or h" >&2; exit 2 ;;
 esac
