@@ -351,10 +351,11 @@ def test_a_summary_is_a_record_its_runs_are_read_back_from(tmp_path):
         assert (again / name).read_text() == (first / name).read_text(), name
 
 
-def test_a_summary_made_before_histories_still_gives_every_per_run_table(tmp_path):
+def test_a_summary_made_before_histories_still_gives_every_table(tmp_path):
     """A summary written before summaries kept histories has each run's numbers in runs.csv: summarised again, the
-    per-run statistics and the paired differences come out the same; the per-round tables and plots leave those
-    runs out and the header says so; a run folder of the same run, where there is one, stands in for the numbers."""
+    per-run statistics and the paired differences come out the same; a method's runs in a setting that are the very
+    runs the summary grouped keep the per-round rows and plots it recorded, other groups of them have no curves and
+    the header says so; a run folder of the same run, where there is one, stands in for the numbers."""
     root = write_runs(tmp_path / "sweep", grid(alphas=(0.1, 1.0)))
     old, again = tmp_path / "results", tmp_path / "again"
     write_summary(find_runs([root]), old, target=0.6)
@@ -366,9 +367,29 @@ def test_a_summary_made_before_histories_still_gives_every_per_run_table(tmp_pat
     kept = [k for k in tables.SUMMARY_KEYS if not k.startswith("local_global_gap")]  # not in an old runs.csv
     before, after = (list(csv.DictReader(io.StringIO((f / "summary.csv").read_text()))) for f in (old, again))
     assert [{k: r[k] for k in kept} for r in after] == [{k: r[k] for k in kept} for r in before]
-    assert (again / "rounds.csv").read_text() == "method,setting,round,seeds\n"  # no round of any run
-    assert not (again / "plots").exists() and not list((again / "histories").iterdir())
+    for name in ("rounds.csv", "paired_rounds.csv"):  # the curves survive the histories
+        assert (again / name).read_text() == (old / name).read_text()
+    plots = sorted(p.relative_to(old) for p in (old / "plots").rglob("*.png"))
+    assert len(plots) == 2 * 5 and plots == sorted(p.relative_to(again) for p in (again / "plots").rglob("*.png"))
+    assert all((again / p).read_bytes() == (old / p).read_bytes() for p in plots)  # drawn from the recorded rows
+    assert not list((again / "histories").iterdir())
     assert "12 of the runs come with only the numbers runs.csv kept" in (again / "summary.md").read_text()
+    assert "(4 such groups)" in (again / "summary.md").read_text()
+    # seed 2 left out: no group is the one recorded, so none has curves
+    part = tmp_path / "part"
+    write_summary(find_runs([old], only="seed[01]$"), part, target=0.6)
+    assert (part / "rounds.csv").read_text() == "method,setting,round,seeds\n" and not (part / "plots").exists()
+    assert "(0 such groups)" in (part / "summary.md").read_text()
+    # a run folder for one of fedit's runs: fedit's curves at alpha 0.1 are that run's; florana's there keep their
+    # recorded rows, but not their differences from fedit, whose group is no longer the recorded one
+    mixed = tmp_path / "mixed"
+    write_summary(find_runs([old, root / "fedit-alpha0.1-seed0"]), mixed, target=0.6)
+    rows = list(csv.DictReader(io.StringIO((mixed / "rounds.csv").read_text())))
+    assert {(r["method"], r["setting"], r["seeds"]) for r in rows} == {
+        ("fedit", "alpha=0.1", "1"), ("florana", "alpha=0.1", "3"), ("fedit", "alpha=1", "3"),
+        ("florana", "alpha=1", "3")}
+    diffs = list(csv.DictReader(io.StringIO((mixed / "paired_rounds.csv").read_text())))
+    assert {(r["method"], r["setting"]) for r in diffs} == {("florana", "alpha=1")}
     with pytest.raises(FloranaError, match=r"run fedit-alpha0\.1-seed0 has only the numbers.*--target 0\.6"):
         write_summary(find_runs([old]), tmp_path / "other", target=0.7)
     both = find_runs([old, root / "fedit-alpha0.1-seed0"])
@@ -438,3 +459,23 @@ def test_plot_bands_stay_within_each_metrics_range():
     assert mean == pytest.approx(0.75) and low == 0.0 and high == 1.0
     (_, mean, low, high), = curve(runs, "relative_error")
     assert mean == pytest.approx(0.16) and low == 0.0 and high > 0.30  # no ceiling on an error
+
+
+def test_a_recorded_line_is_the_curve_of_its_runs():
+    """Recorded rows give the points curve() gives for the histories behind them: the rounds every run had, the
+    band clipped; a metric that only one of two runs recorded (its interval is missing) gives no point, as in curve()."""
+    from florana.report.plots import Recorded, curve
+
+    accuracy = [[0.55, 0.6], [0.95, 0.7], [0.75]]  # the third run did one round
+    histories = [[{"round": r + 1, "method": "fedit", "seed": i, "global_accuracy": a} for r, a in enumerate(h)]
+                 for i, h in enumerate(accuracy)]
+    histories[0][0]["global_logit_spread"] = 0.2
+    runs = [Run(h, {"method": "fedit", "seed": i, "alpha": 0.5}, name=f"r{i}") for i, h in enumerate(histories)]
+    rows, _ = tables.round_rows(tables.label_runs(runs))
+    line = Recorded(rows)
+    assert line.n == 3
+    assert line.curve("global_accuracy") == curve(histories, "global_accuracy")
+    assert len(line.curve("global_accuracy")) == 1 and line.curve("global_accuracy")[0][3] == 1.0  # clipped
+    assert curve(histories, "global_logit_spread") == [] and line.curve("global_logit_spread") == []
+    one = Recorded(tables.round_rows(tables.label_runs(runs[:1]))[0])
+    assert one.curve("global_logit_spread") == curve(histories[:1], "global_logit_spread") == [(1, 0.2, None, None)]

@@ -16,7 +16,7 @@ from florana.errors import FloranaError
 from florana.federation.checkpoint import write_text_atomic
 from florana.federation.methods import ALL_METHODS
 from florana.report import tables
-from florana.report.plots import paired_panel, plot_bands
+from florana.report.plots import Recorded, paired_panel, plot_bands
 from florana.report.provenance import git_commit, machine, now, read_sessions
 from florana.report.stats import BOOTSTRAP_SEED, CONFIDENCE, RESAMPLES, TIE
 from florana.report.tables import BASELINE, TARGET, Run
@@ -65,6 +65,9 @@ def load_summary(folder: Path) -> list[Run]:
         entries, target = info["runs"], info["statistics"]["target"]
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise FloranaError(f"{folder / 'provenance.json'}: not a florana summary's provenance ({e})") from None
+    members: dict[tuple, list[str]] = {}  # the runs it grouped: its (label, setting) → their names
+    for entry in entries:
+        members.setdefault((entry.get("label"), entry.get("setting")), []).append(entry["name"])
     rows = {}
     if (folder / "runs.csv").is_file():
         with open(folder / "runs.csv", newline="") as f:
@@ -79,6 +82,8 @@ def load_summary(folder: Path) -> list[Run]:
                             entry=record))
         elif name in rows and config:
             numbers = {k: _number(k, rows[name].get(k, "")) for k in tables.NUMBER_KEYS}
+            record.update(group=members[(entry.get("label"), entry.get("setting"))],
+                          confidence=info["statistics"].get("confidence"))
             runs.append(Run([], config, name=name, summary=folder, entry=record, numbers=numbers))
         else:
             raise FloranaError(f"{folder}: run {name} has neither a history (histories/{name}.jsonl) nor a row "
@@ -120,6 +125,54 @@ def find_runs(folders: list[Path], only: str | None = None) -> list[Run]:
     return runs
 
 
+def recorded_rounds(runs: list[Run], file: str = "rounds.csv", baseline: str | None = None,
+                    confidence: float = CONFIDENCE) -> dict[tuple[str, str], list[dict]]:
+    """Per labelled group (setting, label) whose runs all come with numbers alone (load_summary) and are the very
+    runs their summary grouped: that group's rows of the summary's `file`, relabelled (paired_rounds.csv with
+    `baseline`, whose group must be such a group of the same summary and setting). A group's per-round means and
+    intervals are a function of its runs, so they stand as recorded: the curves survive the lost histories."""
+    grouped = tables.groups(runs)
+    files: dict[Path, list[dict]] = {}
+    out = {}
+    for (setting, label), members in grouped.items():
+        place = _recorded_group(members, confidence)
+        if place is None or label == baseline:
+            continue
+        if baseline is not None:
+            base = _recorded_group(grouped.get((setting, baseline), []), confidence)
+            if base is None or base[:2] != place[:2] or base[2] != baseline:
+                continue
+        summary, old_setting, old_label = place
+        if summary not in files:
+            files[summary] = _round_rows(summary / file)
+        rows = [row for row in files[summary] if (row["setting"], row["method"]) == (old_setting, old_label)]
+        if rows:
+            out[(setting, label)] = [{**row, "method": label, "setting": setting} for row in rows]
+    return out
+
+
+def _recorded_group(members: list[Run], confidence: float) -> tuple | None:
+    """(summary, setting, label) where one summary recorded exactly these runs, numbers alone, as one group at this
+    confidence."""
+    if not members or any(r.history or r.summary is None for r in members):
+        return None
+    places = {(r.summary, r.entry.get("setting"), r.entry.get("label")) for r in members}
+    first = members[0].entry
+    if (len(places) != 1 or first.get("confidence") != confidence
+            or sorted(first.get("group", [])) != sorted(r.name for r in members)):
+        return None
+    return places.pop()
+
+
+def _round_rows(path: Path) -> list[dict]:
+    """rounds.csv's rows, as numbers (empty cells: None); no file, no rows."""
+    if not path.is_file():
+        return []
+    with open(path, newline="") as f:
+        return [{k: v if k in ("method", "setting") else None if v == "" else int(v) if k in ("round", "seeds")
+                 else float(v) for k, v in row.items()} for row in csv.DictReader(f)]
+
+
 def finished(run: Run) -> bool:
     """The run did all its rounds and wrote its global adapter (a recorded run: its summary said so)."""
     if run.folder is None:
@@ -154,37 +207,39 @@ def write_summary(runs: list[Run], out: Path, target: float = TARGET, baseline: 
     # matplotlib's cache at the summary's top (.mpl: the folder checks know it, .gitignore keeps it out of results/),
     # not inside plots/, where plot_bands would put it
     os.environ.setdefault("MPLCONFIGDIR", str(out / ".mpl"))
-    plots = {}
-    traced = [r for r in runs if r.history]  # runs with only recorded numbers have no curves
-    for setting, group in _by_setting(traced).items():
-        plots[setting] = f"plots/{slug(setting)}"
-        plot_bands(_histories_by_label(group), out / plots[setting])
+    traced = [r for r in runs if r.history]  # runs with only recorded numbers have curves only as recorded
     diffs = tables.paired_histories(traced, baseline)
-    for setting, group in _by_setting(diffs).items():
-        plot_bands(_histories_by_label(group), out / plots[setting], panels=(paired_panel(baseline),))
+    recorded = recorded_rounds(runs)  # read before anything is written: `out` may be the summary they come from
+    recorded_diffs = recorded_rounds(runs, "paired_rounds.csv", baseline)
+    order = list(tables.groups(runs))
+    plots = {}
+    for setting, lines in _lines(order, traced, recorded).items():
+        plots[setting] = f"plots/{slug(setting)}"
+        plot_bands(lines, out / plots[setting])
+    for setting, lines in _lines(order, diffs, recorded_diffs).items():
+        plot_bands(lines, out / plots[setting], panels=(paired_panel(baseline),))
     info = provenance(runs, out, target, baseline)
-    head = _header(runs, info, target)
+    head = _header(runs, info, target, len(recorded))
     write_text_atomic(out / "summary.md", head + tables.to_markdown(rows, pairs, baseline, plots))
     write_text_atomic(out / "summary.csv", tables.to_csv(rows))
     write_text_atomic(out / "paired.csv", tables.paired_csv(pairs))
     write_text_atomic(out / "runs.csv", tables.runs_csv(runs, target))
-    write_text_atomic(out / "rounds.csv", tables.rounds_csv(runs))
-    write_text_atomic(out / "paired_rounds.csv", tables.rounds_csv(diffs))
+    write_text_atomic(out / "rounds.csv", tables.rounds_csv(runs, recorded))
+    write_text_atomic(out / "paired_rounds.csv", tables.rounds_csv(diffs, recorded_diffs))
     write_text_atomic(out / "provenance.json", json.dumps(info, indent=1) + "\n")
     return rows
 
 
-def _histories_by_label(runs: list[Run]) -> dict[str, list[list[dict]]]:
-    out: dict[str, list[list[dict]]] = {}
-    for r in runs:
-        out.setdefault(r.label, []).append(r.history)
-    return out
-
-
-def _by_setting(runs: list[Run]) -> dict[str, list[Run]]:
-    out: dict[str, list[Run]] = {}
-    for r in runs:
-        out.setdefault(r.setting, []).append(r)
+def _lines(order: list[tuple[str, str]], runs: list[Run], recorded: dict) -> dict[str, dict]:
+    """Per setting, per label, in `order` (the groups of all runs): plot_bands' line, its runs' histories or the
+    rows recorded for it."""
+    histories = {key: [r.history for r in members] for key, members in tables.groups(runs).items()}
+    out: dict[str, dict] = {}
+    for setting, label in order:
+        line = histories.get((setting, label)) or (
+            Recorded(recorded[(setting, label)]) if (setting, label) in recorded else None)
+        if line:
+            out.setdefault(setting, {})[label] = line
     return out
 
 
@@ -229,7 +284,7 @@ def provenance(runs: list[Run], out: Path, target: float, baseline: str) -> dict
             "runs": listed}
 
 
-def _header(runs: list[Run], info: dict, target: float) -> str:
+def _header(runs: list[Run], info: dict, target: float, carried: int = 0) -> str:
     labels = ", ".join(dict.fromkeys(r.label for r in runs))
     seeds = ", ".join(str(s) for s in sorted({r.seed for r in runs}, key=lambda s: (s is None, s)))
     settings = "; ".join(dict.fromkeys(r.setting for r in runs))
@@ -249,7 +304,8 @@ def _header(runs: list[Run], info: dict, target: float) -> str:
              "in provenance.json."]
     if bare := sum(not r.history for r in runs):
         lines.append(f"{bare} of the runs come with only the numbers runs.csv kept for them (their summary was made "
-                     "before summaries kept histories): they count in every per-run table, not in rounds.csv, "
-                     "paired_rounds.csv or the plots.")
+                     "before summaries kept histories): they count in every per-run table; in rounds.csv, "
+                     "paired_rounds.csv and the plots only where a method's runs in a setting are the very runs "
+                     f"their summary grouped ({carried} such groups), with the per-round rows it recorded.")
     lines.append("")
     return "\n".join(lines) + "\n"

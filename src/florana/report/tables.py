@@ -392,8 +392,16 @@ def round_rows(runs: list[Run], confidence: float = CONFIDENCE) -> tuple[list[di
     return rows, ["method", "setting", "round", "seeds"] + [k + s for k in keys for s in ("", "_ci_low", "_ci_high")]
 
 
-def rounds_csv(runs: list[Run]) -> str:
+def rounds_csv(runs: list[Run], recorded: dict[tuple[str, str], list[dict]] | None = None) -> str:
+    """rounds.csv (or paired_rounds.csv) of round_rows, with the rows a summary recorded for the groups (setting,
+    label) in `recorded`, whose runs have no histories here (summary.recorded_rounds), in the order of the groups."""
     rows, keys = round_rows(runs)
+    if recorded:
+        order = {key: i for i, key in enumerate(dict.fromkeys([*groups(runs), *recorded]))}
+        rows = sorted(rows + [row for group in recorded.values() for row in group],
+                      key=lambda row: order[(row["setting"], row["method"])])  # stable: rounds stay in order
+        keys += [k for k in dict.fromkeys(k for group in recorded.values() for row in group for k in row)
+                 if k not in keys]  # the recorded file's columns, in its order
     return _csv(rows, keys)
 
 
