@@ -57,5 +57,7 @@ table rotten_tomatoes_ablation rotten_tomatoes \
 # issue 12's pilot of a DP schedule (FedIT, seed 0): the default schedule with and without DP at ε = 8, and the
 # schedules tried for DP (their keys in the run names), with and without DP
 table rotten_tomatoes_dp_pilot rotten_tomatoes '^fedit-alpha0\.5-(rounds[0-9]+-.*-|dpsample-dp_epsilon8-)?seed0$' 'rounds'
+# the pooled bound at its own lr beside the shared lr's runs of it and of FedIT
+table rotten_tomatoes_centralized_lr rotten_tomatoes '^(fedit|centralized)-alpha0\.5-(lr[0-9.]+-)?seed[0-9]+$' '-lr'
 table twenty_newsgroups twenty_newsgroups '.'
 table arithmetic arithmetic '.'
