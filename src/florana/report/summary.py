@@ -306,6 +306,7 @@ def _header(runs: list[Run], info: dict, target: float, carried: int = 0) -> str
         lines.append(f"{bare} of the runs come with only the numbers runs.csv kept for them (their summary was made "
                      "before summaries kept histories): they count in every per-run table; in rounds.csv, "
                      "paired_rounds.csv and the plots only where a method's runs in a setting are the very runs "
-                     f"their summary grouped ({carried} such groups), with the per-round rows it recorded.")
+                     f"their summary grouped ({carried} such group{'' if carried == 1 else 's'}), with the "
+                     "per-round rows it recorded.")
     lines.append("")
     return "\n".join(lines) + "\n"
