@@ -13,11 +13,11 @@ cd "$(dirname "$0")/.."
 FLORANA=${FLORANA:-.venv/bin/florana}
 SWEEP=${SWEEP:-runs/sweep}
 
-# table NAME FOLDER PATTERN [NEEDS]: results/NAME from the runs whose names match PATTERN (an extended regex) among
-# the finished runs of $SWEEP/FOLDER and the runs recorded in results/FOLDER*/, written only when one of them matches
-# NEEDS (default: any); TARGET=X before it times the first reaching of accuracy X (report's default otherwise)
+# table NAME FOLDER PATTERN [NEEDS [TARGET]]: results/NAME from the runs whose names match PATTERN (an extended regex)
+# among the finished runs of $SWEEP/FOLDER and the runs recorded in results/FOLDER*/, written only when one of them
+# matches NEEDS (default: any), timing the first reaching of accuracy TARGET (default: report's)
 table() {
-    local name=$1 folder=$SWEEP/$2 pattern=$3 needs=${4:-.} sources=() run tmp
+    local name=$1 folder=$SWEEP/$2 pattern=$3 needs=${4:-.} target=${5:-} sources=() run tmp
     for run in "results/$2" "results/$2"_*; do
         [ -f "$run/provenance.json" ] && sources+=("$run")
     done
@@ -28,7 +28,7 @@ table() {
     fi
     [ ${#sources[@]} -eq 0 ] && return 0
     tmp=$(mktemp -d)
-    if ! "$FLORANA" report "${sources[@]}" --runs "$pattern" ${TARGET:+--target "$TARGET"} --out "$tmp" \
+    if ! "$FLORANA" report "${sources[@]}" --runs "$pattern" ${target:+--target "$target"} --out "$tmp" \
             > "$tmp.log" 2>&1; then
         grep -q "no finished rounds" "$tmp.log" || { cat "$tmp.log" >&2; rm -rf "$tmp" "$tmp.log"; return 1; }
         rm -rf "$tmp" "$tmp.log"; return 0
@@ -63,4 +63,4 @@ table rotten_tomatoes_dp_pilot rotten_tomatoes '^fedit-alpha0\.5-(rounds[0-9]+-.
 table rotten_tomatoes_centralized_lr rotten_tomatoes '^(fedit|centralized)-alpha0\.5-(lr[0-9.]+-)?seed[0-9]+$' '-lr'
 table twenty_newsgroups twenty_newsgroups '.'
 # exact match: the untuned model scores 0.10-0.12, FedIT ends at 0.25-0.30 (0.7 is never reached)
-TARGET=0.2 table arithmetic arithmetic '.'
+table arithmetic arithmetic '.' '.' 0.2
