@@ -88,6 +88,14 @@ def test_paired_diff():
     assert one.diff.low is None and one.p_value is None and one.bootstrap is None and one.wins == 1
     same = stats.paired_diff([0.8, 0.9], [0.8, 0.9])
     assert same.p_value == 1.0 and same.ties == 2
+    # every pair 0.034 below (fedsvd's two seeds on the default): no spread, so no interval and no p-value, not p = 0
+    level = stats.paired_diff([0.745, 0.749], [0.779, 0.783])
+    assert level.diff.mean == pytest.approx(-0.034) and level.diff.std == 0.0 and level.losses == 2
+    assert level.diff.low is None and level.diff.high is None and level.p_value is None and level.bootstrap is None
+    assert tables.diff_cell(tables.paired_row("fedsvd", "alpha=0.5", "global_accuracy", "fedit", level)) \
+        == "-0.034 (all 2 pairs)"
+    # equal to rounding: 0.7 − 0.3 and 0.8 − 0.4 differ in the last bit, which a t test would read as p ≈ 1e-15
+    assert stats.paired_diff([0.7, 0.8], [0.3, 0.4]).p_value is None
     with pytest.raises(ValueError):
         stats.paired_diff([0.1, 0.2], [0.1])
 
@@ -279,7 +287,10 @@ def test_write_summary_files(tmp_path):
     assert summary[0]["global_accuracy_ci_low"] and summary[0]["setting"] == "alpha=0.1"
     paired = list(csv.DictReader(io.StringIO((out / "paired.csv").read_text())))
     assert list(paired[0]) == tables.PAIRED_KEYS and {p["setting"] for p in paired} == {"alpha=0.1", "alpha=1", "all"}
-    assert all(p["bootstrap_ci_low"] for p in paired)
+    # an interval wherever the differences vary; none where every seed's is the same (here: the metrics grid() makes
+    # equal for both methods)
+    assert all(bool(p["bootstrap_ci_low"]) == bool(p["t_ci_low"]) == (float(p["diff_std"]) > 0) for p in paired)
+    assert any(p["bootstrap_ci_low"] for p in paired)
     per_run = list(csv.DictReader(io.StringIO((out / "runs.csv").read_text())))
     assert len(per_run) == 12 and list(per_run[0]) == tables.RUN_KEYS and "mean_global_accuracy" in per_run[0]
     for setting in ("alpha0.1", "alpha1"):

@@ -249,9 +249,10 @@ def cost_cell(row: dict, key: str, digits: int) -> str:
 
 
 def diff_cell(p: dict, digits: int = 3) -> str:
-    """'+0.012 [−0.004, +0.028]' (the paired-t interval), or the difference alone for one pair."""
+    """'+0.012 [−0.004, +0.028]' (the paired-t interval), or the difference alone for one pair or for pairs that all
+    differ by it."""
     if p["t_ci_low"] is None:
-        return f"{p['diff_mean']:+.{digits}f} (n=1)"
+        return f"{p['diff_mean']:+.{digits}f} " + ("(n=1)" if p["n"] == 1 else f"(all {p['n']} pairs)")
     return f"{p['diff_mean']:+.{digits}f} [{p['t_ci_low']:+.{digits}f}, {p['t_ci_high']:+.{digits}f}]"
 
 
@@ -299,7 +300,9 @@ def to_markdown(rows: list[dict], pairs: list[dict] | None = None, baseline: str
             f"- Paired differences are method − {baseline} on the same setting and seed, hence the same split, "
             "partition and client sampling; the headline interval is the paired t interval, the p-value that of the "
             f"paired t-test. paired.csv adds a percentile bootstrap interval ({_boot_note()}), which with few "
-            "seeds is too narrow (3 seeds have 10 distinct resamples): read the t interval there.",
+            "seeds is too narrow (3 seeds have 10 distinct resamples): read the t interval there. Where every seed "
+            "differs by the same amount there is no spread to build either on: the difference shows alone, '(all n "
+            "pairs)', with no p-value (p = 1 where every difference is 0).",
             f"- Wins/ties/losses count seeds whose difference is ≥ +{TIE}, within ±{TIE} (a tie), or ≤ −{TIE}.",
             "- Aggregation error: ‖ΔW*−sB̂Â‖/‖ΔW*‖ of the method's aggregate, mean over rounds; FedIT's error is "
             "FedIT's on the same client updates; the rank-r floor is the best any rank-r aggregate can do on them.",
