@@ -4,7 +4,9 @@
 # Unfinished runs are left out, so a table never mixes a 40-round run with a half-done one. Safe to run while the
 # sweep goes on. A table also takes the runs the committed summaries of its task record (results/<task>*/): the run
 # folders of an earlier machine are gone, their records are not, so the tables grow across machines. A table whose
-# runs and histories are unchanged is left as it is.
+# runs and histories are unchanged is left as it is, unless named after `--rewrite` (to redo its tables after a change
+# to florana's report; a table with runs of summaries made before summaries kept histories can lose per-round rows
+# and the local-global gap that way, so name only the tables the change affects).
 # One sweep folder feeds several tables (scripts/sweep_evidence.sh): the aggregators on the default config, issue 12's
 # privacy table (its DP runs and the same methods' runs without DP), issue 14's ablation (the options' runs and the
 # default's at the same α).
@@ -12,6 +14,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 FLORANA=${FLORANA:-.venv/bin/florana}
 SWEEP=${SWEEP:-runs/sweep}
+REWRITE=" ${*:2} "  # the tables named after --rewrite, space-separated
+[ $# -eq 0 ] || [ "$1" = --rewrite ] || { echo "usage: $0 [--rewrite TABLE...]" >&2; exit 2; }
 
 # table NAME FOLDER PATTERN [NEEDS [TARGET]]: results/NAME from the runs whose names match PATTERN (an extended regex)
 # among the finished runs of $SWEEP/FOLDER and the runs recorded in results/FOLDER*/, written only when one of them
@@ -34,7 +38,8 @@ table() {
         rm -rf "$tmp" "$tmp.log"; return 0
     fi
     rm -rf "$tmp/.mpl" "$tmp.log"  # matplotlib's cache
-    if ! tail -n +2 "$tmp/runs.csv" | cut -d, -f1 | grep -Eq -- "$needs" || unchanged "$tmp" "results/$name"; then
+    if ! tail -n +2 "$tmp/runs.csv" | cut -d, -f1 | grep -Eq -- "$needs" \
+            || { [[ $REWRITE != *" $name "* ]] && unchanged "$tmp" "results/$name"; }; then
         rm -rf "$tmp"; return 0
     fi
     rm -rf "results/$name"
