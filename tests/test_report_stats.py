@@ -96,6 +96,7 @@ def test_paired_diff():
         == "-0.034 (all 2 pairs)"
     # equal to rounding: 0.7 − 0.3 and 0.8 − 0.4 differ in the last bit, which a t test would read as p ≈ 1e-15
     assert stats.paired_diff([0.7, 0.8], [0.3, 0.4]).p_value is None
+    assert stats.paired_diff([0.3, 0.4], [0.1 + 0.2, 0.4]).p_value == 1.0  # no difference, to rounding
     with pytest.raises(ValueError):
         stats.paired_diff([0.1, 0.2], [0.1])
 
