@@ -5,8 +5,8 @@
 # sweep goes on. A table also takes the runs the committed summaries of its task record (results/<task>*/): the run
 # folders of an earlier machine are gone, their records are not, so the tables grow across machines. A table whose
 # runs and histories are unchanged is left as it is, unless named after `--rewrite` (to redo its tables after a change
-# to florana's report; a table with runs of summaries made before summaries kept histories can lose per-round rows
-# and the local-global gap that way, so name only the tables the change affects).
+# to florana's report; a table of runs summarised before summaries kept histories loses the local-global gap its old
+# runs.csv never kept that way, so name only the tables the change affects).
 # One sweep folder feeds several tables (scripts/sweep_evidence.sh): the aggregators on the default config, issue 12's
 # privacy table (its DP runs and the same methods' runs without DP), issue 14's ablation (the options' runs and the
 # default's at the same α).
@@ -18,12 +18,13 @@ REWRITE=" ${*:2} "  # the tables named after --rewrite, space-separated
 [ $# -eq 0 ] || [ "$1" = --rewrite ] || { echo "usage: $0 [--rewrite TABLE...]" >&2; exit 2; }
 
 # table NAME FOLDER PATTERN [NEEDS [TARGET]]: results/NAME from the runs whose names match PATTERN (an extended regex)
-# among the finished runs of $SWEEP/FOLDER and the runs recorded in results/FOLDER*/, written only when one of them
-# matches NEEDS (default: any), timing the first reaching of accuracy TARGET (default: report's)
+# among the finished runs of $SWEEP/FOLDER and the runs recorded in results/FOLDER*/ (results/NAME's own records
+# first, so its groups keep the per-round rows it recorded), written only when one of them matches NEEDS (default:
+# any), timing the first reaching of accuracy TARGET (default: report's)
 table() {
     local name=$1 folder=$SWEEP/$2 pattern=$3 needs=${4:-.} target=${5:-} sources=() run tmp
-    for run in "results/$2" "results/$2"_*; do
-        [ -f "$run/provenance.json" ] && sources+=("$run")
+    for run in "results/$name" "results/$2" "results/$2"_*; do
+        [ -f "$run/provenance.json" ] && [[ " ${sources[*]} " != *" $run "* ]] && sources+=("$run")
     done
     if [ -d "$folder" ]; then
         for run in "$folder"/*/; do
