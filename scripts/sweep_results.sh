@@ -53,7 +53,8 @@ unchanged() {
     [ -f "$2/runs.csv" ] && cmp -s <(tail -n +2 "$1/runs.csv" | cut -d, -f1 | sort) \
         <(tail -n +2 "$2/runs.csv" | cut -d, -f1 | sort) \
         && cmp -s <(ls "$1/histories" 2>/dev/null) <(ls "$2/histories" 2>/dev/null) \
-        && cmp -s <(grep -o "Target accuracy [0-9.]*" "$1/summary.md") <(grep -o "Target accuracy [0-9.]*" "$2/summary.md")
+        && cmp -s <(grep -o "Target accuracy [0-9.]*" "$1/summary.md") \
+            <(grep -o "Target accuracy [0-9.]*" "$2/summary.md")
 }
 
 # the headline tables hold FLoRA-NA's default and the paper's estimate (florana_prox = 0) beside the others

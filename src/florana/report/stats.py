@@ -113,11 +113,12 @@ def paired_diff(values: list[float], baseline: list[float], tie: float = TIE,
     if len(values) != len(baseline):
         raise ValueError(f"paired values need equal lengths, got {len(values)} and {len(baseline)}")
     d = np.asarray(values, dtype=float) - np.asarray(baseline, dtype=float)
-    est, boot, p = mean_ci(d.tolist(), confidence), bootstrap_ci(d.tolist(), confidence), None
+    est, boot, p = mean_ci(d.tolist(), confidence), None, None
     if est.n > 1 and est.std <= 1e-12 * max(1.0, abs(est.mean)):
-        est, boot, p = Estimate(est.n, est.mean, 0.0, None, None), None, 1.0 if abs(est.mean) <= 1e-12 else None
+        est, p = Estimate(est.n, est.mean, 0.0, None, None), 1.0 if abs(est.mean) <= 1e-12 else None
     elif est.n > 1:
         p = 1 - t_within(est.mean / (est.std / math.sqrt(est.n)), est.n - 1)
+        boot = bootstrap_ci(d.tolist(), confidence)
     return Paired(len(d), est, p, boot, int((d >= tie).sum()), int((np.abs(d) < tie).sum()), int((d <= -tie).sum()))
 
 
