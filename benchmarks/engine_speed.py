@@ -1,8 +1,9 @@
 """The federation's own overhead: a federated round against a plain PEFT training loop doing the same steps
 on the same model and batches, in one process, interleaved (A B A B …) so machine noise hits both alike.
 
-Also measures what the engine's defaults are built on: bf16 autocast and dynamic padding, each against its
-alternative on the same batches. Target: federated round ≤ 1.10× the plain loop.
+Also measures what the engine's defaults are built on: the precision (bfloat16 autocast where the CPU computes it
+natively, float32 elsewhere) and dynamic padding, each against its alternative on the same batches. Target:
+federated round ≤ 1.10× the plain loop.
 
     .venv/bin/python benchmarks/engine_speed.py [--clients 4] [--steps 8] [--repeats 3]
 """
@@ -19,10 +20,11 @@ import torch
 from florana.config import RunConfig
 from florana.federation.engine import Federation, derive_seed
 from florana.train.local import batch_indices
-from florana.train.device import precision_for
+from florana.train.device import Precision
 
 
-def plain_loop(fed: Federation, batches_per_client: list[list[np.ndarray]], pad_to: int | None, bf16: bool) -> float:
+def plain_loop(fed: Federation, batches_per_client: list[list[np.ndarray]], pad_to: int | None,
+               precision: Precision) -> float:
     """What a user would write with PEFT alone: for each client, AdamW over the trainable tensors, the same
     batches, forward, backward, step. No aggregation, no evaluation, no state handling."""
     model, task = fed.model, fed.task
@@ -36,7 +38,7 @@ def plain_loop(fed: Federation, batches_per_client: list[list[np.ndarray]], pad_
             if pad_to:
                 batch = {k: torch.nn.functional.pad(v, (0, pad_to - v.shape[1]), value=0 if k != "labels" else 0)
                          if v.dim() == 2 else v for k, v in batch.items()}
-            with precision_for(fed.device, bf16).autocast():
+            with precision.autocast():
                 loss = model(**batch).loss
             loss.backward()
             opt.step()
@@ -62,22 +64,25 @@ def main() -> None:
                               np.random.default_rng(derive_seed(cfg.seed, 6, round_, u))) for u in range(args.clients)]
 
     fed.round(1)  # warm-up
-    plain_loop(fed, batches_of(1), None, cfg.bf16)
-    rounds, plains, fp32, padded = [], [], [], []
+    run, bf16, fp32 = fed.precision, Precision(fed.device, torch.bfloat16), Precision(fed.device, None)
+    plain_loop(fed, batches_of(1), None, run)
+    rounds, plains, bf16s, fp32s, padded = [], [], [], [], []
     for r in range(2, args.repeats + 2):
         t0 = time.perf_counter()
         fed.round(r)
         rounds.append(time.perf_counter() - t0)
-        plains.append(plain_loop(fed, batches_of(r), None, True))
-        fp32.append(plain_loop(fed, batches_of(r), None, False))
-        padded.append(plain_loop(fed, batches_of(r), cfg.max_length, True))
+        plains.append(plain_loop(fed, batches_of(r), None, run))
+        bf16s.append(plain_loop(fed, batches_of(r), None, bf16))
+        fp32s.append(plain_loop(fed, batches_of(r), None, fp32))
+        padded.append(plain_loop(fed, batches_of(r), cfg.max_length, run))
     med = statistics.median
     print(f"{args.clients} clients × {args.steps} steps × batch {cfg.batch_size}, MiniLM-L6 + LoRA r={cfg.lora_r}, "
-          f"{torch.get_num_threads()} threads, median of {args.repeats}\n")
+          f"{torch.get_num_threads()} threads, median of {args.repeats}; the run computes in {run.name} here\n")
     print("| what | seconds | ratio |\n|---|---|---|")
-    print(f"| plain PEFT loop (bf16, dynamic padding) | {med(plains):.2f} | 1.00 |")
+    print(f"| plain PEFT loop ({run.name}, dynamic padding) | {med(plains):.2f} | 1.00 |")
     print(f"| federated round ({args.method}, tiny eval) | {med(rounds):.2f} | {med(rounds) / med(plains):.3f} |")
-    print(f"| plain loop, fp32 | {med(fp32):.2f} | {med(fp32) / med(plains):.2f} |")
+    print(f"| plain loop, bfloat16 autocast | {med(bf16s):.2f} | {med(bf16s) / med(plains):.2f} |")
+    print(f"| plain loop, float32 | {med(fp32s):.2f} | {med(fp32s) / med(plains):.2f} |")
     print(f"| plain loop, padded to max_length={cfg.max_length} | {med(padded):.2f} | "
           f"{med(padded) / med(plains):.2f} |")
     ratio = med(rounds) / med(plains)

@@ -325,6 +325,7 @@ def test_resume_extends_by_rounds_and_refuses_other_changes(tiny_cfg, tmp_path):
     sessions = [json.loads(x) for x in (out / "sessions.jsonl").read_text().splitlines()]
     assert [s["first_round"] for s in sessions] == [1, 3]  # the start and the resume, each with where it ran
     assert all(s["machine"]["cpu_count"] >= 1 and s["git"]["commit"] for s in sessions)
+    assert [s["precision"] for s in sessions] == ["float32", "float32"]  # bf16 = false in tiny_cfg
     assert [json.loads(x)["round"] for x in (out / "metrics.jsonl").read_text().splitlines()] == [1, 2, 3]
     assert "rounds = 3\n" in (out / "config.toml").read_text()
 

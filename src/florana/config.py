@@ -151,9 +151,10 @@ class RunConfig:
     lora_dropout: float = _f(0.0, "dropout on the LoRA path", FRACTION)
     target_modules: list = _f(["query", "value"], "modules LoRA adapts (names as in the model), or \"all-linear\" "
                               "(PEFT's shorthand: every linear layer but the output head)", NON_EMPTY)
-    bf16: bool = _f(True, "mixed precision for forward and backward: bfloat16 autocast on the CPU (measured faster "
-                          "there) and on GPUs that support it, float16 with loss scaling on older GPUs; false: "
-                          "float32 everywhere")
+    bf16: bool = _f(True, "mixed precision for forward and backward: bfloat16 autocast on a CPU that computes it "
+                          "natively (AVX-512/AMX, Arm BF16; float32 on other CPUs, where emulated bfloat16 is many "
+                          "times slower) and on GPUs that support it, float16 with loss scaling on older GPUs; "
+                          "false: float32 everywhere")
     dtype: str = _f("auto", "dtype of the loaded base model: auto (as its checkpoint stores it: float32 for minilm and "
                             "smollm2), bfloat16, float16 or float32", one_of("auto", "bfloat16", "float16", "float32"))
     quantization: str = _f("none", "base model quantized at load, QLoRA-style (bitsandbytes on a CUDA device, pip "

@@ -764,7 +764,7 @@ def open_run(config: RunConfig | None, run_dir: Path, *, resume: bool = False, p
         fed.load_state(tensors, meta)
         start = round_ + 1
         log.info("resuming %s after round %d of %d", run_dir, round_, config.rounds)
-    record_session(run_dir, start)
+    record_session(run_dir, start, fed.precision.name)
     write_text_atomic(run_dir / "metrics.jsonl", "".join(json.dumps(m) + "\n" for m in fed.history))
     if progress:
         progress.start_run(config, start)

@@ -70,14 +70,16 @@ def now() -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
 
 
-def record_session(run_dir: Path, first_round: int) -> None:
-    """Append to run_dir/sessions.jsonl that a session of the run starts at `first_round`, when, from which commit
-    and on which machine (a run resumed elsewhere has one line per machine)."""
+def record_session(run_dir: Path, first_round: int, precision: str) -> None:
+    """Append to run_dir/sessions.jsonl that a session of the run starts at `first_round`, when, from which commit,
+    on which machine and in which precision (a run resumed elsewhere has one line per machine: the precision follows
+    the machine's hardware)."""
     from florana.federation.checkpoint import write_text_atomic
 
     path = Path(run_dir) / SESSIONS
     old = path.read_text() if path.is_file() else ""
-    line = json.dumps({"started": now(), "first_round": first_round, "git": git_commit(), "machine": machine()})
+    line = json.dumps({"started": now(), "first_round": first_round, "git": git_commit(), "machine": machine(),
+                       "precision": precision})
     write_text_atomic(path, old + line + "\n")
 
 

@@ -292,6 +292,7 @@ def _header(runs: list[Run], info: dict, target: float, carried: int = 0) -> str
                for e in info["runs"] for s in e["sessions"]}
     machines = {f"{s['machine']['cpu']}, {s['machine']['cpus_usable']} usable cores"
                 + (f", {', '.join(s['machine']['gpus'])}" if s["machine"].get("gpus") else "")
+                + (f", computing in {s['precision']}" if s.get("precision") else "")
                 for e in info["runs"] for s in e["sessions"]}
     hours = sum(e["seconds"] for e in info["runs"]) / 3600
     recorded = sum(bool(e["sessions"]) for e in info["runs"])
