@@ -69,7 +69,10 @@ def test_per_example_gradients_are_each_examples_own_and_clipping_bounds_them(as
     factors = (clip / norms).clamp(max=1)
     clipped = [g * factors.view(-1, *[1] * (g.dim() - 1)) for g in samples]
     after = torch.cat([g.flatten(1) for g in clipped], 1).norm(dim=1)
-    assert (after <= clip * (1 + 1e-5)).all() and (after[norms <= clip] == norms[norms <= clip]).all()
+    # an example below the bound is left as it is; the one at the median may be scaled by 1 - 1 ulp (torch divides a
+    # scalar by a tensor through the reciprocal, whose rounding differs between CPUs' vector units)
+    below = norms < clip
+    assert below.sum() == 2 and (after <= clip * (1 + 1e-5)).all() and (after[below] == norms[below]).all()
     for s, c in zip(summed, clipped):
         torch.testing.assert_close(s, c.sum(0), rtol=1e-5, atol=1e-7)
 
