@@ -67,7 +67,7 @@ def test_config_accepts_device_names_whatever_this_machine_has():
 # ---- the precision policy ---------------------------------------------------------------------------------
 @pytest.mark.parametrize("native, expected", [(True, torch.bfloat16), (False, None)])
 def test_precision_policy_on_the_cpu_follows_native_bf16(monkeypatch, native, expected):
-    """bfloat16 autocast only where the CPU computes it in hardware: emulated (an AVX2-only EPYC) it was 13–17×
+    """bfloat16 autocast only where the CPU computes it in hardware: emulated (an AVX2-only EPYC) it was 29×
     slower than float32, which made the default run take hours."""
     monkeypatch.setattr(device_module, "cpu_has_native_bf16", lambda: native)
     cpu = torch.device("cpu")

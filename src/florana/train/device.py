@@ -2,7 +2,7 @@
 
 The `device` config key: `auto` (CUDA when a GPU is visible, else the CPU), `cpu`, `cuda` or `cuda:N`. Autocast
 follows the device: with `bf16 = true`, bfloat16 on a CPU that computes it natively (AVX-512/AMX, Arm BF16: measured
-1.4× faster than float32) and on GPUs that support it, float32 on other CPUs (where bfloat16 is emulated: 13–17×
+1.4× faster than float32) and on GPUs that support it, float32 on other CPUs (where bfloat16 is emulated: 29×
 slower than float32 on an AVX2-only EPYC), float16 with a GradScaler on GPUs without bfloat16; `bf16 = false` is
 full float32 everywhere.
 
