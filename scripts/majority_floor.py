@@ -1,0 +1,49 @@
+"""What a client's local accuracy scores without learning anything: each client answering its own training data's
+majority class, and answering the federation's, on the held-out examples its local accuracy is computed on (mean over
+the clients that have some, as the runs' `local_accuracy_mean`). The floor to read local accuracy against on a
+label-skewed split (README, "Privacy").
+
+    PYTHONPATH=src .venv/bin/python scripts/majority_floor.py [--config configs/default.toml] [--seeds 0,1,2]
+        [--alpha 0.5]
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import numpy as np
+
+from florana.config import RunConfig, load_config
+from florana.federation.engine import load_split
+
+
+def floors(config: RunConfig) -> tuple[float, float]:
+    """(own-majority, federation-majority) accuracy on the clients' held-out parts, mean over clients."""
+    split = load_split(config)
+    classes = len(split.label_names)
+    pooled = np.bincount(np.concatenate([np.asarray(t.labels, dtype=int) for t in split.trains]),
+                         minlength=classes).argmax()
+    own, federation = [], []
+    for train, test in zip(split.trains, split.tests):
+        if not len(test) or not len(train):
+            continue
+        held = np.asarray(test.labels, dtype=int)
+        own.append(float((held == np.bincount(np.asarray(train.labels, dtype=int), minlength=classes).argmax()).mean()))
+        federation.append(float((held == pooled).mean()))
+    return float(np.mean(own)), float(np.mean(federation))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--config", default="configs/default.toml")
+    ap.add_argument("--seeds", default="0,1,2")
+    ap.add_argument("--alpha", type=float, default=None, help="the partition's Dirichlet α (default: the config's)")
+    args = ap.parse_args()
+    base = load_config(args.config).with_overrides(alpha=args.alpha)
+    for seed in (int(s) for s in args.seeds.split(",")):
+        own, federation = floors(base.with_overrides(seed=seed))
+        print(f"seed {seed}: own majority class {own:.4f}, the federation's majority class {federation:.4f}")
+
+
+if __name__ == "__main__":
+    main()
