@@ -1,5 +1,6 @@
 """The run/compare/report commands end to end, including one run on the real offline default."""
 
+import collections
 import csv
 import importlib.util
 import io
@@ -13,8 +14,9 @@ import pytest
 from typer.testing import CliRunner
 
 from florana.cli import app
-from florana.config import RunConfig
+from florana.config import RunConfig, load_config
 from florana.errors import FloranaError
+from florana.federation.engine import load_split
 from florana.report.tables import SUMMARY_KEYS
 from tiny import sentiment_csv, tiny_bert
 
@@ -556,3 +558,18 @@ def test_a_run_folder_is_run_by_one_process_at_a_time(tiny_cfg, tmp_path):
     assert res.exit_code == 0, res.output
     summary = list(csv.DictReader(io.StringIO((out / "summary.csv").read_text())))
     assert [r["method"] for r in summary] == ["fedit", "florana"]
+
+
+def test_majority_floor_scores_each_clients_own_and_the_federations_majority_class(tiny_cfg):
+    """scripts/majority_floor.py: with one label per client every client's own majority class is right on all its
+    held-out examples (1.0), and the federation's majority class only on the clients that hold that class."""
+    mf = _script("majority_floor")
+    config = load_config(tiny_cfg).with_overrides(partition="shards", shards_per_client=1, num_clients=4)
+    split = load_split(config)
+    classes = [set(t.labels) for t in split.trains]
+    assert all(len(c) == 1 for c in classes)  # the premise: one class per client
+    pooled = collections.Counter(x for t in split.trains for x in t.labels).most_common(1)[0][0]
+    held = [t for t in split.tests if len(t)]
+    expected = sum(all(x == pooled for x in t.labels) for t in held) / len(held)
+    assert mf.floors(config) == (pytest.approx(1.0), pytest.approx(expected))
+    assert 0 < expected < 1
