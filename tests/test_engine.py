@@ -639,6 +639,35 @@ def test_exact_match_of_numbers_and_of_stated_answers():
     assert same_answer(" The answer is 138/583.", "138/583") and not same_answer("The answer is 583.", "138/583")
 
 
+def test_majority_accuracy_answers_the_training_datas_most_frequent_answer():
+    """The share of held-out answers equal to the training data's most frequent one (a tie: the smallest), with
+    the task's own comparison; nothing to score or to learn from: none."""
+    from florana.train.tasks import majority_accuracy, same_answer
+
+    assert majority_accuracy([1, 1, 0], [1, 0, 0, 0]) == 0.25
+    assert majority_accuracy([1, 0, 1, 0], [0, 0, 1]) == pytest.approx(2 / 3)  # a tie goes to class 0
+    assert majority_accuracy(["1,250", "7", "1,250"], ["1250", "7"], same_answer) == 0.5
+    assert majority_accuracy([], [1]) is None and majority_accuracy([1], []) is None
+
+
+@pytest.mark.parametrize("method", ["fedit", "local", "fedsa"])
+def test_local_accuracy_comes_with_each_clients_own_majority_floor(assets, tmp_path, method):
+    """Each scored client's local_majority is the share of its held-out part in its training part's majority class,
+    counted here from the same split; local_majority_mean is their mean over the clients local accuracy averages."""
+    cfg = tiny_config(assets, method=method, alpha=0.5, num_clients=4)
+    history = run(cfg, tmp_path / "run").history
+    clients = engine.Federation(cfg).data.clients
+    expected = {}
+    for u, client in enumerate(clients):
+        counts = torch.bincount(torch.tensor(client.train.targets))
+        expected[str(u)] = sum(t == int(counts.argmax()) for t in client.test.targets) / len(client.test)
+    assert len({round(v, 6) for v in expected.values()}) > 1  # a skewed split: the floors differ
+    for m in history:
+        assert m["local_majority"] == pytest.approx(expected)
+        assert m["local_majority_mean"] == pytest.approx(sum(expected.values()) / len(expected))
+        assert set(m["local_majority"]) == set(m["local_accuracy"])
+
+
 # ---- clients of different ranks ------------------------------------------------------------------------
 def lora_bytes(fed, r, factors=("A", "B")):
     """Bytes of one client's LoRA factors at rank r (float32), over all modules."""

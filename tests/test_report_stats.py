@@ -258,6 +258,26 @@ def test_markdown_reads_as_documented():
     assert "No paired comparison: no fedit runs" in tables.to_markdown(tables.summarize(alone), [])
 
 
+def test_local_accuracy_stands_beside_its_own_majority_floor():
+    """The quality table gives the clients' own-majority floor (local_majority_mean at the last round) beside their
+    local accuracy, over seeds; a run that predates the floor counts as none ('–' where no run has it)."""
+    runs = grid()
+    for r in runs:
+        if r.method == "florana":
+            for m in r.history:
+                m["local_majority_mean"] = 0.80 + 0.02 * r.seed
+    rows = tables.summarize(tables.label_runs(runs))
+    fedit, florana = rows
+    assert fedit["local_majority_mean"] is None and fedit["local_majority_mean_n"] == 0
+    assert florana["local_majority_mean"] == pytest.approx(0.82) and florana["local_majority_mean_n"] == 3
+    text = tables.to_markdown(rows, [])
+    head = next(line for line in text.splitlines() if line.startswith("| method | seeds"))
+    assert "| local acc | own-majority floor |" in head
+    assert "| 0.800 ± 0.000 [0.800, 0.800] | 0.820 ± 0.020 [" in text  # florana: local acc, then its floor
+    assert "| 0.800 ± 0.000 [0.800, 0.800] | – |" in text  # fedit's runs have none
+    assert "local_majority_mean" in tables.runs_csv(runs).splitlines()[0]
+
+
 # ---- the summary folder -----------------------------------------------------------------------------------------
 def write_runs(root, runs):
     for r in runs:

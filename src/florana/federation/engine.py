@@ -101,13 +101,15 @@ def tensor_bytes(tensors: dict[str, Tensor] | None) -> int:
 class LocalResult:
     """What a client hands back after training: the adapter tensors its method uploads (None when rejected as
     non-finite), its mean loss, its local model's accuracy on its own held-out part, its example count (the
-    FedAvg weight), and the bytes its upload took on the wire."""
+    FedAvg weight), the bytes its upload took on the wire, and what answering its own training data's majority
+    class scores on that held-out part (the floor its local accuracy is read against on a label-skewed split)."""
 
     loss: float
     tensors: dict[str, Tensor] | None
     local_accuracy: float | None
     size: int
     upload_bytes: int = 0
+    local_majority: float | None = None
 
 
 @dataclass
@@ -486,13 +488,15 @@ class Federation:
         if not usable(loss, tensors):
             return LocalResult(loss, None, None, client.size), {}
         accuracy = self.task.evaluate(self.model, client.test, self.config.eval_batch_size)["accuracy"]
+        floor = self.task.majority_accuracy(client.train, client.test)
         if self.method is None:  # a bound: nothing crosses a wire
-            return LocalResult(loss, tensors, accuracy, client.size), self.personal_part(tensors)
+            return LocalResult(loss, tensors, accuracy, client.size, local_majority=floor), self.personal_part(tensors)
         upload = self.wire_keys(tensors, up=True, round_=round_)
         if self.privacy is not None and self.privacy.mode == "client":  # what it sends moves at most dp_clip
             delta = clip_update({k: v - start[k] for k, v in upload.items()}, self.config.dp_clip)
             upload = {k: start[k] + d for k, d in delta.items()}
-        return LocalResult(loss, upload, accuracy, client.size, tensor_bytes(upload)), self.personal_part(tensors)
+        return LocalResult(loss, upload, accuracy, client.size, tensor_bytes(upload), floor), \
+            self.personal_part(tensors)
 
     def personal_part(self, tensors: dict[str, Tensor]) -> dict[str, Tensor]:
         """What a client keeps to itself between rounds: everything for local, B for fedsa, nothing otherwise."""
@@ -559,7 +563,7 @@ class Federation:
         of the accepted clients' uploads at the global rank (all the server sees; their results carry no tensors);
         a sum-shaped method's aggregate is its aggregate of that one mean."""
         cfg, round_ = self.config, metrics["round"]
-        updates, labels, weights, losses, local_acc = [], [], [], [], {}
+        updates, labels, weights, losses, local_acc, floors = [], [], [], [], {}, {}
         for u, res in sorted(results.items()):
             metrics["bytes_up"] += res.upload_bytes  # it crossed the wire, accepted or not
             if res.tensors is None or not usable(res.loss, res.tensors):  # a remote client's word is not enough
@@ -568,7 +572,7 @@ class Federation:
                 metrics["rejected"].append(u)
                 continue
             losses.append(res.loss)
-            local_acc[u] = res.local_accuracy
+            local_acc[u], floors[u] = res.local_accuracy, res.local_majority
             if self.method is not None and summed is None:  # what the server lacks of an adapter, it knows: the global factor clients
                 # held frozen (ffa's and fedsvd's A, rolora's factor of the round), fedsa's initial B, at r_u
                 updates.append(self.slots.adapter({**self.for_client(self.global_tensors, u), **res.tensors},
@@ -588,6 +592,9 @@ class Federation:
         metrics["local_accuracy"] = {str(u): a for u, a in local_acc.items()}
         valid = [a for a in local_acc.values() if a is not None]
         metrics["local_accuracy_mean"] = float(np.mean(valid)) if valid else None
+        scored = [floors[u] for u, a in local_acc.items() if a is not None]  # the floor of the same clients, or none
+        metrics["local_majority"] = {str(u): f for u, f in floors.items()}
+        metrics["local_majority_mean"] = float(np.mean(scored)) if scored and None not in scored else None
         if cfg.method == "local":
             final = round_ == cfg.rounds
             scores = [self.evaluate(t, self.data.test) for t in self.personal.values()] if final else []
@@ -778,10 +785,10 @@ def record_round(fed: Federation, run_dir: Path, metrics: dict) -> None:
     save_checkpoint(run_dir, metrics["round"], fed.state_tensors(), fed.state_meta())
     write_text_atomic(run_dir / "metrics.jsonl", "".join(json.dumps(m) + "\n" for m in fed.history))
     prune_checkpoints(run_dir, fed.config.keep_checkpoints)
-    log.info("round %d/%d %s: global acc %s, local mean %s, error %s, up %s B, down %s B", metrics["round"],
-             fed.config.rounds, fed.config.method, _fmt(metrics["global_accuracy"]),
-             _fmt(metrics["local_accuracy_mean"]), _fmt(metrics["relative_error"]), metrics["bytes_up"],
-             metrics["bytes_down"])
+    log.info("round %d/%d %s: global acc %s, local mean %s (own majority %s), error %s, up %s B, down %s B",
+             metrics["round"], fed.config.rounds, fed.config.method, _fmt(metrics["global_accuracy"]),
+             _fmt(metrics["local_accuracy_mean"]), _fmt(metrics.get("local_majority_mean")),
+             _fmt(metrics["relative_error"]), metrics["bytes_up"], metrics["bytes_down"])
     if "final_global_accuracy" in metrics:
         log.info("final global acc %s on the whole test set (%d examples)", _fmt(metrics["final_global_accuracy"]),
                  len(fed.data.test))

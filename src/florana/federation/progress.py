@@ -46,6 +46,7 @@ class RichProgress:
         def f(x):
             return "–" if x is None else f"{x:.4f}"
         self.console.print(f"round {m['round']}: global acc {f(m['global_accuracy'])}  local {f(m['local_accuracy_mean'])}"
+                           f" (own majority {f(m.get('local_majority_mean'))})"
                            f"  error {f(m['relative_error'])} (floor {f(m['error_floor'])})  "
                            f"MiB {(m['cum_bytes_up'] + m['cum_bytes_down']) / 2**20:.1f}  {m['seconds']:.0f}s")
 

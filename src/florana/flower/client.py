@@ -154,6 +154,8 @@ def train(msg: Message, context: Context) -> Message:
     metrics = {"partition-id": u, "num-examples": result.size, "loss": float(result.loss)}
     if result.local_accuracy is not None:  # none when the client holds no test examples or was rejected
         metrics["local-accuracy"] = float(result.local_accuracy)
+    if result.local_majority is not None and node_data_of(context.node_config, context.node_id) is None:
+        metrics["local-majority"] = float(result.local_majority)  # a node's own data: no label statistic leaves it
     if fed.config.secagg:  # the update goes only into the masked sum; a plain reply is never sent
         if not in_secure_round(msg):
             raise FloranaError(f"node {context.node_id}: the run has secagg=true, but the server's train message "

@@ -341,7 +341,7 @@ class FloranaStrategy(FedAvg):
             up += received
             try:
                 m = reply.content.metric_records["metrics"]
-                loss, accuracy = float(m["loss"]), m.get("local-accuracy")
+                loss, accuracy, floor = float(m["loss"]), m.get("local-accuracy"), m.get("local-majority")
             except (KeyError, TypeError, ValueError) as e:
                 log.warning("round %d: node %d (partition %d) sent no usable metrics (%s); reply ignored",
                             round_, node, u, e)
@@ -362,7 +362,7 @@ class FloranaStrategy(FedAvg):
                     weight, tensors = 0, None
             else:
                 weight = example_weight(fed, round_, node, u, m.get("num-examples"))
-            results[u] = LocalResult(loss, tensors, accuracy, weight, received)
+            results[u] = LocalResult(loss, tensors, accuracy, weight, received, floor)
         metrics["missing"] = sorted(set(metrics["clients"]) - set(results))
         for u in metrics["missing"]:  # its state is unknown now: it gets the whole base delta and every changed
             fed.synced[u] = -1  # global factor next time

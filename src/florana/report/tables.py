@@ -28,6 +28,7 @@ STATS = (
     ("best_global_accuracy", "best-round acc", 3),
     ("mean_global_accuracy", "mean acc over rounds", 3),
     ("local_accuracy_mean", "local acc", 3),
+    ("local_majority_mean", "own-majority floor", 3),
     ("global_macro_f1", "macro-F1", 3),
     ("local_global_gap", "local−global gap", 3),
     ("relative_error", "agg. error", 4),
@@ -36,7 +37,7 @@ STATS = (
     ("total_mib", "MiB", 2),
     ("seconds", "round seconds", 0),
 )
-QUALITY = 5  # STATS[:QUALITY] are the quality table's columns, the rest the aggregation and cost table's
+QUALITY = 6  # STATS[:QUALITY] are the quality table's columns, the rest the aggregation and cost table's
 # costs until the target is first reached, summarised by their median over seeds: key, title, digits
 COSTS = (("rounds_to_target", "rounds", 0), ("mib_to_target", "MiB", 2), ("seconds_to_target", "seconds", 0))
 PAIRED_METRICS = (("global_accuracy", "final acc"), ("best_global_accuracy", "best-round acc"),
@@ -137,6 +138,7 @@ def run_numbers(history: list[dict], target: float = TARGET) -> dict:
         # the area under the accuracy curve over the rounds: lower where a method lags early, at equal final accuracy
         "mean_global_accuracy": float(np.mean(scored)) if scored else None,
         "local_accuracy_mean": last.get("local_accuracy_mean"),
+        "local_majority_mean": last.get("local_majority_mean"),  # its clients answering their own majority class
         "global_macro_f1": last.get("global_macro_f1"),
         "local_global_gap": last.get("local_global_gap"),
         "relative_error": mean_of("relative_error"),
@@ -303,6 +305,9 @@ def to_markdown(rows: list[dict], pairs: list[dict] | None = None, baseline: str
             "seeds is too narrow (3 seeds have 10 distinct resamples): read the t interval there. Where every seed "
             "differs by the same amount there is no spread to build either on: the difference shows alone, '(all n "
             "pairs)', with no p-value (p = 1 where every difference is 0).",
+            ("- Own-majority floor: the local accuracy the same clients would score by each answering its own "
+             "training data's majority class on its held-out examples (the runs' local_majority_mean; '–' for runs "
+             "that predate it). Local accuracy at that floor means the clients kept their label skew and no more."),
             f"- Wins/ties/losses count seeds whose difference is ≥ +{TIE}, within ±{TIE} (a tie), or ≤ −{TIE}.",
             "- Aggregation error: ‖ΔW*−sB̂Â‖/‖ΔW*‖ of the method's aggregate, mean over rounds; FedIT's error is "
             "FedIT's on the same client updates; the rank-r floor is the best any rank-r aggregate can do on them.",
@@ -353,7 +358,7 @@ PAIRED_KEYS = ["method", "setting", "metric", "baseline", "n", "diff_mean", "dif
 NUMBER_KEYS = ["rounds", "global_accuracy", "best_global_accuracy", "best_round", "mean_global_accuracy",
                "local_accuracy_mean", "global_macro_f1", "relative_error", "fedit_error", "error_floor", "total_mib",
                "seconds", "rounds_to_target", "mib_to_target", "seconds_to_target", "local_global_gap",
-               "dp_epsilon_max"]  # every key of run_numbers: runs.csv keeps them all
+               "dp_epsilon_max", "local_majority_mean"]  # every key of run_numbers: runs.csv keeps them all
 RUN_KEYS = ["name", "method", "setting", "seed", *NUMBER_KEYS]
 
 

@@ -91,6 +91,20 @@ def logit_spread(logits: torch.Tensor) -> float | None:
     return float((logits - logits.mean(-1, keepdim=True)).std(0).mean())
 
 
+def majority_accuracy(train: list, test: list, same=lambda answer, gold: answer == gold) -> float | None:
+    """The share of `test` that always giving `train`'s most frequent answer gets right (ties: the smallest
+    answer): the local accuracy a client reaches by keeping its own label skew and learning nothing else. None
+    where either side has no examples."""
+    if not train or not test:
+        return None
+    counts: dict = {}
+    for answer in train:
+        counts[answer] = counts.get(answer, 0) + 1
+    top = max(counts.values())
+    answer = min(a for a, c in counts.items() if c == top)
+    return sum(bool(same(answer, gold)) for gold in test) / len(test)
+
+
 def on_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
     return {k: v.to(device) for k, v in batch.items()}
 
@@ -127,6 +141,10 @@ class ClassificationTask:
         gold = np.array(data.targets)
         return {"accuracy": float((pred == gold).mean()), "macro_f1": macro_f1(pred, gold, self.num_classes),
                 "loss": float(sum(losses) / len(data)), "logit_spread": logit_spread(torch.cat(logits))}
+
+    def majority_accuracy(self, train: Encoded, test: Encoded) -> float | None:
+        """The accuracy on `test` of answering `train`'s majority class (majority_accuracy)."""
+        return majority_accuracy(train.targets, test.targets)
 
 
 def final_number(text: str) -> str | None:
@@ -227,6 +245,10 @@ class CausalLMTask:
         """Exact match of the answer (same_answer)."""
         return [same_answer(text, data.answers[i]) for text, i in zip(completions, idx)]
 
+    def majority_accuracy(self, train: Encoded, test: Encoded) -> float | None:
+        """The exact match on `test` of answering `train`'s most frequent answer (majority_accuracy)."""
+        return majority_accuracy(train.answers or [], test.answers or [], same_answer)
+
     @torch.no_grad()
     def evaluate(self, model, data: Encoded, batch_size: int) -> dict:
         """Accuracy of greedy completions and the answer loss; with the tokens generated and the seconds it took."""
@@ -295,6 +317,9 @@ class CodeTask(CausalLMTask):
         enc = super().encode(examples)
         prefixes = [t + "\n" if "def " in t and is_python(t) else "" for t in examples.texts]
         return Encoded(enc.ids, enc.targets, enc.answers, enc.prompts, list(examples.tests), prefixes)
+
+    def majority_accuracy(self, train: Encoded, test: Encoded) -> None:
+        """None: one reference program is no answer to another problem."""
 
     def program(self, completion: str, data: Encoded, i: int) -> str:
         return f"{data.prefixes[i]}{extract_code(completion)}\n\n{data.tests[i]}"
