@@ -284,3 +284,14 @@ def test_the_run_says_how_much_of_a_dp_step_is_noise(assets, caplog):
         said[method] = trained
     lora_A = sum(t.numel() for k, t in fed.initial.items() if ".lora_A." in k)
     assert said["fedit"] - said["ffa"] == lora_A > 0
+
+
+def test_a_run_without_dp_never_imports_opacus():
+    """Opacus takes seconds to import (its optimizers pull in torch.distributed and scipy), which every Flower
+    message process would pay: the engine, the CLI and the Flower apps import it only when a run accounts ε."""
+    import subprocess
+    import sys
+
+    code = ("import sys, florana.cli, florana.federation.engine, florana.flower.client, florana.flower.server; "
+            "sys.exit('opacus' in sys.modules)")
+    assert subprocess.run([sys.executable, "-c", code], timeout=120).returncode == 0

@@ -9,15 +9,14 @@ unless given), so every client has the same ε. Each unit has its own noise mult
 `make_private_with_epsilon` would calibrate it. One σ for all would be set by the client with the fewest examples
 (the highest sample rate) and leave the others far below their budget with far more noise than they need. A unit's
 state is the number of rounds charged to it: (σ_u, q_u, steps·rounds) is the accountant's whole history, JSON in a
-checkpoint.
+checkpoint. Opacus is imported where ε is computed, not with the module: importing it costs seconds (its
+optimizers pull in torch.distributed and scipy), which every run and every Flower message process would pay
+without DP.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
-
-from opacus.accountants import RDPAccountant
-from opacus.accountants.utils import get_noise_multiplier
 
 from florana.errors import FloranaError
 
@@ -28,6 +27,8 @@ def epsilon(noise: float, rate: float, steps: int, delta: float) -> float:
     """ε at δ after `steps` Poisson-subsampled Gaussian steps of noise multiplier `noise` and sample rate `rate`."""
     if steps <= 0:
         return 0.0
+    from opacus.accountants import RDPAccountant
+
     accountant = RDPAccountant()
     accountant.history = [(noise, rate, steps)]
     return float(accountant.get_epsilon(delta=delta))
@@ -35,6 +36,8 @@ def epsilon(noise: float, rate: float, steps: int, delta: float) -> float:
 
 def calibrate_noise(target: float, rate: float, steps: int, delta: float) -> float:
     """The noise multiplier whose ε after `steps` steps is at most `target` (and within 1% of it)."""
+    from opacus.accountants.utils import get_noise_multiplier
+
     try:
         return float(get_noise_multiplier(target_epsilon=target, target_delta=delta, sample_rate=rate, steps=steps,
                                           accountant="rdp", epsilon_tolerance=0.01 * target))
