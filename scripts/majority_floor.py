@@ -15,21 +15,20 @@ import numpy as np
 
 from florana.config import RunConfig, load_config
 from florana.federation.engine import load_split
+from florana.train.tasks import majority_accuracy
 
 
 def floors(config: RunConfig) -> tuple[float, float]:
     """(own-majority, federation-majority) accuracy on the clients' held-out parts, mean over clients."""
     split = load_split(config)
-    classes = len(split.label_names)
-    pooled = np.bincount(np.concatenate([np.asarray(t.labels, dtype=int) for t in split.trains]),
-                         minlength=classes).argmax()
+    pooled = [int(y) for t in split.trains for y in t.labels]
     own, federation = [], []
     for train, test in zip(split.trains, split.tests):
         if not len(test) or not len(train):
             continue
-        held = np.asarray(test.labels, dtype=int)
-        own.append(float((held == np.bincount(np.asarray(train.labels, dtype=int), minlength=classes).argmax()).mean()))
-        federation.append(float((held == pooled).mean()))
+        held = [int(y) for y in test.labels]
+        own.append(majority_accuracy([int(y) for y in train.labels], held))
+        federation.append(majority_accuracy(pooled, held))
     return float(np.mean(own)), float(np.mean(federation))
 
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import re
 import time
+from collections import Counter
 from dataclasses import dataclass, fields
 
 import numpy as np
@@ -97,9 +98,7 @@ def majority_accuracy(train: list, test: list, same=lambda answer, gold: answer 
     where either side has no examples."""
     if not train or not test:
         return None
-    counts: dict = {}
-    for answer in train:
-        counts[answer] = counts.get(answer, 0) + 1
+    counts = Counter(train)
     top = max(counts.values())
     answer = min(a for a, c in counts.items() if c == top)
     return sum(bool(same(answer, gold)) for gold in test) / len(test)
