@@ -9,11 +9,13 @@ and ClientApp processes), so nothing outlives `Loopback.close()`.
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
 import time
+import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -65,6 +67,25 @@ def wait_for_port(port: int, timeout: float, proc: subprocess.Popen, name: str) 
                 return
         time.sleep(0.2)
     raise FloranaError(f"{name} did not listen on 127.0.0.1:{port} within {timeout:.0f}s")
+
+
+def stage_app(app_dir: Path, dest: Path) -> Path:
+    """The files of the Flower app in `app_dir` that its FAB carries (pyproject.toml and what its `fab-include`
+    patterns match), copied into a fresh `dest`. `flwr run` walks and resolves every file under the folder it
+    builds from before it filters them: in a checkout with its .venv (~57,000 files) that took 8–11 s of CPU per run,
+    from the copy a tenth of a second. An app without `fab-include`, or with a pattern pathlib cannot glob the same
+    way (negation, a leading slash), is used as it is."""
+    app_dir = Path(app_dir).resolve()
+    project = tomllib.loads((app_dir / "pyproject.toml").read_text())
+    patterns = project.get("tool", {}).get("flwr", {}).get("app", {}).get("fab-include")
+    if not patterns or any(p.startswith(("!", "/")) for p in patterns):
+        return app_dir
+    shutil.rmtree(dest, ignore_errors=True)
+    for path in {app_dir / "pyproject.toml", *(f for p in patterns for f in app_dir.glob(p) if f.is_file())}:
+        target = dest / path.relative_to(app_dir)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(path, target)
+    return dest
 
 
 @dataclass
@@ -150,14 +171,14 @@ class Loopback:
         return done
 
     def run(self, app_dir: Path, config: RunConfig, run_dir: Path, timeout: float = 1800, **runtime) -> Path:
-        """`flwr run APP loopback --stream` with `config` and the runtime keys (min-nodes, round-timeout, ...) as
-        its run config; returns the run folder once the ServerApp has finished."""
+        """`flwr run APP loopback --stream` (from APP's staged copy: stage_app) with `config` and the runtime keys
+        (min-nodes, round-timeout, ...) as its run config; returns the run folder once the ServerApp has finished."""
         values = {**flower_run_config(config), "run-dir": str(Path(run_dir).resolve()),
                   **{k.replace("_", "-"): v for k, v in runtime.items()}}
         run_config = self.home / "run-config.toml"
         run_config.write_text(tomli_w.dumps(values))
-        done = self.flwr("run", str(Path(app_dir).resolve()), "loopback", "--stream", "--run-config",
-                         str(run_config), timeout=timeout)
+        app = stage_app(app_dir, self.home / "app")
+        done = self.flwr("run", str(app), "loopback", "--stream", "--run-config", str(run_config), timeout=timeout)
         # `flwr run` exits 0 whatever the ServerApp did: the run folder says whether the run finished
         run_dir = Path(run_dir)
         rounds = load_config(run_dir / "config.toml").rounds if (run_dir / "config.toml").is_file() else None
