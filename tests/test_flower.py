@@ -30,7 +30,7 @@ from florana.config import FIELDS, RunConfig, default_of
 from florana.errors import FloranaError
 from florana.federation.engine import Federation, read_metrics, run
 from florana.flower.deploy import Loopback, flower_env, free_port, pids_with_env, stage_app
-from florana.flower.server import FloranaStrategy, nodes_num_partitions
+from florana.flower.server import REPLY_POLL, FloranaStrategy, PromptGrid, nodes_num_partitions
 from florana.flower.wire import (CLIENTS_FROM_NODES, RUNTIME_KEYS, flower_run_config, from_record, split_run_config,
                                  to_record)
 from tiny import sentiment_csv, tiny_bert
@@ -107,6 +107,36 @@ def test_a_loopback_run_builds_its_fab_from_a_copy_of_what_the_fab_carries(tmp_p
     del project["tool"]["flwr"]["app"]["fab-include"]  # without the patterns, the app is built from where it is
     (app / "pyproject.toml").write_text(tomli_w.dumps(project))
     assert stage_app(app, tmp_path / "other") == app.resolve() and not (tmp_path / "other").exists()
+
+
+def test_the_server_takes_replies_as_they_arrive_not_every_3_s(monkeypatch):
+    """Flower's deployment grid sleeps 3 s between pulls of a wave's replies; the server's pulls every REPLY_POLL s,
+    keeps what each pull brings, and stops at the timeout with the replies it has."""
+    class Pulls:  # message i's reply arrives at pull i + 1
+        def __init__(self):
+            self.pulls = 0
+
+        def push_messages(self, messages):
+            return [f"m{i}" for i, _ in enumerate(messages)]
+
+        def pull_messages(self, ids):
+            self.pulls += 1
+            return [SimpleNamespace(metadata=SimpleNamespace(reply_to_message_id=i)) for i in sorted(ids)
+                    if int(i[1:]) < self.pulls]
+
+        def get_node_ids(self):
+            return [7]
+
+    sleeps = []
+    monkeypatch.setattr(time, "sleep", sleeps.append)
+    grid = PromptGrid(Pulls())
+    replies = grid.send_and_receive([None] * 3, timeout=60)
+    assert sorted(r.metadata.reply_to_message_id for r in replies) == ["m0", "m1", "m2"]
+    assert grid.pulls == 3 and sleeps == [REPLY_POLL] * 2 and grid.get_node_ids() == [7]
+    clock = iter(range(0, 1000, 10))  # each look at the clock 10 s on: past the 15 s timeout after pull 2
+    monkeypatch.setattr(time, "monotonic", lambda: next(clock))
+    sleeps.clear()
+    assert len(PromptGrid(Pulls()).send_and_receive([None] * 3, timeout=15)) == 2 and sleeps == [REPLY_POLL]
 
 
 def test_records_round_trip_and_refuse_bad_payloads():

@@ -37,8 +37,34 @@ from florana.lora.base_delta import total_change
 log = logging.getLogger("florana")
 
 ANY_CLIENTS = 1 << 16  # a client count no config check refuses, for num_clients=0 before the nodes said theirs
-QUERY_TIMEOUT_MIN = 30.0
-OWN_DATA = "it has its own data"  # what ask_partitions says of a node with a data-path  # seconds a node gets to answer the partition query, however little node-wait is left
+QUERY_TIMEOUT_MIN = 30.0  # seconds a node gets to answer the partition query, however little node-wait is left
+OWN_DATA = "it has its own data"  # what ask_partitions says of a node with a data-path
+REPLY_POLL = 0.2  # seconds between pulls while a message wave waits for its replies
+
+
+class PromptGrid:
+    """Flower's grid, its send_and_receive pulling the replies every REPLY_POLL s: Flower 1.42's deployment grid
+    sleeps 3 s between pulls, so every wave of messages (a round, the nodes' query) ended up to 3 s after its last
+    reply. The rest is the grid's own."""
+
+    def __init__(self, grid: Grid):
+        self.grid = grid
+
+    def __getattr__(self, name: str):
+        return getattr(self.grid, name)
+
+    def send_and_receive(self, messages, *, timeout: float | None = None) -> list[Message]:
+        """Push `messages`, then pull their replies until all came or `timeout` s passed (None: no limit)."""
+        waiting = set(self.grid.push_messages(messages))
+        end, replies = time.monotonic() + (timeout or 0.0), []
+        while waiting:
+            arrived = list(self.grid.pull_messages(waiting))
+            replies += arrived
+            waiting -= {m.metadata.reply_to_message_id for m in arrived}
+            if not waiting or (timeout is not None and time.monotonic() >= end):
+                break
+            time.sleep(REPLY_POLL)
+        return replies
 
 
 def check_runtime(config: RunConfig) -> None:
@@ -429,6 +455,8 @@ def serve(grid: Grid, config: RunConfig | None, run_dir: Path, *, resume: bool =
     """A whole run on a Flower grid: open (or resume) the run folder, find the nodes, run the rounds, write the
     global adapter and plots."""
     run_dir = Path(run_dir).resolve()
+    if isinstance(grid, Grid):  # Flower's own grids (tests hand serve grids of their own, which have no pulls)
+        grid = PromptGrid(grid)
     if config is not None:
         check_runtime(config)
     try:
