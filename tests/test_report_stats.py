@@ -349,6 +349,35 @@ def test_write_summary_files(tmp_path):
                                                                     "florana-alpha0.1-seed0.jsonl"]
 
 
+def test_the_per_round_tables_keep_round_digits_significant_digits(tmp_path):
+    """rounds.csv and paired_rounds.csv hold a row per method, setting and round with three cells per metric: written
+    at full repr (17 digits) a sweep's table passed 1 MiB. Floats keep ROUND_DIGITS significant digits, whole numbers
+    (byte counts) stay exact, and a summary read back and written again gives the same text."""
+    runs = grid(alphas=(0.1,))
+    for r in runs:
+        for m in r.history:
+            m["global_accuracy"] += 1 / 3000  # 17 digits in repr
+            m["cum_bytes_up"] = 123_456_789 * m["round"]  # 9 digits, whole
+    root = write_runs(tmp_path / "sweep", runs)
+    out = write_summary_to(root, tmp_path / "results")
+    rows = list(csv.DictReader(io.StringIO((out / "rounds.csv").read_text())))
+    diffs = list(csv.DictReader(io.StringIO((out / "paired_rounds.csv").read_text())))
+    fractions = [v for row in rows + diffs for k, v in row.items() if k not in ("method", "setting") and "." in v]
+    assert len(fractions) > 100 and all(len(v.lstrip("-").split("e")[0].replace(".", "").lstrip("0"))
+                                        <= tables.ROUND_DIGITS for v in fractions)
+    last = next(r for r in rows if (r["method"], r["round"]) == ("fedit", "3"))
+    assert last["global_accuracy"] == "0.6103333"  # 0.61 + 1/3000 at ROUND_DIGITS = 7
+    assert last["cum_bytes_up"] == str(3 * 123_456_789)
+    again = write_summary_to(out, tmp_path / "again")
+    for name in ("rounds.csv", "paired_rounds.csv"):
+        assert (again / name).read_text() == (out / name).read_text()
+
+
+def write_summary_to(source, out):
+    write_summary(find_runs([source]), out, target=0.6)
+    return out
+
+
 SUMMARY_TABLES = ("summary.csv", "paired.csv", "runs.csv", "rounds.csv", "paired_rounds.csv")
 
 

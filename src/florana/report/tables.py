@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import csv
 import io
+import math
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,6 +18,7 @@ from florana.errors import FloranaError
 from florana.report.plots import value
 from florana.report.stats import CONFIDENCE, TIE, Estimate, Paired, first_reached, mean_ci, median_reached, paired_diff
 
+ROUND_DIGITS = 7  # significant digits of the per-round tables: means over a few seeds, in 1,000s of rows
 TARGET = 0.70  # the default target accuracy of time-to-accuracy and bytes-to-accuracy
 BASELINE = "fedit"
 # config keys that never make two runs' results incomparable (speed and bookkeeping only)
@@ -341,13 +343,23 @@ def _paired_table(pairs: list[dict], baseline: str, level: str) -> list[str]:
     return [f"Against {baseline}, paired by seed (difference method − {baseline}):", ""] + _table(head, lines)
 
 
-def _csv(rows: list[dict], keys: list[str]) -> str:
+def _csv(rows: list[dict], keys: list[str], digits: int | None = None) -> str:
+    """CSV text of `rows` under `keys` (empty cells for None); with `digits`, floats to that many significant
+    digits, whole ones (byte counts) exactly."""
     buf = io.StringIO()
     writer = csv.DictWriter(buf, fieldnames=keys, lineterminator="\n")
     writer.writeheader()
     for row in rows:
-        writer.writerow({k: "" if row.get(k) is None else row[k] for k in keys})
+        writer.writerow({k: _cell(row.get(k), digits) for k in keys})
     return buf.getvalue()
+
+
+def _cell(v, digits: int | None):
+    if v is None:
+        return ""
+    if digits is None or not isinstance(v, float) or not math.isfinite(v):
+        return v
+    return str(int(v)) if v.is_integer() and abs(v) < 1e15 else format(v, f".{digits}g")
 
 
 SUMMARY_KEYS = (["method", "setting", "alpha", "seeds", "seed_list", "rounds"]
@@ -401,8 +413,9 @@ def round_rows(runs: list[Run], confidence: float = CONFIDENCE) -> tuple[list[di
 
 
 def rounds_csv(runs: list[Run], recorded: dict[tuple[str, str], list[dict]] | None = None) -> str:
-    """rounds.csv (or paired_rounds.csv) of round_rows, with the rows a summary recorded for the groups (setting,
-    label) in `recorded`, whose runs have no histories here (summary.recorded_rounds), in the order of the groups."""
+    """rounds.csv (or paired_rounds.csv) of round_rows at ROUND_DIGITS, with the rows a summary recorded for the groups
+    (setting, label) in `recorded`, whose runs have no histories here (summary.recorded_rounds), in the order of the
+    groups."""
     rows, keys = round_rows(runs)
     if recorded:
         order = {key: i for i, key in enumerate(dict.fromkeys([*groups(runs), *recorded]))}
@@ -410,7 +423,7 @@ def rounds_csv(runs: list[Run], recorded: dict[tuple[str, str], list[dict]] | No
                       key=lambda row: order[(row["setting"], row["method"])])  # stable: rounds stay in order
         keys += [k for k in dict.fromkeys(k for group in recorded.values() for row in group for k in row)
                  if k not in keys]  # the recorded file's columns, in its order
-    return _csv(rows, keys)
+    return _csv(rows, keys, ROUND_DIGITS)
 
 
 def paired_histories(runs: list[Run], baseline: str = BASELINE, key: str = "global_accuracy") -> list[Run]:
