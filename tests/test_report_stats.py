@@ -358,8 +358,8 @@ def test_the_per_round_tables_keep_round_digits_significant_digits(tmp_path):
         for m in r.history:
             m["global_accuracy"] += 1 / 3000  # 17 digits in repr
             m["cum_bytes_up"] = 123_456_789 * m["round"]  # 9 digits, whole
-    root = write_runs(tmp_path / "sweep", runs)
-    out = write_summary_to(root, tmp_path / "results")
+    out, again = tmp_path / "results", tmp_path / "again"
+    write_summary(find_runs([write_runs(tmp_path / "sweep", runs)]), out, target=0.6)
     rows = list(csv.DictReader(io.StringIO((out / "rounds.csv").read_text())))
     diffs = list(csv.DictReader(io.StringIO((out / "paired_rounds.csv").read_text())))
     fractions = [v for row in rows + diffs for k, v in row.items() if k not in ("method", "setting") and "." in v]
@@ -368,14 +368,9 @@ def test_the_per_round_tables_keep_round_digits_significant_digits(tmp_path):
     last = next(r for r in rows if (r["method"], r["round"]) == ("fedit", "3"))
     assert last["global_accuracy"] == "0.6103333"  # 0.61 + 1/3000 at ROUND_DIGITS = 7
     assert last["cum_bytes_up"] == str(3 * 123_456_789)
-    again = write_summary_to(out, tmp_path / "again")
+    write_summary(find_runs([out]), again, target=0.6)
     for name in ("rounds.csv", "paired_rounds.csv"):
         assert (again / name).read_text() == (out / name).read_text()
-
-
-def write_summary_to(source, out):
-    write_summary(find_runs([source]), out, target=0.6)
-    return out
 
 
 SUMMARY_TABLES = ("summary.csv", "paired.csv", "runs.csv", "rounds.csv", "paired_rounds.csv")
