@@ -62,7 +62,8 @@ On a GPU (`--device cuda`): the clients' factors (drawn on the CPU with the same
 put on the GPU, everything runs there (the baselines too), times are taken after torch.cuda.synchronize(), and the
 memory column is the peak extra GPU memory. `--case llama7b` times only FLoRA-NA with its error report (the
 relative error, the rank-r floor and FedIT's error), once with the factors on the device and once with them on the
-CPU as a run holds them (each batch of modules is copied over as it is aggregated); target on a GPU: under 1 s.
+CPU as a run holds them (each batch of modules is copied over as it is aggregated); target at the full shape:
+under 1 s on a GPU (3 s on the CPU). At a smaller shape only the error is judged.
 """
 
 from __future__ import annotations
@@ -89,6 +90,9 @@ QR_CHUNK = 20  # modules per batched QR: florana's own batch at U=10, r=16
 # P along directions that leave the loss unchanged to first order (its errors still agree to 1e-6).
 CHECK_GAP = 1e-3
 CHECK_ERROR = 1e-5  # |relative error, floor, FedIT's error (florana) − (baseline)|, per module, at most
+# the shape the time targets are set for: LLaMA-2-7B's 32 layers × {q,k,v,o} at 4096², r=16, 10 clients. A smaller
+# shape (the CPU dry run of scripts/gpu_check.py) is a check that the call works, not a timing: no limit is applied
+LLAMA7B = {"layers": 32, "dim": 4096, "rank": 16, "clients": 10}
 
 
 def rss() -> int:
@@ -406,10 +410,10 @@ def ratio(x: float) -> str:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--layers", type=int, default=32)
-    ap.add_argument("--clients", type=int, default=10)
-    ap.add_argument("--rank", type=int, default=16)
-    ap.add_argument("--dim", type=int, default=4096)
+    ap.add_argument("--layers", type=int, default=LLAMA7B["layers"])
+    ap.add_argument("--clients", type=int, default=LLAMA7B["clients"])
+    ap.add_argument("--rank", type=int, default=LLAMA7B["rank"])
+    ap.add_argument("--dim", type=int, default=LLAMA7B["dim"])
     ap.add_argument("--dense-modules", type=int, default=32, help="modules the dense baselines run on (then scaled)")
     ap.add_argument("--dense-chunk", type=int, default=2, help="modules per batched dense op (memory)")
     ap.add_argument("--threads", type=int, default=2)
@@ -597,8 +601,11 @@ def llama7b(clients: list[LoraAdapter], args) -> None:
           f"{'GPU ' if DEVICE.type == 'cuda' else ''}memory {extra / 2**20:.0f} MiB ({extra / factor_bytes:.2f}× "
           f"the factors)")
     limit = 1.0 if DEVICE.type == "cuda" else 3.0
-    ok = min(times) <= limit and math.isfinite(rep.relative_error) and rep.relative_error <= rep.fedit_error + 1e-9
-    print(f"target llama7b florana on {DEVICE.type}: {min(times):.3f} s (≤ {limit:g} s), error ≤ FedIT's: "
+    full = all(getattr(args, k) == v for k, v in LLAMA7B.items())
+    ok = (min(times) <= limit or not full) and math.isfinite(rep.relative_error) \
+        and rep.relative_error <= rep.fedit_error + 1e-9
+    judged = f"≤ {limit:g} s" if full else f"the ≤ {limit:g} s limit is for the full shape, not judged here"
+    print(f"target llama7b florana on {DEVICE.type}: {min(times):.3f} s ({judged}), error ≤ FedIT's: "
           f"{'met' if ok else 'MISSED'}")
 
 

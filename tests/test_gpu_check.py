@@ -1,6 +1,9 @@
 """scripts/gpu_check.sh's logic on the CPU (FLORANA_GPU_CHECK_DEVICE=cpu, tiny sizes), as on a bare GPU machine:
 flwr, datasets, matplotlib, typer, rich, bitsandbytes and the offline model wheels hidden from Python."""
 
+import argparse
+import importlib.util
+import itertools
 import os
 import subprocess
 import sys
@@ -52,3 +55,18 @@ def test_gpu_check_runs_on_the_cpu_without_flwr_datasets_or_bitsandbytes(tmp_pat
     assert "gpu_peak_mib [None, None]; resumed to round 3" in status["cuda_run"]
     assert "target llama7b florana on cpu" in status["aggregation_7b"]
     assert out.stdout.rstrip().endswith("5 passed, 0 failed, 2 skipped")
+
+
+def test_the_7b_time_limit_is_judged_at_the_full_shape_only(monkeypatch, capsys):
+    """gpu_check's CPU dry run times the 7B case at a tiny shape on a machine that may be busy: its time is no
+    finding (no absolute time in a test), so only the full LLaMA-2-7B shape is held to the limit."""
+    spec = importlib.util.spec_from_file_location("aggregation_speed", ROOT / "benchmarks" / "aggregation_speed.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    clock = itertools.count(step=10.0)  # every call takes 10 s: a very busy machine
+    monkeypatch.setattr(bench, "now", lambda: next(clock))
+    clients = bench.make_clients(layers=1, U=3, r=4, d=32)
+    for shape, verdict in (({"layers": 1, "dim": 32, "rank": 4, "clients": 3}, "met"), (bench.LLAMA7B, "MISSED")):
+        bench.llama7b(clients, argparse.Namespace(**shape, repeats=1))
+        target = capsys.readouterr().out.strip().splitlines()[-1]
+        assert target.startswith("target llama7b florana on cpu: 10.000 s") and target.endswith(verdict), target
