@@ -266,7 +266,7 @@ def test_flwr_run_dot_runs_the_example_as_a_flower_app(tmp_path):
     import shutil
     import subprocess
 
-    from peft import PeftModel
+    from peft import PeftModel, get_peft_model_state_dict
 
     from florana.flower.deploy import flower_env, free_port
 
@@ -291,7 +291,10 @@ def test_flwr_run_dot_runs_the_example_as_a_flower_app(tmp_path):
         from flowertune_llm.task import DEFAULTS, get_model
     finally:
         sys.path.remove(str(app))
-    model = PeftModel.from_pretrained(get_model(DEFAULTS).get_base_model(), tmp_path / "global")
+    # onto the plain base model (get_model wraps it in a fresh adapter, which unload() takes off again)
+    model = PeftModel.from_pretrained(get_model(DEFAULTS).unload(), tmp_path / "global")
+    saved, loaded = load_file(tmp_path / "global" / "adapter_model.safetensors"), get_peft_model_state_dict(model)
+    assert loaded.keys() == saved.keys() and all(torch.equal(loaded[k], saved[k]) for k in saved)
     assert any(float(p.abs().max()) > 0 for n, p in model.named_parameters() if "lora_B" in n)
     deadline = __import__("time").monotonic() + 20
     while (left := pids_with_env("FLWR_HOME", str(home))) and __import__("time").monotonic() < deadline:
