@@ -16,7 +16,8 @@
 #    DP), for seeds 0 1 2 or the ones given.
 # d: the causal-LM task (configs/arithmetic_smollm2.toml) into its own folder.
 # e: 20 Newsgroups (the default config on dataset twenty_newsgroups) at α = 0.1 and 1.0, FedIT, FLoRA-NA, svd at seed 0
-#    first, then at seeds 1 and 2, then the other methods. Two e streams side by side share its runs out.
+#    first, then at seeds 1 and 2, then the other methods (the pooled bound at lr 1e-3 too, as in h). Two e streams
+#    side by side share its runs out.
 # f: issue 14 part 4, the options of the paper's estimate and of svd at α = 0.1 and 0.5 (the default's runs are
 #    reused as its rows).
 # g: what the default's choice is checked on next: α = 1.0, FedIT and FLoRA-NA on every seed, the default on 20
@@ -90,6 +91,7 @@ case "${1:?stream a, b, c, d, e, f, g or h}" in
     ng "${PAPER[@]}" --seeds 0 --alpha 0.1,1.0
     ng --methods "$HEAD" --seeds 1,2 --alpha 0.1,1.0  # the headline's three seeds before the other methods
     ng --methods "$HEAD,ffa,fedsa,centralized,local" --seeds 0,1,2 --alpha 0.1,1.0
+    ng --methods centralized --seeds 0,1,2 --alpha 0.1,1.0 --set lr=0.001  # the pooled bound at h's lr for it too
     ng "${PAPER[@]}" --seeds 1,2 --alpha 0.1,1.0
     ;;
   f)

@@ -68,6 +68,8 @@ table rotten_tomatoes_ablation rotten_tomatoes \
 table rotten_tomatoes_dp_pilot rotten_tomatoes '^fedit-alpha0\.5-(rounds[0-9]+-.*-|dpsample-dp_epsilon8-)?seed0$' 'rounds'
 # the pooled bound at its own lr beside the shared lr's runs of it and of FedIT
 table rotten_tomatoes_centralized_lr rotten_tomatoes '^(fedit|centralized)-alpha0\.5-(lr[0-9.]+-)?seed[0-9]+$' '-lr'
-table twenty_newsgroups twenty_newsgroups '.'
+table twenty_newsgroups twenty_newsgroups '^[a-z_]+-alpha[0-9.]+-(florana_prox0-)?seed[0-9]+$'
+table twenty_newsgroups_centralized_lr twenty_newsgroups \
+    '^(fedit|centralized)-alpha[0-9.]+-(lr[0-9.]+-)?seed[0-9]+$' '-lr'
 # exact match: the untuned model scores 0.10-0.12, FedIT ends at 0.25-0.30 (0.7 is never reached)
 table arithmetic arithmetic '.' '.' 0.2
