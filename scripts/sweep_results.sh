@@ -57,8 +57,10 @@ unchanged() {
             <(grep -o "Target accuracy [0-9.]*" "$2/summary.md")
 }
 
-# the headline tables hold FLoRA-NA's default and the paper's estimate (florana_prox = 0) beside the others
-table rotten_tomatoes rotten_tomatoes '^[a-z_]+-alpha[0-9.]+-(florana_prox0-)?seed[0-9]+$'
+# the headline tables (each task's) hold FLoRA-NA's default and the paper's estimate (florana_prox = 0) beside the
+# others, every run on the task's default config
+HEADLINE='^[a-z_]+-alpha[0-9.]+-(florana_prox0-)?seed[0-9]+$'
+table rotten_tomatoes rotten_tomatoes "$HEADLINE"
 table rotten_tomatoes_privacy rotten_tomatoes \
     '^(fedit|ffa|fedsa|florana|svd)-alpha0\.5-(dpsample-dp_epsilon[0-9.]+-)?(florana_prox0-)?seed[0-9]+$' 'dpsample'
 table rotten_tomatoes_ablation rotten_tomatoes \
@@ -68,7 +70,7 @@ table rotten_tomatoes_ablation rotten_tomatoes \
 table rotten_tomatoes_dp_pilot rotten_tomatoes '^fedit-alpha0\.5-(rounds[0-9]+-.*-|dpsample-dp_epsilon8-)?seed0$' 'rounds'
 # the pooled bound at its own lr beside the shared lr's runs of it and of FedIT
 table rotten_tomatoes_centralized_lr rotten_tomatoes '^(fedit|centralized)-alpha0\.5-(lr[0-9.]+-)?seed[0-9]+$' '-lr'
-table twenty_newsgroups twenty_newsgroups '^[a-z_]+-alpha[0-9.]+-(florana_prox0-)?seed[0-9]+$'
+table twenty_newsgroups twenty_newsgroups "$HEADLINE"
 table twenty_newsgroups_centralized_lr twenty_newsgroups \
     '^(fedit|centralized)-alpha[0-9.]+-(lr[0-9.]+-)?seed[0-9]+$' '-lr'
 # exact match: the untuned model scores 0.10-0.12, FedIT ends at 0.25-0.30 (0.7 is never reached)
