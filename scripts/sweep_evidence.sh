@@ -9,7 +9,8 @@
 # FLoRA-NA runs at its default (florana_prox = 10, the sweep's own choice) and, as "the paper's estimate", at
 # florana_prox = 0 (Eq. 6 alone, the default until the sweep chose it). compare names a run after the keys that
 # differ from the default, so the runs made before the default changed were renamed with it.
-# a: Rotten Tomatoes at seed 0: FedIT, FLoRA-NA, svd, then every other aggregator and both bounds, then α = 0.1, 1.0.
+# a: Rotten Tomatoes at seed 0: FedIT, FLoRA-NA, svd, then every other aggregator and both bounds, then α = 0.1, 1.0
+#    (the pooled bound at lr 1e-3 too, as in h).
 # b: the same at seeds 1 and 2, with the ablation (f) of seed 2 and issue 12's privacy table (c) after FedIT,
 #    FLoRA-NA and svd.
 # c [SEEDS]: issue 12: fedit, ffa, fedsa, florana, svd under sample-level DP at ε = 1, 3, 8 (and their runs without
@@ -70,6 +71,7 @@ case "${1:?stream a, b, c, d, e, f, g or h}" in
     rt "${PAPER[@]}" --seeds 0 --alpha 0.5,0.1,1.0
     rt --methods "$REST" --seeds 0 --alpha 0.5
     rt --methods "$HEAD,$REST" --seeds 0 --alpha 0.1,1.0
+    rt --methods centralized --seeds 0 --alpha 0.1,1.0 --set lr=0.001  # the pooled bound at its own lr (h)
     ;;
   b)
     rt --methods "$HEAD" --seeds 1,2 --alpha 0.5
@@ -78,6 +80,7 @@ case "${1:?stream a, b, c, d, e, f, g or h}" in
     for seed in 1 2 0; do privacy $seed; done
     rt --methods "$REST" --seeds 1,2 --alpha 0.5
     rt --methods "$HEAD,$REST" --seeds 1,2 --alpha 0.1,1.0
+    rt --methods centralized --seeds 1,2 --alpha 0.1,1.0 --set lr=0.001  # the pooled bound at its own lr (h)
     ;;
   c)  # optional seeds ("c 0"); streams that meet the same run leave it to whichever holds it (compare skips it)
     for seed in ${2:-0 1 2}; do privacy $seed; done

@@ -69,9 +69,9 @@ table rotten_tomatoes_ablation rotten_tomatoes \
 # schedules tried for DP (their keys in the run names), with and without DP
 table rotten_tomatoes_dp_pilot rotten_tomatoes '^fedit-alpha0\.5-(rounds[0-9]+-.*-|dpsample-dp_epsilon8-)?seed0$' 'rounds'
 # the pooled bound at its own lr beside the shared lr's runs of it and of FedIT
-table rotten_tomatoes_centralized_lr rotten_tomatoes '^(fedit|centralized)-alpha0\.5-(lr[0-9.]+-)?seed[0-9]+$' '-lr'
+POOLED_LR='^(fedit|centralized)-alpha[0-9.]+-(lr[0-9.]+-)?seed[0-9]+$'
+table rotten_tomatoes_centralized_lr rotten_tomatoes "$POOLED_LR" '-lr'
 table twenty_newsgroups twenty_newsgroups "$HEADLINE"
-table twenty_newsgroups_centralized_lr twenty_newsgroups \
-    '^(fedit|centralized)-alpha[0-9.]+-(lr[0-9.]+-)?seed[0-9]+$' '-lr'
+table twenty_newsgroups_centralized_lr twenty_newsgroups "$POOLED_LR" '-lr'
 # exact match: the untuned model scores 0.10-0.12, FedIT ends at 0.25-0.30 (0.7 is never reached)
 table arithmetic arithmetic '.' '.' 0.2
