@@ -472,6 +472,50 @@ def test_pruning_removes_only_checkpoint_files(tmp_path):
     assert latest_round(tmp_path) == 4
 
 
+def test_checkpoints_and_metrics_reach_the_disk_before_they_replace_anything(tmp_path, monkeypatch):
+    """A rename survives a crash of the machine only when what it moves was flushed to the disk before it and the
+    folder it lands in after it; else the newest checkpoint may come back empty once pruning removed the older."""
+    from pathlib import Path
+
+    from florana.federation.checkpoint import latest_checkpoint, save_checkpoint, write_text_atomic
+
+    events, opened = [], {}
+    real_open, real_fsync, real_rename, real_replace = os.open, os.fsync, os.rename, os.replace
+
+    def open_(path, flags, *args, **kwargs):
+        fd = real_open(path, flags, *args, **kwargs)
+        opened[fd] = Path(path)
+        return fd
+
+    def fsync(fd):
+        events.append(("fsync", opened.get(fd)))
+        real_fsync(fd)
+
+    def moving(real):
+        def move(src, dst):
+            real(src, dst)
+            events.append(("move", Path(src), Path(dst)))
+        return move
+
+    monkeypatch.setattr(os, "open", open_)
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "rename", moving(real_rename))
+    monkeypatch.setattr(os, "replace", moving(real_replace))
+    save_checkpoint(tmp_path, 1, {"w": torch.ones(2)}, {"round": 1})  # a new folder, renamed into place
+    save_checkpoint(tmp_path, 1, {"w": torch.zeros(2)}, {"round": 1})  # an existing one: file by file
+    write_text_atomic(tmp_path / "metrics.jsonl", "{}\n")
+    moves = [i for i, e in enumerate(events) if e[0] == "move"]
+    assert len(moves) == 1 + 2 + 1
+    for i in moves:
+        _, src, dst = events[i]
+        flushed = {e[1] for e in events[:i] if e[0] == "fsync"}
+        moved = {src} | {src / p.relative_to(dst) for p in dst.rglob("*")}
+        assert moved <= flushed, f"{sorted(moved - flushed)} not on the disk before {src} → {dst}"
+        assert ("fsync", dst.parent) in events[i + 1:], f"{dst.parent} not flushed after {src} → {dst}"
+    assert latest_checkpoint(tmp_path)[1]["w"].tolist() == [0.0, 0.0]
+    assert (tmp_path / "metrics.jsonl").read_text() == "{}\n"
+
+
 def test_where_a_new_run_may_go(tmp_path):
     from florana.federation.folders import check_run_folder
 

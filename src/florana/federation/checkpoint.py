@@ -1,6 +1,6 @@
-"""Per-round checkpoints, each written atomically (a temporary folder renamed into place), so a run killed at
-any moment, kill -9 included, resumes from its last complete round; only the newest few are kept. Tensors in
-safetensors, the rest in JSON."""
+"""Per-round checkpoints, each written atomically (a temporary folder renamed into place) and flushed to the disk, so a
+run killed at any moment, kill -9 and a crash of the machine included, resumes from its last complete round; only
+the newest few are kept. Tensors in safetensors, the rest in JSON."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor
 
 from florana.errors import FloranaError
-from florana.lora.peft_io import atomic_directory
+from florana.lora.peft_io import atomic_directory, fsync_path
 
 ROUND_DIR = re.compile(r"^round-(\d{4,})$")
 CHECKPOINT_FILES = ("state.safetensors", "state.json")
@@ -76,6 +76,10 @@ def prune_checkpoints(run_dir: Path, keep: int) -> None:
 
 
 def write_text_atomic(path: Path, text: str) -> None:
+    """Replace `path` with `text` in one step that survives a crash of the process or of the machine: the whole old
+    file or the whole new one, never a part."""
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     tmp.write_text(text)
+    fsync_path(tmp)
     os.replace(tmp, path)
+    fsync_path(path.parent)

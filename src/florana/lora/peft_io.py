@@ -139,13 +139,27 @@ def _new_sibling(target: Path) -> Path:
             continue
 
 
+def fsync_path(path: Path) -> None:
+    """Flush a file, or a folder's list of entries, to the disk: a rename survives a crash of the machine, not only
+    of the process, only when what it moves was flushed before and the folder it lands in after. Windows cannot
+    open a folder for this: skipped there."""
+    if os.name == "nt" and path.is_dir():
+        return
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 @contextmanager
 def atomic_directory(target: str | Path, owned: Collection[str] | None = ADAPTER_FILES):
     """Yield a temporary sibling folder to write some of the `owned` files into. On success a new `target` is that
     folder, renamed into place in one step; an existing one receives each file by an atomic replace and loses the
     owned files not written this time (a stale base_update.safetensors), while every other file in it stays.
     owned=None: any files (a saved transformers model), into a new or empty `target` only, which the folder
-    replaces in one step. On error the temporary folder vanishes and `target` is untouched."""
+    replaces in one step. On error the temporary folder vanishes and `target` is untouched. Every file is on the
+    disk before it is renamed into place, so the newest checkpoint survives a machine's crash too."""
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = _new_sibling(target)
@@ -158,15 +172,19 @@ def atomic_directory(target: str | Path, owned: Collection[str] | None = ADAPTER
         for name in written:
             if (tmp / name).is_file():
                 os.chmod(tmp / name, file_mode)  # safetensors creates its files 0600
+        for path in [*tmp.rglob("*"), tmp]:  # a saved model may hold subfolders
+            fsync_path(path)
         if owned is None and os.path.lexists(target):
             target.rmdir()  # fails, keeping it, unless it is an empty folder
         if not target.exists():
             os.rename(tmp, target)
+            fsync_path(target.parent)
             return
         for name in set(owned) - written:
             (target / name).unlink(missing_ok=True)
         for name in sorted(written):
             os.replace(tmp / name, target / name)
+        fsync_path(target)
         tmp.rmdir()
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
