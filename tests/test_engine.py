@@ -474,7 +474,7 @@ def test_pruning_removes_only_checkpoint_files(tmp_path):
 
 def test_checkpoints_and_metrics_reach_the_disk_before_they_replace_anything(tmp_path, monkeypatch):
     """A rename survives a crash of the machine only when what it moves was flushed to the disk before it and the
-    folder it lands in after it; else the newest checkpoint may come back empty once pruning removed the older."""
+    folder it lands in after it; else the newest checkpoint may come back empty and the run cannot resume from it."""
     from pathlib import Path
 
     from florana.federation.checkpoint import latest_checkpoint, save_checkpoint, write_text_atomic

@@ -159,7 +159,7 @@ def atomic_directory(target: str | Path, owned: Collection[str] | None = ADAPTER
     owned files not written this time (a stale base_update.safetensors), while every other file in it stays.
     owned=None: any files (a saved transformers model), into a new or empty `target` only, which the folder
     replaces in one step. On error the temporary folder vanishes and `target` is untouched. Every file is on the
-    disk before it is renamed into place, so the newest checkpoint survives a machine's crash too."""
+    disk before it is renamed into place, so what it writes survives a crash of the machine too."""
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = _new_sibling(target)
