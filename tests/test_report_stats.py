@@ -8,6 +8,8 @@ import math
 import os
 import shutil
 
+import matplotlib.image
+import numpy as np
 import pytest
 
 from florana.config import default_of
@@ -300,7 +302,7 @@ def test_write_summary_files(tmp_path):
     last = next(r for r in per_round if (r["method"], r["setting"], r["round"]) == ("fedit", "alpha=0.1", "3"))
     est = stats.mean_ci([0.60, 0.61, 0.62])
     assert float(last["global_accuracy"]) == pytest.approx(0.61) and last["seeds"] == "3"
-    assert float(last["global_accuracy_ci_low"]) == pytest.approx(est.low)
+    assert float(last["global_accuracy_ci_low"]) == pytest.approx(est.low, abs=1e-5)  # ROUND_DIGITS
     # a metric this code does not know (a later version's) comes along: norm_A = 3 + seed at round 3
     assert float(last["norm_A"]) == pytest.approx(4.0) and float(last["cum_mib"]) == pytest.approx(6.0)
     summary = list(csv.DictReader(io.StringIO((out / "summary.csv").read_text())))
@@ -328,8 +330,8 @@ def test_write_summary_files(tmp_path):
         diffs = [florana[k][i]["global_accuracy"] - fedit[k][i]["global_accuracy"] for k in fedit
                  if k[0] == row["setting"]]
         est = stats.mean_ci(diffs)
-        assert row["seeds"] == "3" and float(row["global_accuracy_vs_fedit"]) == pytest.approx(est.mean)
-        assert float(row["global_accuracy_vs_fedit_ci_low"]) == pytest.approx(est.low)
+        assert row["seeds"] == "3" and float(row["global_accuracy_vs_fedit"]) == pytest.approx(est.mean, rel=1e-4)
+        assert float(row["global_accuracy_vs_fedit_ci_low"]) == pytest.approx(est.low, rel=1e-4)  # ROUND_DIGITS
     assert "accuracy_vs_fedit.png" in (out / "summary.md").read_text()
     info = json.loads((out / "provenance.json").read_text())
     assert info["statistics"]["target"] == 0.6 and info["statistics"]["bootstrap"]["seed"] == 0
@@ -351,13 +353,16 @@ def test_write_summary_files(tmp_path):
 
 def test_the_per_round_tables_keep_round_digits_significant_digits(tmp_path):
     """rounds.csv and paired_rounds.csv hold a row per method, setting and round with three cells per metric: written
-    at full repr (17 digits) a sweep's table passed 1 MiB. Floats keep ROUND_DIGITS significant digits, whole numbers
-    (byte counts) stay exact, and a summary read back and written again gives the same text."""
+    at full repr (17 digits) a sweep's table passed 1 MiB, and at 7 digits the Rotten Tomatoes table of 45 groups
+    came within 3% of it. Floats keep ROUND_DIGITS (5) significant digits, whole numbers (byte counts) stay exact,
+    means of byte counts go to the unit (not 2.0859e+06), and a summary read back and written again gives the same
+    text."""
     runs = grid(alphas=(0.1,))
     for r in runs:
         for m in r.history:
             m["global_accuracy"] += 1 / 3000  # 17 digits in repr
             m["cum_bytes_up"] = 123_456_789 * m["round"]  # 9 digits, whole
+            m["bytes_down"] = 2_085_944 + (r.seed == 0)  # over seeds 0-2: 2085944.33…, 7 digits and a fraction
     out, again = tmp_path / "results", tmp_path / "again"
     write_summary(find_runs([write_runs(tmp_path / "sweep", runs)]), out, target=0.6)
     rows = list(csv.DictReader(io.StringIO((out / "rounds.csv").read_text())))
@@ -366,8 +371,9 @@ def test_the_per_round_tables_keep_round_digits_significant_digits(tmp_path):
     assert len(fractions) > 100 and all(len(v.lstrip("-").split("e")[0].replace(".", "").lstrip("0"))
                                         <= tables.ROUND_DIGITS for v in fractions)
     last = next(r for r in rows if (r["method"], r["round"]) == ("fedit", "3"))
-    assert last["global_accuracy"] == "0.6103333"  # 0.61 + 1/3000 at ROUND_DIGITS = 7
+    assert tables.ROUND_DIGITS == 5 and last["global_accuracy"] == "0.61033"  # 0.61 + 1/3000
     assert last["cum_bytes_up"] == str(3 * 123_456_789)
+    assert last["bytes_down"] == "2085944" and "e" not in last["bytes_down_ci_low"] + last["bytes_down_ci_high"]
     write_summary(find_runs([out]), again, target=0.6)
     for name in ("rounds.csv", "paired_rounds.csv"):
         assert (again / name).read_text() == (out / name).read_text()
@@ -427,7 +433,9 @@ def test_a_summary_made_before_histories_still_gives_every_table(tmp_path):
         assert (again / name).read_text() == (old / name).read_text()
     plots = sorted(p.relative_to(old) for p in (old / "plots").rglob("*.png"))
     assert len(plots) == 2 * 5 and plots == sorted(p.relative_to(again) for p in (again / "plots").rglob("*.png"))
-    assert all((again / p).read_bytes() == (old / p).read_bytes() for p in plots)  # drawn from the recorded rows
+    for p in plots:  # drawn from the recorded rows, ROUND_DIGITS of them: at most two shades of antialiasing apart
+        a, b = (matplotlib.image.imread(f / p) for f in (old, again))
+        assert a.shape == b.shape and np.abs(a - b).max() < 2.5 / 255, p
     assert not list((again / "histories").iterdir())
     assert "12 of the runs come with only the numbers runs.csv kept" in (again / "summary.md").read_text()
     assert "(4 such groups)" in (again / "summary.md").read_text()
