@@ -27,6 +27,9 @@
 # h: the headline at α = 0.5 first: ffa, fedsa and both bounds on seeds 0-2 (centralized also at lr 1e-3), then every
 #    other aggregator on seeds 1 and 2 (the same runs as a's and b's, which reuse them), so each row of the table at
 #    α = 0.5 gets its 3 seeds.
+# p: FedIT in float32 (bf16 = false) on the partitions where the other aggregators ran in float32 on the AVX2-only
+#    machine of 2026-12-01/02 while FedIT ran in bfloat16: how much of a paired difference there is the precision's.
+#    Run on a CPU with bfloat16 in hardware (elsewhere bf16 = true computes in float32 too).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 FLORANA=${FLORANA:-.venv/bin/florana}
@@ -65,7 +68,7 @@ ablation() {  # SEED ALPHA: one option at a time against the default's runs (a v
     rt --methods svd --seeds "$1" --alpha "$2" --set svd_split=client_norm,balanced,b
 }
 
-case "${1:?stream a, b, c, d, e, f, g or h}" in
+case "${1:?stream a, b, c, d, e, f, g, h or p}" in
   a)
     rt --methods "$HEAD" --seeds 0 --alpha 0.5  # fedit seed 0 ran on two threads: compare reuses it as it is
     rt "${PAPER[@]}" --seeds 0 --alpha 0.5,0.1,1.0
@@ -113,5 +116,9 @@ case "${1:?stream a, b, c, d, e, f, g or h}" in
     rt --methods centralized --seeds 0,1,2 --alpha 0.5 --set lr=0.001
     rt --methods "$REST" --seeds 1,2 --alpha 0.5
     ;;
-  *) echo "stream a, b, c, d, e, f, g or h" >&2; exit 2 ;;
+  p)
+    rt --methods fedit --seeds 0,1 --alpha 0.1 --set bf16=false
+    rt --methods fedit --seeds 0 --alpha 1.0 --set bf16=false
+    ;;
+  *) echo "stream a, b, c, d, e, f, g, h or p" >&2; exit 2 ;;
 esac
