@@ -69,7 +69,7 @@ table rotten_tomatoes_ablation rotten_tomatoes \
 # schedules tried for DP (their keys in the run names), with and without DP
 table rotten_tomatoes_dp_pilot rotten_tomatoes '^fedit-alpha0\.5-(rounds[0-9]+-.*-|dpsample-dp_epsilon8-)?seed0$' 'rounds'
 # FedIT in float32 beside its bfloat16 runs on the same partitions (stream p)
-table rotten_tomatoes_precision rotten_tomatoes '^fedit-alpha(0\.1|1)-(bf16false-)?seed[01]$' 'bf16'
+table rotten_tomatoes_precision rotten_tomatoes '^fedit-alpha(0\.1-(bf16false-)?seed[01]|1-(bf16false-)?seed0)$' 'bf16'
 # the pooled bound at its own lr beside the shared lr's runs of it and of FedIT
 POOLED_LR='^(fedit|centralized)-alpha[0-9.]+-(lr[0-9.]+-)?seed[0-9]+$'
 table rotten_tomatoes_centralized_lr rotten_tomatoes "$POOLED_LR" '-lr'
